@@ -1,0 +1,1 @@
+"""The ``smi`` command line: Typer commands over the ``smi_engine`` library."""

@@ -1,0 +1,61 @@
+"""The ``smi`` Typer application: one module per command (group), plugins may add more."""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import version
+
+import typer
+from rich.markup import escape
+
+from smi_cli import bench, data, demo, evaluate, invert, plugins, teacher
+from smi_cli.console import fail
+from smi_engine.errors import SmiError
+
+app = typer.Typer(
+    name="smi",
+    help="Sparse Model Inversion of Vision Transformers: synthesise data from a trained ViT, fast, "
+    "then quantize or distill it without real data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"smi {version('smi-toolkit')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Sparse Model Inversion toolkit."""
+
+
+for module in (invert, evaluate, plugins, bench, demo):
+    module.register(app)
+app.add_typer(teacher.app, name="teacher")
+app.add_typer(data.app, name="data")
+
+
+def _register_plugin_commands() -> None:
+    from smi_engine.plugins import get_registry
+
+    get_registry().manager.hook.register_commands(cli=app)
+
+
+def main() -> None:
+    try:
+        _register_plugin_commands()
+        app()
+    except SmiError as exc:
+        fail(escape(str(exc)))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

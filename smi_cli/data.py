@@ -1,0 +1,57 @@
+"""``smi data``: look at a dataset spec, or fetch a public dataset for later offline use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from smi_cli.console import print_json
+from smi_engine.data import load_data
+from smi_engine.errors import SmiError
+
+app = typer.Typer(help="Datasets for teachers, evaluation and calibration.", no_args_is_help=True)
+FETCHABLE = ("cifar10", "cifar100", "fashion-mnist")
+
+
+@app.command("info")
+def info(
+    spec: Annotated[str, typer.Argument(help="digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Split sizes, classes and image shape of a dataset."""
+    splits = load_data(spec)
+    image, _ = splits.val[0]
+    result = {"data": spec, "train": len(splits.train), "val": len(splits.val), "classes": list(splits.classes),
+              "image_shape": list(image.shape)}
+    if json_output:
+        print_json(result)
+    else:
+        typer.echo(f"{spec}: {result['train']} train / {result['val']} val images, {len(splits.classes)} classes, "
+                   f"images {tuple(image.shape)}; classes {', '.join(splits.classes[:10])}{' ...' if len(splits.classes) > 10 else ''}")
+
+
+@app.command("fetch")
+def fetch(
+    name: Annotated[str, typer.Argument(help="cifar10, cifar100 or fashion-mnist.")],
+    root: Annotated[Path, typer.Argument(help="Folder to download into.")],
+) -> None:
+    """Download a public dataset with torchvision (needs the network), then use it offline."""
+    if name not in FETCHABLE:
+        raise SmiError(f"cannot fetch {name!r}: fetchable datasets are {', '.join(FETCHABLE)}")
+    from torchvision import datasets
+
+    try:
+        if name == "fashion-mnist":
+            datasets.FashionMNIST(root, train=True, download=True)
+            datasets.FashionMNIST(root, train=False, download=True)
+            location = f"fashion-mnist:{Path(root) / 'FashionMNIST' / 'raw'}"
+        else:
+            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            cls(root, train=True, download=True)
+            cls(root, train=False, download=True)
+            location = f"{name}:{root}"
+    except (OSError, RuntimeError) as exc:
+        raise SmiError(f"download of {name} failed ({exc}): check the network, or copy the files into {root}") from None
+    typer.echo(f"fetched; use --data {location}")

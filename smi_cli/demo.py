@@ -1,0 +1,91 @@
+"""``smi demo``: the built-in default, end to end, with nothing but this package installed."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smi_cli import options as o
+from smi_cli.console import print_json, stderr
+from smi_cli.progress import InversionProgress
+from smi_engine import demo as recipe
+from smi_engine.device import resolve_device
+from smi_engine.events import EventBus
+from smi_engine.inversion_run import run_inversion
+from smi_engine.models import read_card
+
+
+def demo(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the two run directories (default runs/<time>-demo).")] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Where the demo teacher is kept (default: the user cache dir).")] = None,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train the demo teacher again even if cached.")] = False,
+    device: o.Device = "auto",
+    quiet: o.Quiet = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Train (once) a small ViT on scikit-learn's digits, invert it dense and sparse, compare."""
+    out = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-demo"
+    folder = recipe.teacher_dir(cache)
+    torch_device = resolve_device(device)
+    if not quiet:
+        stderr.print(f"teacher: {folder}")
+    bus = EventBus([] if quiet else [_TrainingLog()])
+    folder, trained = recipe.ensure_teacher(folder, torch_device, retrain, bus)
+    accuracy = read_card(folder).get("accuracy", {}).get("top1")
+    summaries = {}
+    for mode, config in recipe.inversion_configs(folder).items():
+        sinks = [] if quiet else [InversionProgress(stderr, label=f"{mode:6s}")]
+        if sinks:
+            with sinks[0]:
+                summaries[mode] = run_inversion(config, out / mode, device=device, sinks=sinks)
+        else:
+            summaries[mode] = run_inversion(config, out / mode, device=device)
+    result = {
+        "teacher": str(folder), "teacher_trained_now": trained, "teacher_top1": accuracy,
+        "speedup": summaries["dense"]["seconds"] / summaries["sparse"]["seconds"], "runs": summaries,
+    }
+    if json_output:
+        print_json(result)
+    else:
+        _print_comparison(result)
+
+
+class _TrainingLog:
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "epoch_end":
+            stderr.print(f"training the demo teacher: epoch {event['epoch'] + 1}/{event['epochs']}  "
+                         f"val top-1 {event['val_top1']:.1f}%  ({event['seconds']:.1f} s)")
+
+
+def _print_comparison(result: dict) -> None:
+    dense, sparse = result["runs"]["dense"], result["runs"]["sparse"]
+    table = Table(title="smi demo: dense vs sparse inversion of a digits ViT")
+    table.add_column("")
+    table.add_column("dense (DeepInversion)", justify="right")
+    table.add_column("sparse (SMI)", justify="right")
+    rows = [
+        ("schedule", dense["schedule"], sparse["schedule"]),
+        ("inversion time", f"{dense['seconds']:.1f} s", f"{sparse['seconds']:.1f} s"),
+        ("speedup", "1.00x", f"{result['speedup']:.2f}x (bound {sparse['speedup_bound']:.2f}x)"),
+        ("kept patches", f"{dense['kept_patches']}/{dense['num_patches']}", f"{sparse['kept_patches']}/{sparse['num_patches']}"),
+        ("teacher accuracy on synthetic", f"{100 * dense['teacher_accuracy']:.1f}%", f"{100 * sparse['teacher_accuracy']:.1f}%"),
+        ("final CE loss", f"{dense['final_losses'].get('deepinversion.ce', float('nan')):.4f}", f"{sparse['final_losses'].get('deepinversion.ce', float('nan')):.4f}"),
+        ("run directory", dense["run_dir"], sparse["run_dir"]),
+        ("preview", dense["preview"], sparse["preview"]),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    teacher = f"{result['teacher_top1']:.1f}% val top-1" if result["teacher_top1"] is not None else "cached"
+    console.print(f"teacher: {result['teacher']} ({teacher}{', trained now' if result['teacher_trained_now'] else ''})")
+    console.print(table)
+    console.print("watch a run: [bold]smi watch " + sparse["run_dir"] + "[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)

@@ -1,0 +1,40 @@
+"""``smi eval``: top-1/top-5 of a model on real data."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from smi_cli import options as o
+from smi_cli.console import print_json
+from smi_engine.data import ModelInput, load_data, loader
+from smi_engine.device import resolve_device
+from smi_engine.evaluate import evaluate as run_evaluate
+from smi_engine.models import load_model
+
+
+def evaluate(
+    data: Annotated[str, typer.Option("--data", help="digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR.")],
+    teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
+    checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
+    limit: Annotated[int, typer.Option(help="Evaluate at most N images (0: all).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: o.Device = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Accuracy of a model on the validation split of real data."""
+    torch_device = resolve_device(device)
+    loaded = load_model(o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), torch_device)
+    splits = load_data(data)
+    batches = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), batch_size)
+    metrics = run_evaluate(loaded.model, batches, torch_device, limit or None)
+    result = {"model": loaded.spec.name, "data": data, **metrics}
+    if json_output:
+        print_json(result)
+    else:
+        typer.echo(f"{loaded.spec.name} on {data}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)

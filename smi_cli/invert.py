@@ -1,0 +1,121 @@
+"""``smi invert``: synthesise images from a frozen ViT, densely or with sparse stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smi_cli import options as o
+from smi_cli.console import fail, print_json, stderr
+from smi_cli.progress import InversionProgress
+from smi_cli.signals import stop_on_signals
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.errors import SmiError
+from smi_engine.invert import InversionConfig
+from smi_engine.inversion_run import default_out_dir, run_inversion
+from smi_engine.losses import LossSpec, attach_options
+from smi_engine.rundir import RunDir
+from smi_engine.schedule import SEED_SCHEDULE_TEXT
+
+# Options that define the run; with --resume they come from config.json instead.
+CONFIG_OPTIONS = (
+    "model", "model_args", "pretrained", "checkpoint", "mean", "std", "teacher", "schedule", "iterations",
+    "batch_size", "batches", "lr", "targets", "seed", "loss", "loss_option", "attention", "jitter", "flip",
+    "checkpoint_every", "sink",
+)
+RUN = "Run"
+
+
+def invert(
+    ctx: typer.Context,
+    model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
+    checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None, teacher: o.Teacher = None,
+    schedule: Annotated[str, typer.Option(help=f"'dense', or stops ITERATION:RATIO,... (ratio of the remaining patches), e.g. {SEED_SCHEDULE_TEXT}.", rich_help_panel=RUN)] = "dense",
+    iterations: Annotated[int, typer.Option(help="Optimisation steps per batch.", rich_help_panel=RUN)] = 4000,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=RUN)] = 32,
+    batches: Annotated[int, typer.Option(help="How many batches to synthesise.", rich_help_panel=RUN)] = 1,
+    lr: Annotated[float, typer.Option(help="Adam learning rate on the pixels.", rich_help_panel=RUN)] = 0.25,
+    targets: Annotated[str, typer.Option(help="balanced (cycle through classes), random, or class indices 3,5,7.", rich_help_panel=RUN)] = "balanced",
+    seed: Annotated[int, typer.Option(help="Random seed (each batch derives its own stream).", rich_help_panel=RUN)] = 0,
+    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="NAME[:WEIGHT], repeatable (see `smi plugins`). Default: deepinversion.", rich_help_panel=RUN)] = None,
+    loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE for a loss's factory, repeatable.", rich_help_panel=RUN)] = None,
+    attention: Annotated[str, typer.Option(help="Attention kernel: fused (scaled_dot_product_attention) or explicit.", rich_help_panel=RUN)] = "fused",
+    jitter: Annotated[float, typer.Option(help="Random roll, as a fraction of the image size.", rich_help_panel=RUN)] = 0.125,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=RUN)] = True,
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between resume checkpoints (0: only when stopped).", rich_help_panel=RUN)] = 60.0,
+    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this plugin sink, repeatable.", rich_help_panel=RUN)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<model>-<dense|sparse>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out.")] = False,
+    device: o.Device = "auto",
+    quiet: o.Quiet = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Invert a ViT: optimise images towards target classes, stopping uninformative patches."""
+    if resume:
+        if out is None:
+            raise SmiError("--resume needs --out RUN_DIR: the run to continue")
+        given = [n for n in CONFIG_OPTIONS if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+        if given:
+            raise SmiError(f"--resume continues {out} exactly as configured in its config.json: drop --{given[0].replace('_', '-')}")
+        config = None
+    else:
+        specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
+        config = InversionConfig(
+            model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher),
+            schedule=schedule, iterations=iterations, batch_size=batch_size, batches=batches, lr=lr,
+            losses=specs, targets=targets, seed=seed, jitter=jitter, flip=flip, attention=attention,
+            checkpoint_every=checkpoint_every, sinks=list(sink or []),
+        )
+        config.validate()
+        out = out or default_out_dir(config)
+    control = RunControl(RunDir(out))
+    try:
+        with stop_on_signals(control, stderr):
+            if quiet:
+                summary = run_inversion(config, out, resume=resume, device=device, control=control)
+            else:
+                with InversionProgress(stderr) as progress:
+                    summary = run_inversion(config, out, resume=resume, device=device,
+                                            sinks=[warn_random_weights, progress], control=control)
+    except RunInterrupted as exc:
+        fail(f"{exc}; continue with: smi invert --resume --out {out}", code=130)
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        print_summary(summary)
+
+
+def warn_random_weights(event: dict) -> None:
+    if event["event"] == "run_start" and not event["model_has_weights"]:
+        stderr.print(f"[yellow]warning:[/] {event['model']} has random weights (no --pretrained, --checkpoint or "
+                     "--teacher): fine for timing, but the images will not look like data")
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    kept = f"{summary['kept_patches']}/{summary['num_patches']} ({100 * summary['kept_fraction']:.0f}%)"
+    losses = " · ".join(f"{k} {v:.4g}" for k, v in summary["final_losses"].items())
+    for key, value in (
+        ("schedule", summary["schedule"]),
+        ("images", f"{summary['images']} in {summary['seconds']:.1f} s ({summary['iterations_per_second']:.1f} it/s)"),
+        ("kept patches", kept),
+        ("speedup bound", f"{summary['speedup_bound']:.2f}x (token FLOPs of the schedule)"),
+        ("teacher accuracy", f"{100 * summary['teacher_accuracy']:.1f}% on the synthetic images"),
+        ("final losses", losses),
+        ("pool", summary["pool"]),
+        ("preview", summary["preview"]),
+    ):
+        table.add_row(key, value)
+    Console().print(f"[bold green]done[/] {summary['run_dir']}")
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("invert")(invert)

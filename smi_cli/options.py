@@ -1,0 +1,42 @@
+"""Options shared by several commands, and turning them into engine objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smi_engine.errors import SmiError
+from smi_engine.models import ModelSpec, parse_floats, parse_model_args
+
+MODEL_PANEL = "Model"
+
+Model = Annotated[Optional[str], typer.Option("--model", help="timm model name, e.g. deit_tiny_patch16_224.", rich_help_panel=MODEL_PANEL)]
+ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="timm keyword arguments, e.g. img_size=32,patch_size=4,num_classes=10.", rich_help_panel=MODEL_PANEL)]
+Pretrained = Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights (needs the network).", rich_help_panel=MODEL_PANEL)]
+Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="A plain state_dict (.safetensors, .pth, .pt, .bin).", rich_help_panel=MODEL_PANEL)]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5 or 0.485,0.456,0.406 (default: timm's data config).", rich_help_panel=MODEL_PANEL)]
+Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std per channel (default: timm's data config).", rich_help_panel=MODEL_PANEL)]
+Teacher = Annotated[Optional[Path], typer.Option("--teacher", help="A model folder from `smi teacher train` (instead of --model ...).", rich_help_panel=MODEL_PANEL)]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+
+
+def model_spec(
+    model: str | None, model_args: str | None, pretrained: bool, checkpoint: Path | None,
+    mean: str | None, std: str | None, teacher: Path | None, role: str = "--model",
+) -> ModelSpec:
+    """One ModelSpec from either a model folder or the raw --model/... options."""
+    if teacher is not None:
+        if model or model_args or checkpoint or pretrained:
+            raise SmiError("--teacher already names the model: drop --model/--model-args/--checkpoint/--pretrained")
+        spec = ModelSpec.from_dir(teacher)
+        overrides = {k: v for k, v in (("mean", parse_floats(mean)), ("std", parse_floats(std))) if v is not None}
+        return ModelSpec.from_dict({**spec.to_dict(), **overrides}) if overrides else spec
+    if not model:
+        raise SmiError(f"no model given: pass {role} NAME (a timm model) or --teacher DIR")
+    return ModelSpec(
+        name=model, args=parse_model_args(model_args), pretrained=pretrained,
+        checkpoint=str(checkpoint) if checkpoint else None, mean=parse_floats(mean), std=parse_floats(std),
+    )

@@ -1,0 +1,114 @@
+"""``smi teacher train``: train or fine-tune the classifier that inversion starts from."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from smi_cli import options as o
+from smi_cli.console import fail, print_json, stderr
+from smi_cli.signals import stop_on_signals
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.data import load_data
+from smi_engine.device import resolve_device
+from smi_engine.errors import SmiError
+from smi_engine.events import EventBus, JsonlSink
+from smi_engine.files import write_json
+from smi_engine.models import ModelSpec, load_model, save_model
+from smi_engine.rundir import RunDir
+from smi_engine.teacher import TrainConfig, train_classifier
+
+app = typer.Typer(help="Teacher models: train or fine-tune a classifier on real data.", no_args_is_help=True)
+
+
+@app.command("train")
+def train(
+    data: Annotated[str, typer.Option("--data", help="digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for model.safetensors, smi-model.json and the training log.")],
+    model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
+    checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine decay after warm-up).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.1,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (off for digits).")] = True,
+    shift: Annotated[float, typer.Option(help="Random translation, fraction of the image size.")] = 0.125,
+    limit: Annotated[int, typer.Option(help="Use only the first N training images (0: all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: o.Device = "auto",
+    quiet: o.Quiet = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train a timm classifier on real data and save it as a model folder for --teacher."""
+    splits = load_data(data)
+    spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, None)
+    if "num_classes" not in spec.args and not checkpoint:
+        spec = ModelSpec.from_dict({**spec.to_dict(), "args": {**spec.args, "num_classes": splits.num_classes}})
+    spec = ModelSpec.from_dict({**spec.to_dict(), "classes": list(splits.classes)})
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         label_smoothing=label_smoothing, flip=flip, shift=shift, seed=seed, limit=limit or None)
+    if epochs < 1 or batch_size < 1:
+        raise SmiError("--epochs and --batch-size must be at least 1")
+    torch_device = resolve_device(device)
+    import torch
+
+    torch.manual_seed(seed)
+    loaded = load_model(spec, torch_device, frozen=False)
+    if loaded.num_classes != splits.num_classes:
+        raise SmiError(f"the model has {loaded.num_classes} classes but {data} has {splits.num_classes}: pass --model-args num_classes={splits.num_classes}")
+    run_dir = RunDir(out)
+    run_dir.create({"config": {"model": spec.to_dict(), "data": data, "train": config.to_dict()},
+                    "created": dt.datetime.now().isoformat(timespec="seconds")}, "teacher")
+    control = RunControl(run_dir)
+    bus = EventBus([JsonlSink(run_dir.events)])
+    bus.emit("run_start", kind="teacher", model=spec.name, data=data, epochs=epochs, device=str(torch_device))
+    try:
+        with stop_on_signals(control, stderr), _progress(quiet, bus, epochs):
+            metrics = train_classifier(loaded, splits, config, torch_device, bus, control)
+    except RunInterrupted as exc:
+        bus.emit("run_interrupted", message=str(exc))
+        fail(f"{exc}; nothing saved (training restarts from scratch)", code=130)
+    save_model(out, loaded, {"data": data, "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
+    summary = {"model_dir": str(out), "data": data, **metrics}
+    write_json(run_dir.summary, summary)
+    bus.emit("run_end", summary=summary)
+    bus.close()
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        stderr.print(f"[bold green]saved[/] {out}  val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['seconds']:.0f} s)")
+
+
+class _progress:
+    """Epoch/step progress bar on stderr, fed by training events."""
+
+    def __init__(self, quiet: bool, bus: EventBus, epochs: int):
+        self.quiet, self.epochs = quiet, epochs
+        self.bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), console=stderr)
+        self.task = None
+        if not quiet:
+            bus.subscribe(self)
+
+    def __enter__(self):
+        if not self.quiet:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self.bar.stop()
+
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "train_step":
+            if self.task is None:
+                self.task = self.bar.add_task("train", total=self.epochs * event["steps"], info="")
+            self.bar.update(self.task, completed=event["epoch"] * event["steps"] + event["step"] + 1,
+                            info=f"epoch {event['epoch'] + 1}/{self.epochs} · loss {event['loss']:.3f}")
+        elif event["event"] == "epoch_end":
+            self.bar.console.print(f"epoch {event['epoch'] + 1}/{self.epochs}: val top-1 {event['val_top1']:.2f}% top-5 {event['val_top5']:.2f}%")

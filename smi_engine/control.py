@@ -1,0 +1,59 @@
+"""Stopping and pausing a running job from outside the loop, between iterations.
+
+Requests come from Ctrl-C (the CLI's signal handler), an in-process dashboard, or a
+``control.json`` file in the run directory (``smi watch`` writes it over SSH).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from smi_engine.rundir import RunDir
+
+POLL_SECONDS = 0.5
+
+
+class RunInterrupted(Exception):
+    """Raised by the engine after it saved its state because a stop was requested."""
+
+    def __init__(self, message: str, batch: int, iteration: int):
+        super().__init__(message)
+        self.batch, self.iteration = batch, iteration
+
+
+class RunControl:
+    def __init__(self, run_dir: RunDir | None = None):
+        self.run_dir = run_dir
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._running.set()  # a paused job must wake up to stop
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def should_stop(self) -> bool:
+        """Check the control file (a stat per call), wait while paused, report a stop."""
+        self._poll_file()
+        while not self._running.wait(timeout=POLL_SECONDS):
+            self._poll_file()
+        return self._stop.is_set()
+
+    def _poll_file(self) -> None:
+        if self.run_dir is not None and self.run_dir.control.exists() and self.run_dir.pending_request() == "stop":
+            self.run_dir.clear_request()
+            self.request_stop()

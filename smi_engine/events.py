@@ -1,0 +1,112 @@
+"""Run events and the sinks that consume them.
+
+An event is a JSON-able dict with at least ``event`` (its kind), ``time`` (Unix seconds) and
+``rank``. The engine emits; sinks (the JSON-lines file, a progress bar, the dashboard, plugin
+loggers) consume. Kinds emitted by inversion:
+
+``run_start``       config, model, device, grid, schedule, kept_per_stage, speedup_bound, ...
+``batch_start``     batch, targets
+``iteration``       batch, iteration, losses {name: value, ..., total}, kept, tokens,
+                    seconds, images_per_s, tokens_per_s
+``stop``            batch, iteration, ratio, kept, kept_indices (per image, grid indices)
+``preview``         batch, iteration, path (PNG, relative to the run directory)
+``batch_end``       batch, seconds, shard, kept, best_loss, teacher_accuracy, losses
+``run_end``         summary
+``run_interrupted`` batch, iteration, message
+``run_error``       message
+Distillation adds ``epoch`` and ``epoch_end``; see ``smi_engine.distill``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class EventBus:
+    """Stamps events and hands them to every subscribed sink, in order."""
+
+    def __init__(self, sinks: Iterable[EventSink] = (), rank: int = 0):
+        self.sinks: list[EventSink] = list(sinks)
+        self.rank = rank
+
+    def subscribe(self, sink: EventSink) -> None:
+        self.sinks.append(sink)
+
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+        event = {"event": kind, "time": time.time(), "rank": self.rank, **fields}
+        for sink in self.sinks:
+            sink(event)
+        return event
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+
+class JsonlSink:
+    """Appends one JSON object per line; each line is one ``write`` on an O_APPEND file, so
+    lines from several processes never interleave and a reader sees each line as soon as it
+    is written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        os.write(self._fd, (json.dumps(event, separators=(",", ":")) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class GuardedSink:
+    """Wraps a third-party sink: its first failure is reported once and the sink is dropped,
+    so a broken logger never stops a run."""
+
+    def __init__(self, name: str, sink: EventSink):
+        self.name, self.sink, self.failed = name, sink, False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.failed:
+            return
+        try:
+            self.sink(event)
+        except Exception as exc:  # a plugin's bug must not end the run
+            self.failed = True
+            warnings.warn(f"event sink {self.name!r} failed and was disabled: {exc}", stacklevel=2)
+
+    def close(self) -> None:
+        close = getattr(self.sink, "close", None)
+        if close is not None and not self.failed:
+            close()
+
+
+def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """Complete JSON lines of ``data`` -> events, plus the unfinished tail to keep for later."""
+    *lines, tail = data.split(b"\n")
+    events = []
+    for line in lines:
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"smi: skipped a malformed event line: {line[:80]!r}", file=sys.stderr)
+    return events, tail
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """All complete events of a JSON-lines file (a half-written last line is ignored)."""
+    events, _ = parse_lines(Path(path).read_bytes())
+    return events

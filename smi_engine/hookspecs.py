@@ -1,0 +1,38 @@
+"""Hook specifications of the ``smi`` plugin system (entry-point group ``smi``).
+
+Each hook receives a ``register`` callable; built-in losses and tasks use the very same hooks.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("smi")
+hookimpl = pluggy.HookimplMarker("smi")
+
+
+@hookspec
+def register_losses(register):
+    """Add dense inversion losses: ``register(name, factory)``.
+
+    ``factory(**options)`` returns a callable ``loss(state: LossState)`` giving a scalar tensor
+    or a dict of named scalar tensors (see ``smi_engine.losses`` for the optional extras).
+    """
+
+
+@hookspec
+def register_tasks(register):
+    """Add downstream tasks: ``register(name, factory)``; ``factory()`` returns a ``Task``
+    (see ``smi_engine.tasks``)."""
+
+
+@hookspec
+def register_event_sinks(register):
+    """Add run-event consumers: ``register(name, factory)``; ``factory(run_dir, config)``
+    returns a callable ``sink(event: dict)`` (optionally with ``close()``). Enable one with
+    ``--sink NAME``."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add commands to the ``smi`` Typer app: ``@cli.command()``."""

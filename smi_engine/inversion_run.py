@@ -1,0 +1,217 @@
+"""An inversion run in a run directory: validate, create or resume, invert, write, summarise.
+
+Everything that can be wrong with the request (model, checkpoint, schedule, losses, device)
+is checked before anything is written, so a bad request leaves the disk untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import timm
+import torch
+from safetensors import safe_open
+
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.device import resolve_device
+from smi_engine.errors import SmiError
+from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink
+from smi_engine.files import write_json
+from smi_engine.invert import BatchResult, InversionConfig, Inverter
+from smi_engine.losses import LossSpec, build_loss
+from smi_engine.models import load_model
+from smi_engine.plugins import get_registry
+from smi_engine.pool import shard_batches, write_shard
+from smi_engine.rundir import RunDir
+from smi_engine.schedule import speedup_bound
+
+RUN_KIND = "invert"
+
+
+@dataclass
+class Placement:
+    """Which share of the batches this process inverts (one process per rank under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def owns(self, batch: int) -> bool:
+        return batch % self.world_size == self.rank
+
+
+def build_losses(specs: Iterable[LossSpec]) -> list[tuple[LossSpec, Any]]:
+    registry = get_registry()
+    return [(spec, build_loss(spec, registry.get("losses", spec.name).factory)) for spec in specs]
+
+
+def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any]) -> list[EventSink]:
+    registry = get_registry()
+    sinks = []
+    for name in names:
+        registration = registry.get("sinks", name)
+        try:
+            sink = registration.factory(run_dir.path, config)
+        except Exception as exc:
+            raise SmiError(f"event sink {name!r} (plugin {registration.plugin}) failed to start: {exc}") from None
+        sinks.append(GuardedSink(name, sink))
+    return sinks
+
+
+def default_out_dir(config: InversionConfig) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    mode = "dense" if config.schedule.strip().lower() in ("dense", "") else "sparse"
+    return Path("runs") / f"{stamp}-{config.model.name}-{mode}"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"smi": version("smi-toolkit"), "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+
+
+def run_inversion(
+    config: InversionConfig | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    sinks: Iterable[EventSink] = (),
+    control: RunControl | None = None,
+    placement: Placement = Placement(),
+) -> dict[str, Any]:
+    """Invert ``config`` into the run directory ``out`` (or continue it with ``resume``).
+
+    Returns the summary (also written to ``summary.json`` by rank 0).
+    """
+    run_dir = RunDir(Path(out))
+    if resume:
+        stored = run_dir.open_existing(RUN_KIND)
+        config = InversionConfig.from_dict(stored["config"])
+    elif config is None:
+        raise SmiError("nothing to run: give a configuration or --resume")
+    torch_device = resolve_device(device)
+    loaded = load_model(config.model, torch_device)
+    control = control or RunControl(run_dir)
+    bus = EventBus(sinks, rank=placement.rank)
+    inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir, control)
+    plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
+    if not resume and placement.rank == 0:
+        run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
+                        "versions": _versions()}, RUN_KIND)
+    run_dir.pool.mkdir(parents=True, exist_ok=True)
+    bus.subscribe(JsonlSink(run_dir.events))
+    for sink in plugin_sinks:
+        bus.subscribe(sink)
+    try:
+        return _run(config, run_dir, inverter, bus, torch_device, placement, resume)
+    except RunInterrupted as exc:
+        bus.emit("run_interrupted", batch=exc.batch, iteration=exc.iteration, message=str(exc))
+        raise
+    except Exception as exc:
+        bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
+        raise
+    finally:
+        bus.close()
+
+
+def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, placement: Placement, resume: bool):
+    grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
+    kept = schedule.kept_patches(grid.num_patches)
+    done = shard_batches(run_dir.pool)
+    pending = [b for b in range(config.batches) if b not in done and placement.owns(b)]
+    bus.emit(
+        "run_resumed" if resume else "run_start",
+        kind=RUN_KIND, model=config.model.name, model_has_weights=config.model.has_weights,
+        device=str(device), schedule=str(schedule),
+        stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
+        batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],
+        num_patches=grid.num_patches, prefix_tokens=vit.num_prefix_tokens, width=vit.width,
+        kept_per_stage=kept, losses=[s.name for s in config.losses], world_size=placement.world_size,
+        pending_batches=pending,
+        speedup_bound=speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
+    )
+    checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None
+    if checkpoint is not None and checkpoint.get("batch") in done:  # saved just before its shard landed
+        run_dir.clear_checkpoint(placement.rank)
+        checkpoint = None
+    for batch in pending:
+        resume_from = checkpoint if checkpoint is not None and checkpoint.get("batch") == batch else None
+        result = inverter.invert_batch(batch, resume_from)
+        shard = write_shard(run_dir.pool, batch, placement.rank, result.images, result.labels, result.keep,
+                            _shard_metadata(config, result, placement.rank))
+        run_dir.clear_checkpoint(placement.rank)
+        bus.emit("batch_end", batch=batch, seconds=result.seconds, shard=str(shard.relative_to(run_dir.path)),
+                 kept=int(result.keep[0].sum()), best_loss=result.best_loss,
+                 teacher_accuracy=result.teacher_accuracy, losses=result.losses)
+    if placement.rank != 0:
+        return {}
+    summary = summarise(config, run_dir, inverter)
+    write_json(run_dir.summary, summary)
+    bus.emit("run_end", summary=summary)
+    return summary
+
+
+def _shard_metadata(config: InversionConfig, result: BatchResult, rank: int) -> dict[str, str]:
+    stats = {
+        "seconds": result.seconds, "best_loss": result.best_loss, "losses": result.losses,
+        "teacher_accuracy": result.teacher_accuracy, "stage_seconds": result.stage_seconds,
+        "stage_iterations": result.stage_iterations,
+    }
+    return {
+        "batch": str(result.batch), "rank": str(rank), "model": config.model.name, "schedule": config.schedule,
+        "seed": str(config.seed), "iterations": str(config.iterations), "stats": json.dumps(stats),
+    }
+
+
+def read_shard_stats(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), "pt") as handle:
+        return json.loads(handle.metadata()["stats"])
+
+
+def summarise(config: InversionConfig, run_dir: RunDir, inverter: Inverter) -> dict[str, Any]:
+    shards = shard_batches(run_dir.pool)
+    missing = [b for b in range(config.batches) if b not in shards]
+    if missing:
+        raise SmiError(f"batches {missing} have no pool shard: resume the run to finish them")
+    stats = [read_shard_stats(p) for p in shards.values()]
+    grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
+    kept = schedule.kept_patches(grid.num_patches)
+    stage_totals = [0.0] * len(kept)
+    stage_counts = [0] * len(kept)
+    for s in stats:
+        for i, (secs, n) in enumerate(zip(s["stage_seconds"], s["stage_iterations"])):
+            stage_totals[i] += secs
+            stage_counts[i] += n
+    seconds = sum(s["seconds"] for s in stats)
+    terms = sorted({k for s in stats for k in s["losses"]})
+    return {
+        "model": config.model.name,
+        "schedule": str(schedule),
+        "images": config.batches * config.batch_size,
+        "batches": config.batches,
+        "batch_size": config.batch_size,
+        "iterations": config.iterations,
+        "seconds": seconds,
+        "seconds_per_batch": seconds / len(stats),
+        "iterations_per_second": config.iterations * len(stats) / seconds if seconds else 0.0,
+        "num_patches": grid.num_patches,
+        "kept_patches": kept[-1],
+        "kept_fraction": kept[-1] / grid.num_patches,
+        "stages": [
+            {"kept": k, "tokens": k + vit.num_prefix_tokens, "iterations": n,
+             "seconds_per_iteration": (t / n if n else None)}
+            for k, t, n in zip(kept, stage_totals, stage_counts)
+        ],
+        "speedup_bound": speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
+        "final_losses": {k: sum(s["losses"].get(k, 0.0) for s in stats) / len(stats) for k in terms},
+        "best_loss": sum(s["best_loss"] for s in stats) / len(stats),
+        "teacher_accuracy": sum(s["teacher_accuracy"] for s in stats) / len(stats),
+        "run_dir": str(run_dir.path),
+        "pool": str(run_dir.pool),
+        "preview": str(run_dir.previews / f"batch-{config.batches - 1:05d}-it{config.iterations:05d}.png"),
+    }

@@ -1,0 +1,122 @@
+"""The plugin manager: entry points of group ``smi`` plus the built-ins, through the same hooks.
+
+``SMI_LOAD_PLUGINS`` limits which third-party plugins load: a comma-separated list of entry
+point names, or empty for none (built-ins always load).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+
+from smi_engine import hookspecs
+from smi_engine.errors import SmiError
+
+BUILTIN_PLUGINS = ("smi_plugins.deepinversion",)
+KINDS = {"losses": "register_losses", "tasks": "register_tasks", "sinks": "register_event_sinks"}
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    builtin: bool
+    registers: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in KINDS})
+    error: str | None = None
+
+
+@dataclass
+class Registry:
+    manager: pluggy.PluginManager
+    plugins: dict[str, PluginInfo]
+    entries: dict[str, dict[str, Registration]]
+
+    def get(self, kind: str, name: str) -> Registration:
+        found = self.entries[kind].get(name)
+        if found is None:
+            known = ", ".join(sorted(self.entries[kind])) or "none"
+            noun = {"losses": "loss", "tasks": "task", "sinks": "event sink"}[kind]
+            raise SmiError(f"unknown {noun} {name!r}: installed ones are {known} (see `smi plugins`)")
+        return found
+
+
+def _warn(message: str) -> None:
+    print(f"smi: warning: {message}", file=sys.stderr)
+
+
+def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> None:
+    for module_name in BUILTIN_PLUGINS:
+        manager.register(importlib.import_module(module_name), name=module_name)
+        plugins[module_name] = PluginInfo(module_name, "smi-toolkit", _version("smi-toolkit"), builtin=True)
+    allowed = os.environ.get("SMI_LOAD_PLUGINS")
+    allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    for entry_point in importlib.metadata.entry_points(group="smi"):
+        if allowed_names is not None and entry_point.name not in allowed_names:
+            continue
+        dist = entry_point.dist.name if entry_point.dist else None
+        info = PluginInfo(entry_point.name, dist, entry_point.dist.version if entry_point.dist else None, builtin=False)
+        plugins[entry_point.name] = info
+        try:
+            manager.register(entry_point.load(), name=entry_point.name)
+        except Exception as exc:  # a broken plugin must not break the toolkit
+            info.error = f"failed to load: {type(exc).__name__}: {exc}"
+            _warn(f"plugin {entry_point.name!r} ({dist}) {info.error}; continuing without it")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _collect(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> dict[str, dict[str, Registration]]:
+    entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+    for kind, hook_name in KINDS.items():
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():  # in registration order
+            plugin = impl.plugin_name
+            info = plugins[plugin]
+
+            def register(name: str, factory: Callable[..., Any], _kind=kind, _plugin=plugin) -> None:
+                existing = entries[_kind].get(name)
+                if existing is not None:
+                    _warn(f"{_plugin!r} registers {name!r}, already registered by {existing.plugin!r}; keeping the first")
+                    return
+                entries[_kind][name] = Registration(name, factory, _plugin)
+                plugins[_plugin].registers[_kind].append(name)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                info.error = f"failed in {hook_name}: {type(exc).__name__}: {exc}"
+                _warn(f"plugin {plugin!r} {info.error}; continuing without what it registers there")
+    return entries
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The process-wide registry (loaded once)."""
+    global _REGISTRY
+    if _REGISTRY is None or refresh:
+        manager = pluggy.PluginManager("smi")
+        manager.add_hookspecs(hookspecs)
+        plugins: dict[str, PluginInfo] = {}
+        _load(manager, plugins)
+        _REGISTRY = Registry(manager, plugins, _collect(manager, plugins))
+    return _REGISTRY

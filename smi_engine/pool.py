@@ -1,0 +1,106 @@
+"""Synthetic data on disk: one safetensors shard per inverted batch, read back as a Dataset.
+
+Each shard holds ``images`` (B, C, H, W) float32 in the teacher's normalised space, ``labels``
+(B,) int64 and ``keep`` (B, rows, cols) bool: the patches that were still being inverted at the
+end. Stopped patches keep the pixels they had when they stopped; consumers decide whether to
+drop them as tokens (ViTs) or blank them to the normaliser's zero (other models).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from smi_engine.errors import SmiError
+from smi_engine.files import atomic_path
+from smi_engine.patches import PatchGrid
+
+SHARD_PATTERN = re.compile(r"^batch-(\d+)-r(\d+)\.safetensors$")
+
+
+def shard_name(batch: int, rank: int) -> str:
+    return f"batch-{batch:05d}-r{rank}.safetensors"
+
+
+def write_shard(
+    pool_dir: Path, batch: int, rank: int, images: torch.Tensor, labels: torch.Tensor,
+    keep: torch.Tensor, metadata: dict[str, str],
+) -> Path:
+    path = pool_dir / shard_name(batch, rank)
+    tensors = {
+        "images": images.detach().float().cpu().contiguous(),
+        "labels": labels.detach().long().cpu().contiguous(),
+        "keep": keep.detach().bool().cpu().contiguous(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    return path
+
+
+def shard_batches(pool_dir: Path) -> dict[int, Path]:
+    """Batch index -> shard path, for every finished shard in a pool folder."""
+    found = {}
+    if pool_dir.is_dir():
+        for path in pool_dir.iterdir():
+            match = SHARD_PATTERN.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+@dataclass
+class Pool:
+    images: torch.Tensor
+    labels: torch.Tensor
+    keep: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def kept_fraction(self) -> float:
+        return float(self.keep.float().mean()) if len(self) else 0.0
+
+
+def load_pool(run_dir: str | Path) -> Pool:
+    """Every shard of an inverted run directory (or of a bare pool folder), in batch order."""
+    run_dir = Path(run_dir)
+    pool_dir = run_dir / "pool" if (run_dir / "pool").is_dir() else run_dir
+    shards = shard_batches(pool_dir)
+    if not shards:
+        raise SmiError(f"{run_dir} holds no synthetic images (no pool/*.safetensors): run `smi invert --out {run_dir}` first")
+    parts = []
+    for path in shards.values():
+        try:
+            parts.append(load_file(str(path)))
+        except (SafetensorError, OSError) as exc:
+            raise SmiError(f"pool shard {path} is unreadable ({exc}): delete it and `smi invert --resume`") from None
+    try:
+        return Pool(*(torch.cat([p[key] for p in parts]) for key in ("images", "labels", "keep")))
+    except (KeyError, RuntimeError) as exc:
+        raise SmiError(f"pool shards in {pool_dir} do not belong together ({exc}): keep one run per folder") from None
+
+
+def blank_stopped(images: torch.Tensor, keep: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Stopped patches set to the normaliser's zero (the mean colour): for models that cannot
+    drop tokens."""
+    return images * grid.pixel_mask(keep.to(images.device)).to(images.dtype)
+
+
+class PoolDataset(Dataset):
+    """(image, label, keep) triples of a pool, for DataLoaders."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, index: int):
+        return self.pool.images[index], self.pool.labels[index], self.pool.keep[index]

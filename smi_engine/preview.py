@@ -1,0 +1,57 @@
+"""PNG grids of a synthetic batch, with stopped patches greyed out."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smi_engine.files import write_bytes
+from smi_engine.models import Normalizer
+from smi_engine.patches import PatchGrid
+
+GREY = 0.5
+STOPPED_VISIBILITY = 0.2  # how much of a stopped patch still shows through the grey
+MIN_TILE = 96  # small images are enlarged (nearest neighbour) to at least this many pixels
+
+
+def preview_pixels(
+    images: torch.Tensor, keep: torch.Tensor | None, normalizer: Normalizer, grid: PatchGrid
+) -> torch.Tensor:
+    """(B, C, H, W) normalised -> (B, 3, H, W) in [0, 1] with stopped patches greyed."""
+    pixels = normalizer.denormalize(images.detach().float().cpu()).clamp(0, 1)
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    if keep is not None:
+        stopped = ~grid.pixel_mask(keep.cpu())
+        pixels = torch.where(stopped, GREY + STOPPED_VISIBILITY * (pixels - GREY), pixels)
+    return pixels
+
+
+def grid_image(pixels: torch.Tensor, columns: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile (B, 3, H, W) pixels in [0, 1] into one RGB image."""
+    b, _, h, w = pixels.shape
+    scale = max(1, math.ceil(MIN_TILE / max(h, w)))
+    columns = columns or min(b, 8)
+    rows = math.ceil(b / columns)
+    tile_h, tile_w = h * scale, w * scale
+    canvas = np.full((rows * (tile_h + pad) + pad, columns * (tile_w + pad) + pad, 3), 255, np.uint8)
+    arr = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    for i in range(b):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (tile_h + pad), pad + c * (tile_w + pad)
+        canvas[y : y + tile_h, x : x + tile_w] = arr[i]
+    return Image.fromarray(canvas)
+
+
+def save_preview(
+    path: Path, images: torch.Tensor, keep: torch.Tensor | None, normalizer: Normalizer, grid: PatchGrid
+) -> None:
+    buffer = io.BytesIO()
+    grid_image(preview_pixels(images, keep, normalizer, grid)).save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())

@@ -1,0 +1,134 @@
+"""Stopping schedules: when to stop inverting how many patches, and what that saves.
+
+A schedule is a list of stops ``(iteration, ratio)``: at ``iteration`` the patches still being
+inverted are scored and ``ratio`` of them (rounded so that ``floor(n * (1 - ratio))`` remain) are
+stopped for good. ``dense`` is the empty schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from smi_engine.errors import SmiError
+
+# The seed's schedule for 4000 iterations (Egg-Hu/SMI README: --prune_it 50 100 200 300
+# --prune_ratio 0.3 0.3 0.3 0.3).
+SEED_SCHEDULE_TEXT = "50:0.3,100:0.3,200:0.3,300:0.3"
+SEED_ITERATIONS = 4000
+
+
+@dataclass(frozen=True)
+class Stop:
+    iteration: int
+    ratio: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    stops: tuple[Stop, ...] = ()
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.stops
+
+    @classmethod
+    def parse(cls, text: str) -> "Schedule":
+        """Parse ``dense`` or ``it:ratio,it:ratio,...``; validation against the run is separate."""
+        text = text.strip()
+        if text.lower() == "dense" or text == "":
+            return cls()
+        stops = []
+        for item in text.split(","):
+            iteration, sep, ratio = item.strip().partition(":")
+            try:
+                if not sep:
+                    raise ValueError
+                stops.append(Stop(int(iteration), float(ratio)))
+            except ValueError:
+                raise SmiError(
+                    f"bad schedule item {item.strip()!r}: write stops as ITERATION:RATIO, "
+                    f"e.g. --schedule {SEED_SCHEDULE_TEXT}, or --schedule dense"
+                ) from None
+        return cls(tuple(stops))
+
+    def __str__(self) -> str:
+        if self.is_dense:
+            return "dense"
+        return ",".join(f"{s.iteration}:{s.ratio:g}" for s in self.stops)
+
+    def validate(self, iterations: int, num_patches: int) -> None:
+        """Raise SmiError unless every stop is well-formed for a run of this length and grid."""
+        previous = 0
+        for stop in self.stops:
+            if not 0.0 < stop.ratio < 1.0:
+                raise SmiError(
+                    f"schedule ratio {stop.ratio:g} at iteration {stop.iteration} is outside (0, 1): "
+                    "a ratio is the fraction of the remaining patches to stop, e.g. 0.3"
+                )
+            if stop.iteration <= previous:
+                raise SmiError(
+                    f"schedule iterations must increase and start at 1 or later, got {stop.iteration} "
+                    f"after {previous}: list the stops in order, e.g. {SEED_SCHEDULE_TEXT}"
+                )
+            if stop.iteration >= iterations:
+                raise SmiError(
+                    f"schedule stop at iteration {stop.iteration} is past --iterations {iterations}: "
+                    "raise --iterations or move the stop earlier"
+                )
+            previous = stop.iteration
+        remaining = self.kept_patches(num_patches)[-1]
+        if remaining < 1:
+            raise SmiError(
+                f"schedule {self} stops every one of the {num_patches} patches: "
+                "use fewer stops or smaller ratios"
+            )
+
+    def kept_patches(self, num_patches: int) -> list[int]:
+        """Patches still inverted in each stage: before the first stop, after each stop."""
+        counts = [num_patches]
+        for stop in self.stops:
+            counts.append(math.floor(counts[-1] * (1.0 - stop.ratio)))
+        return counts
+
+    def stage_lengths(self, iterations: int) -> list[int]:
+        """Iterations spent in each stage (same length as kept_patches)."""
+        bounds = [0] + [s.iteration for s in self.stops] + [iterations]
+        return [b - a for a, b in zip(bounds, bounds[1:])]
+
+    def scaled(self, iterations: int, reference_iterations: int = SEED_ITERATIONS) -> "Schedule":
+        """The same stops moved proportionally to a run of ``iterations`` (at least 1 apart)."""
+        stops, previous = [], 0
+        for stop in self.stops:
+            at = max(previous + 1, round(stop.iteration * iterations / reference_iterations))
+            stops.append(Stop(at, stop.ratio))
+            previous = at
+        return Schedule(tuple(stops))
+
+
+def block_flops(tokens: int, width: int) -> float:
+    """Forward FLOPs of one transformer block: QKV/proj/MLP matmuls plus the two attention matmuls."""
+    return 24.0 * tokens * width**2 + 4.0 * tokens**2 * width
+
+
+def speedup_bound(
+    schedule: Schedule, iterations: int, num_patches: int, prefix_tokens: int, width: int
+) -> float:
+    """Dense cost / scheduled cost over the whole run: the most stopping can save.
+
+    Only the transformer blocks count; work that does not shrink with the token count (the
+    optimiser on the pixels, the image prior) is what keeps a real run below this bound.
+    """
+    dense = iterations * block_flops(num_patches + prefix_tokens, width)
+    sparse = sum(
+        length * block_flops(kept + prefix_tokens, width)
+        for kept, length in zip(schedule.kept_patches(num_patches), schedule.stage_lengths(iterations))
+    )
+    return dense / sparse
+
+
+def kept_at(schedule: Schedule, num_patches: int, iteration: int) -> int:
+    """Patches still inverted during ``iteration`` (stops act at the start of their iteration)."""
+    counts = schedule.kept_patches(num_patches)
+    passed = sum(1 for s in schedule.stops if s.iteration <= iteration)
+    return counts[passed]

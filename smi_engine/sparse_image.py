@@ -1,0 +1,157 @@
+"""A batch of images under inversion, held as patches so that every per-iteration operation
+costs in proportion to the patches still being inverted.
+
+``param`` (B, K, D) holds the kept patches (the optimiser's leaf tensor); ``store`` (B, N, D)
+holds every patch, stopped ones frozen. Feeding the teacher and the total-variation prior read
+pixels through index maps instead of building full images; a full image is only materialised
+when a loss asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from smi_engine.augment import Jitter
+from smi_engine.patches import PatchGrid
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_index(grid: PatchGrid, device: torch.device) -> torch.Tensor:
+    """(C, H, W): each pixel's flat index in patch layout (patch * D + element)."""
+    flat = torch.arange(grid.num_patches * grid.patch_dim, device=device).view(1, grid.num_patches, grid.patch_dim)
+    return grid.unpatchify(flat)[0]
+
+
+# The seed's four neighbour directions (dy, dx): right, down, down-left, down-right.
+TV_OFFSETS = ((0, 1), (1, 0), (1, -1), (1, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _neighbour_index(grid: PatchGrid, device: torch.device) -> torch.Tensor:
+    """(4, N, D): per direction, the flat patch-layout index of each element's neighbour, or -1."""
+    index = _pixel_index(grid, device)
+    _, h, w = index.shape
+    maps = []
+    for dy, dx in TV_OFFSETS:
+        neighbour = torch.full_like(index, -1)
+        x0, x1 = max(0, -dx), w - max(0, dx)
+        neighbour[:, : h - dy, x0:x1] = index[:, dy:, x0 + dx : x1 + dx]
+        maps.append(grid.patchify(neighbour[None])[0])
+    return torch.stack(maps)
+
+
+@functools.lru_cache(maxsize=512)
+def _jitter_elements(grid: PatchGrid, dy: int, dx: int, flip: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each element of a token under a roll by (dy, dx) (and flip): which of the four
+    candidate source patches holds its pixel (0: same, 1: left, 2: up, 3: up-left), and the
+    element index inside that patch. Both (D,)."""
+    ph, pw = grid.patch_h, grid.patch_w
+    i = torch.arange(ph).view(ph, 1).expand(ph, pw)
+    j = torch.arange(pw).view(1, pw).expand(ph, pw)
+    if flip:
+        j = pw - 1 - j
+    i, j = i - dy % ph, j - dx % pw  # position inside the source patch, negative: the one above/left
+    which = 2 * (i < 0).long() + (j < 0).long()
+    inner = torch.remainder(i, ph) * pw + torch.remainder(j, pw)
+    element = torch.arange(grid.channels).view(-1, 1) * (ph * pw) + inner.flatten().view(1, -1)
+    return which.flatten().repeat(grid.channels).to(device), element.flatten().to(device)
+
+
+class SparseImage:
+    def __init__(self, grid: PatchGrid, store: torch.Tensor, kept: torch.Tensor, param: torch.Tensor | None = None):
+        self.grid = grid
+        self.store = store  # (B, N, D)
+        self.kept = kept  # (B, K) sorted
+        source = store.gather(1, self._expand(kept)) if param is None else param
+        self.param = source.detach().clone().requires_grad_(True)
+        self._index_kept_set()
+
+    def _expand(self, index: torch.Tensor) -> torch.Tensor:
+        return index.unsqueeze(-1).expand(-1, -1, self.grid.patch_dim)
+
+    def _index_kept_set(self) -> None:
+        """Rebuild what depends on the kept set (once per stage, not per iteration)."""
+        b, k = self.kept.shape
+        device = self.kept.device
+        self.row_of = torch.full((b, self.grid.num_patches), -1, dtype=torch.long, device=device)
+        self.row_of.scatter_(1, self.kept, torch.arange(k, device=device).expand(b, -1))
+        # The image prior's neighbour of every kept element, per direction, as an index into
+        # the flattened kept patches (B, 4, K*D) and whether that pair counts (the neighbour is
+        # inside the image and kept). While dense, every image shares one map.
+        rows, kept = (self.row_of[:1], self.kept[:1]) if self.dense else (self.row_of, self.kept)
+        d = self.grid.patch_dim
+        target = _neighbour_index(self.grid, device)[:, kept].movedim(0, 1)  # (b, 4, K, D)
+        row = rows.gather(1, (target.clamp_min(0) // d).flatten(1)).view_as(target)
+        valid = (target >= 0) & (row >= 0)
+        self.tv_index = torch.where(valid, row * d + target % d, 0).flatten(2)
+        self.tv_valid = valid.flatten(2).to(self.store.dtype)
+        self.tv_counts = self.tv_valid.sum(dim=(0, 2)) * (b if self.dense else 1)
+
+    @property
+    def dense(self) -> bool:
+        return self.kept.shape[1] == self.grid.num_patches
+
+    def keep_mask(self) -> torch.Tensor:
+        return self.grid.mask_from_indices(self.kept)
+
+    def patches(self, param: torch.Tensor | None = None) -> torch.Tensor:
+        """All patches (B, N, D), the kept ones taken (differentiably) from ``param``."""
+        param = self.param if param is None else param
+        return param if self.dense else self.store.scatter(1, self._expand(self.kept), param)
+
+    def images(self, param: torch.Tensor | None = None) -> torch.Tensor:
+        return self.grid.unpatchify(self.patches(param))
+
+    def tokens(self, jitter: Jitter, param: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch vectors the teacher sees for the kept patches under ``jitter``, and their cells.
+
+        Rolled by (dy, dx) = (qy*ph + ry, qx*pw + rx), a token's pixels come from at most four
+        source patches (its cell minus (qy, qx), and the neighbours above/left of that), and
+        which one and where inside it depends only on the pixel's place in the token. So the
+        index work splits into a per-element part (D) and a per-token part (B, K, 4). Pixels
+        of stopped source patches come, frozen, from the store.
+        """
+        param = self.param if param is None else param
+        positions = jitter.positions(self.grid, self.kept)
+        if jitter.is_identity:
+            return param, positions
+        grid, d = self.grid, self.grid.patch_dim
+        which, element = _jitter_elements(grid, jitter.dy, jitter.dx, jitter.flip, param.device)
+        rows, cols = positions // grid.cols, positions % grid.cols
+        if jitter.flip:
+            cols = grid.cols - 1 - cols
+        base_r, base_c = rows - jitter.dy // grid.patch_h, cols - jitter.dx // grid.patch_w
+        source = torch.stack([
+            torch.remainder(base_r - dr, grid.rows) * grid.cols + torch.remainder(base_c - dc, grid.cols)
+            for dr in (0, 1) for dc in (0, 1)
+        ], dim=-1)  # (B, K, 4) the candidate source patches of each token
+        source_row = self.row_of.gather(1, source.flatten(1)).view_as(source)  # -1: stopped
+        # Per-token arithmetic on (B, K, 4) first, then one expansion to (B, K, D) by gather.
+        pick = which.view(1, 1, -1).expand(*source.shape[:2], -1)
+        kept_index = (source_row.clamp_min(0) * d).gather(2, pick) + element
+        kept_values = param.flatten(1).gather(1, kept_index.flatten(1))
+        if self.dense:
+            return kept_values.view_as(kept_index), positions
+        from_param = (source_row >= 0).gather(2, pick).flatten(1)
+        frozen_values = self.store.flatten(1).gather(1, ((source * d).gather(2, pick) + element).flatten(1))
+        return torch.where(from_param, kept_values, frozen_values).view_as(kept_index), positions
+
+    def neighbour_differences(self, param: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differences between each kept pixel and its neighbour in the seed's four directions
+        (right, down, down-left, down-right): (B, 4, K*D), zero where the neighbour is outside
+        the image or stopped; and the number of pairs that count per direction, (4,)."""
+        flat = (self.param if param is None else param).flatten(1)
+        index = self.tv_index.expand(len(flat), -1, -1)
+        neighbours = flat.gather(1, index.flatten(1)).view_as(index)
+        return (flat.unsqueeze(1) - neighbours) * self.tv_valid, self.tv_counts
+
+    def shrink(self, selected: torch.Tensor) -> None:
+        """Stop all but the ``selected`` (B, K') rows of the kept set: commit their pixels to the
+        store, re-index. The caller carries optimiser state over."""
+        with torch.no_grad():
+            self.store.scatter_(1, self._expand(self.kept), self.param)
+            self.kept = self.kept.gather(1, selected)
+            self.param = self.param.detach().gather(1, self._expand(selected)).requires_grad_(True)
+        self._index_kept_set()

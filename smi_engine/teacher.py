@@ -1,0 +1,116 @@
+"""Training (or fine-tuning) a classifier on real data: the teachers that inversion starts from.
+
+AdamW, linear warm-up then cosine decay, label smoothing, random flips and shifts, validation
+after every epoch. Emits ``epoch_end`` events so the dashboard can follow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.data import DataSplits, ModelInput, loader
+from smi_engine.evaluate import evaluate
+from smi_engine.events import EventBus
+from smi_engine.models import LoadedModel
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    flip: bool = True
+    shift: float = 0.125  # random translation, as a fraction of the image size
+    seed: int = 0
+    limit: int | None = None  # use only the first N training images (quick runs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def augment(images: torch.Tensor, flip: bool, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random horizontal flip and translation (with zero fill)."""
+    b, _, h, w = images.shape
+    if flip:
+        flipped = torch.rand(b, generator=generator) < 0.5
+        images = torch.where(flipped.view(-1, 1, 1, 1).to(images.device), images.flip(3), images)
+    pad_y, pad_x = int(h * shift), int(w * shift)
+    if pad_y or pad_x:
+        padded = F.pad(images, (pad_x, pad_x, pad_y, pad_y))
+        dy = torch.randint(0, 2 * pad_y + 1, (b,), generator=generator).tolist()
+        dx = torch.randint(0, 2 * pad_x + 1, (b,), generator=generator).tolist()
+        images = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    return images
+
+
+def train_classifier(
+    loaded: LoadedModel,
+    data: DataSplits,
+    config: TrainConfig,
+    device: torch.device,
+    bus: EventBus | None = None,
+    control: RunControl | None = None,
+) -> dict:
+    bus = bus or EventBus()
+    control = control or RunControl()
+    model = loaded.model.to(device).requires_grad_(True)
+    model_input = ModelInput.for_model(model, loaded.normalizer)
+    train_set = data.train
+    if config.limit is not None:
+        train_set = torch.utils.data.Subset(train_set, range(min(config.limit, len(train_set))))
+    train_batches = loader(train_set, model_input, config.batch_size, shuffle=True, seed=config.seed)
+    val_batches = loader(data.val, model_input, 256)
+    steps_per_epoch = len(train_batches)
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    started = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        epoch_loss, seen, epoch_started = 0.0, 0, time.perf_counter()
+        for step, (images, labels) in enumerate(train_batches):
+            if control.should_stop():
+                raise RunInterrupted(f"stopped in epoch {epoch}", epoch, step)
+            images = augment(images, config.flip, config.shift, generator).to(device)
+            labels = labels.to(device)
+            loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            epoch_loss += float(loss.detach()) * labels.shape[0]
+            seen += labels.shape[0]
+            bus.emit("train_step", epoch=epoch, step=step, steps=steps_per_epoch, loss=float(loss.detach()))
+        model.eval()
+        metrics = evaluate(model, val_batches, device)
+        record = {
+            "epoch": epoch, "epochs": config.epochs, "train_loss": epoch_loss / max(1, seen),
+            "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+            "seconds": time.perf_counter() - epoch_started, "images_per_s": seen / (time.perf_counter() - epoch_started),
+        }
+        history.append(record)
+        bus.emit("epoch_end", **record)
+    model.requires_grad_(False).eval()
+    final = history[-1]
+    return {
+        "top1": final["val_top1"], "top5": final["val_top5"], "epochs": config.epochs,
+        "seconds": time.perf_counter() - started, "history": history,
+    }
