@@ -65,18 +65,16 @@ class _TrainingLog:
 def _print_comparison(result: dict) -> None:
     dense, sparse = result["runs"]["dense"], result["runs"]["sparse"]
     table = Table(title="smi demo: dense vs sparse inversion of a digits ViT")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     table.add_column("dense (DeepInversion)", justify="right")
     table.add_column("sparse (SMI)", justify="right")
     rows = [
-        ("schedule", dense["schedule"], sparse["schedule"]),
+        ("schedule", dense["schedule"], sparse["schedule"].replace(",", ", ")),
         ("inversion time", f"{dense['seconds']:.1f} s", f"{sparse['seconds']:.1f} s"),
         ("speedup", "1.00x", f"{result['speedup']:.2f}x (bound {sparse['speedup_bound']:.2f}x)"),
         ("kept patches", f"{dense['kept_patches']}/{dense['num_patches']}", f"{sparse['kept_patches']}/{sparse['num_patches']}"),
         ("teacher accuracy on synthetic", f"{100 * dense['teacher_accuracy']:.1f}%", f"{100 * sparse['teacher_accuracy']:.1f}%"),
         ("final CE loss", f"{dense['final_losses'].get('deepinversion.ce', float('nan')):.4f}", f"{sparse['final_losses'].get('deepinversion.ce', float('nan')):.4f}"),
-        ("run directory", dense["run_dir"], sparse["run_dir"]),
-        ("preview", dense["preview"], sparse["preview"]),
     ]
     for row in rows:
         table.add_row(*row)
@@ -84,7 +82,9 @@ def _print_comparison(result: dict) -> None:
     teacher = f"{result['teacher_top1']:.1f}% val top-1" if result["teacher_top1"] is not None else "cached"
     console.print(f"teacher: {result['teacher']} ({teacher}{', trained now' if result['teacher_trained_now'] else ''})")
     console.print(table)
-    console.print("watch a run: [bold]smi watch " + sparse["run_dir"] + "[/]")
+    for mode, summary in (("dense", dense), ("sparse", sparse)):
+        console.print(f"{mode:6s} run {summary['run_dir']}  preview {summary['preview']}", soft_wrap=True)
+    console.print("open the dashboard: [bold]smi watch " + dense["run_dir"] + " " + sparse["run_dir"] + "[/]", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

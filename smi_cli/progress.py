@@ -22,6 +22,7 @@ class InversionProgress:
         self.iterations = 1
         self.batches: list[int] = []
         self.rate = 0.0
+        self.num_patches = 1
 
     def __enter__(self) -> "InversionProgress":
         self.progress.start()
@@ -32,10 +33,16 @@ class InversionProgress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
-        if kind in ("run_start", "run_resumed"):
+        if kind in ("run_start", "run_resumed") and event.get("kind") == "invert":
             self.iterations, self.batches = event["iterations"], event["pending_batches"]
             self.num_patches = event["num_patches"]
             self.task = self.progress.add_task(self.label, total=self.iterations * len(self.batches), info="")
+        elif kind == "batch_start" and event["batch"] not in self.batches:  # batches made on demand (distill)
+            self.iterations, self.batches = event["iterations"], self.batches + [event["batch"]]
+            self.num_patches = event["num_patches"]
+            if self.task is None:
+                self.task = self.progress.add_task(self.label, total=0, info="")
+            self.progress.update(self.task, total=self.iterations * len(self.batches))
         elif kind == "iteration" and self.task is not None:
             rate = 1.0 / max(event["seconds"], 1e-9)
             self.rate = rate if self.rate == 0 else 0.9 * self.rate + 0.1 * rate

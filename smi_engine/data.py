@@ -58,7 +58,7 @@ class FolderImages(Dataset):
 
         path, label = self.files[index]
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            array = np.array(image.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(array).permute(2, 0, 1).float() / 255.0, torch.tensor(label)
 
 

@@ -266,7 +266,7 @@ class Inverter:
         total = torch.stack(list(named.values())).sum()
         if not torch.isfinite(total):
             bad = next(k for k, v in named.items() if not torch.isfinite(v))
-            raise SmiError(f"loss term {bad!r} became {float(named[bad])} at iteration {state.iteration}: lower --lr or that term's weight")
+            raise SmiError(f"loss term {bad!r} became {named[bad].item()} at iteration {state.iteration}: lower --lr or that term's weight")
         return total, named
 
     def _stop(self, batch: int, it: int, state: _BatchState) -> None:
@@ -326,7 +326,8 @@ class BatchRun:
         if checkpoint is None:
             kept = torch.arange(grid.num_patches, device=inv.device).expand(cfg.batch_size, -1).clone()
             self.state = _BatchState(SparseImage(grid, grid.patchify(noise).to(inv.device), kept), cfg.lr, cfg.betas)
-            inv.bus.emit("batch_start", batch=batch, targets=self.targets.tolist())
+            inv.bus.emit("batch_start", batch=batch, iterations=cfg.iterations, num_patches=grid.num_patches,
+                         targets=self.targets.tolist())
         else:
             self.state = _BatchState.from_checkpoint(checkpoint, grid, inv.device, cfg.lr, cfg.betas)
             self.generator.set_state(checkpoint["generator"])

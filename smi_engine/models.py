@@ -22,6 +22,7 @@ from torch import nn
 
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, write_json
+from smi_engine.quant import QuantConfig, freeze_quantizers, quantize_model
 
 MODEL_CARD = "smi-model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -61,6 +62,7 @@ class ModelSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     classes: tuple[str, ...] | None = None
+    quantization: dict[str, Any] | None = None  # set for a saved fake-quantised model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +98,7 @@ class ModelSpec:
                 mean=tuple(meta["mean"]),
                 std=tuple(meta["std"]),
                 classes=tuple(meta["classes"]) if meta.get("classes") else None,
+                quantization=meta.get("quantization"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise SmiError(f"{card} is malformed ({exc}): re-create it with `smi teacher train`") from None
@@ -121,7 +124,8 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     (3x224x224) even when the model was created with other ``img_size``/``in_chans``."""
     embed = getattr(model, "patch_embed", None)
     if embed is not None and getattr(embed, "img_size", None) is not None:
-        return (int(embed.proj.in_channels), *map(int, embed.img_size))
+        conv = next(m for m in embed.modules() if isinstance(m, nn.Conv2d))
+        return (int(conv.in_channels), *map(int, embed.img_size))
     size = tuple(timm.data.resolve_model_data_config(model)["input_size"])
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return (first_conv.in_channels if first_conv is not None else size[0], *size[1:])
@@ -222,6 +226,9 @@ def create_model(spec: ModelSpec) -> nn.Module:
                 "check the network, or pass --checkpoint FILE"
             ) from None
         raise SmiError(f"cannot build {spec.name}({_format_args(spec.args)}): {exc}") from None
+    if spec.quantization is not None:  # rebuild the quantised structure its weights belong to
+        model = quantize_model(model, QuantConfig(**spec.quantization))
+        freeze_quantizers(model)
     if spec.checkpoint:
         _fit_state_dict(model, read_state_dict(spec.checkpoint), spec.checkpoint, spec)
     return model.eval()
@@ -279,6 +286,7 @@ def save_model(folder: str | Path, loaded: LoadedModel, extra: dict[str, Any] | 
         "mean": list(loaded.normalizer.mean),
         "std": list(loaded.normalizer.std),
         "input_size": list(loaded.input_size),
+        "quantization": loaded.spec.quantization,
         **(extra or {}),
     }
     write_json(folder / MODEL_CARD, card)

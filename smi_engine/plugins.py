@@ -18,7 +18,7 @@ import pluggy
 from smi_engine import hookspecs
 from smi_engine.errors import SmiError
 
-BUILTIN_PLUGINS = ("smi_plugins.deepinversion",)
+BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.tasks")
 KINDS = {"losses": "register_losses", "tasks": "register_tasks", "sinks": "register_event_sinks"}
 
 
@@ -60,8 +60,9 @@ def _warn(message: str) -> None:
 
 def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> None:
     for module_name in BUILTIN_PLUGINS:
-        manager.register(importlib.import_module(module_name), name=module_name)
-        plugins[module_name] = PluginInfo(module_name, "smi-toolkit", _version("smi-toolkit"), builtin=True)
+        name = module_name.rpartition(".")[2]
+        manager.register(importlib.import_module(module_name), name=name)
+        plugins[name] = PluginInfo(name, "smi-toolkit", _version("smi-toolkit"), builtin=True)
     allowed = os.environ.get("SMI_LOAD_PLUGINS")
     allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
     for entry_point in importlib.metadata.entry_points(group="smi"):

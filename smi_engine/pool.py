@@ -87,9 +87,12 @@ def load_pool(run_dir: str | Path) -> Pool:
         raise SmiError(f"pool shards in {pool_dir} do not belong together ({exc}): keep one run per folder") from None
 
 
-def blank_stopped(images: torch.Tensor, keep: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+def blank_stopped(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Stopped patches set to the normaliser's zero (the mean colour): for models that cannot
-    drop tokens."""
+    drop tokens. The patch size follows from the image and mask shapes."""
+    _, c, h, w = images.shape
+    rows, cols = keep.shape[1:]
+    grid = PatchGrid(c, h, w, h // rows, w // cols)
     return images * grid.pixel_mask(keep.to(images.device)).to(images.dtype)
 
 

@@ -14,8 +14,8 @@ from smi_engine.files import write_bytes
 from smi_engine.models import Normalizer
 from smi_engine.patches import PatchGrid
 
-GREY = 0.5
-STOPPED_VISIBILITY = 0.2  # how much of a stopped patch still shows through the grey
+STOPPED_TINT = (0.42, 0.46, 0.56)  # slate grey: stands out from grey pixels of greyscale images
+STOPPED_VISIBILITY = 0.15  # how much of a stopped patch still shows through
 MIN_TILE = 96  # small images are enlarged (nearest neighbour) to at least this many pixels
 
 
@@ -28,7 +28,8 @@ def preview_pixels(
         pixels = pixels.expand(-1, 3, -1, -1)
     if keep is not None:
         stopped = ~grid.pixel_mask(keep.cpu())
-        pixels = torch.where(stopped, GREY + STOPPED_VISIBILITY * (pixels - GREY), pixels)
+        tint = torch.tensor(STOPPED_TINT).view(1, 3, 1, 1)
+        pixels = torch.where(stopped, (1 - STOPPED_VISIBILITY) * tint + STOPPED_VISIBILITY * pixels, pixels)
     return pixels
 
 

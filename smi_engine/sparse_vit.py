@@ -32,9 +32,10 @@ class SparseOutput:
 
 
 def _patch_embed_conv(model: nn.Module) -> nn.Conv2d:
-    embed = getattr(model, "patch_embed", None)
-    proj = getattr(embed, "proj", None)
-    if not isinstance(proj, nn.Conv2d):
+    """The patch embedding's convolution (also inside a wrapper, e.g. a quantised one)."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    proj = next((m for m in proj.modules() if isinstance(m, nn.Conv2d)), None) if proj is not None else None
+    if proj is None:
         raise SmiError(
             f"{type(model).__name__} has no convolutional patch embedding (patch_embed.proj): "
             "sparse inversion needs a timm VisionTransformer/DeiT"
@@ -74,7 +75,7 @@ class SparseViT:
 
     @property
     def device(self) -> torch.device:
-        return self.model.patch_embed.proj.weight.device
+        return next(self.model.parameters()).device
 
     def set_attention_kernel(self, kernel: str) -> None:
         """Use timm's fused ``scaled_dot_product_attention`` or the explicit softmax(QK^T)V."""
@@ -101,9 +102,13 @@ class SparseViT:
     # -- forward --------------------------------------------------------------------------
     def embed(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Patch vectors (B, K, D) at grid positions (B, K) -> token sequence (B, P + K, E)."""
-        m = self.model
+        m, g = self.model, self.grid
         proj = m.patch_embed.proj
-        x = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+        if type(proj) is nn.Conv2d:  # a patch-sized convolution on one patch is a matrix product
+            x = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+        else:  # a wrapped embedding (e.g. quantised) sees each patch as a tiny image
+            b, k = patches.shape[:2]
+            x = proj(patches.reshape(b * k, g.channels, g.patch_h, g.patch_w)).reshape(b, k, -1)
         x = m.patch_embed.norm(x)
         # The model's own position embedding applied to zero patches yields exactly the prefix
         # tokens (with their embedding) followed by each grid position's additive embedding.

@@ -13,7 +13,6 @@ from smi_engine.files import atomic_path, write_json
 from smi_engine.invert import InversionConfig
 from smi_engine.inversion_run import run_inversion
 from smi_engine.losses import LossSpec
-from smi_engine.patches import PatchGrid
 from smi_engine.pool import blank_stopped, load_pool, shard_name
 from smi_engine.rundir import RunDir
 
@@ -64,7 +63,7 @@ def test_pool_reads_back_with_labels_balanced_and_masks(tmp_path):
     pool = load_pool(tmp_path / "run")
     assert len(pool) == 10 and pool.labels.tolist() == list(range(10))
     assert pool.kept_fraction == pytest.approx(22 / 64)
-    blanked = blank_stopped(pool.images, pool.keep, PatchGrid(1, 32, 32, 4, 4))
+    blanked = blank_stopped(pool.images, pool.keep)
     stopped = ~pool.keep[0].repeat_interleave(4, 0).repeat_interleave(4, 1)
     assert torch.all(blanked[0, 0][stopped] == 0) and torch.equal(blanked[0, 0][~stopped], pool.images[0, 0][~stopped])
 

@@ -1,0 +1,107 @@
+"""``smi distill``: data-free knowledge transfer from a teacher to a student."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smi_cli import options as o
+from smi_cli.console import fail, print_json, stderr
+from smi_cli.progress import InversionProgress
+from smi_cli.signals import stop_on_signals
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.device import resolve_device
+from smi_engine.errors import SmiError
+from smi_engine.invert import InversionConfig
+from smi_engine.losses import LossSpec, attach_options
+from smi_engine.models import ModelSpec, parse_model_args
+from smi_engine.plugins import get_registry
+from smi_engine.rundir import RunDir
+from smi_engine.tasks import TaskContext
+
+STUDENT, SYNTH = "Student", "Synthesis (with --synthesize)"
+
+
+def distill(
+    data: Annotated[str, typer.Option("--data", help="Real validation data, e.g. fashion-mnist.")],
+    student: Annotated[str, typer.Option("--student", help="Student: a timm model name, or a model folder.", rich_help_panel=STUDENT)],
+    teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
+    checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
+    student_args: Annotated[Optional[str], typer.Option("--student-args", help="timm kwargs of the student.", rich_help_panel=STUDENT)] = None,
+    student_pretrained: Annotated[bool, typer.Option("--student-pretrained", help="Start the student from timm's pretrained weights.", rich_help_panel=STUDENT)] = False,
+    student_checkpoint: Annotated[Optional[Path], typer.Option("--student-checkpoint", help="Start the student from this state_dict.", rich_help_panel=STUDENT)] = None,
+    linear_probe: Annotated[bool, typer.Option("--linear-probe", help="Train only a new classifier head (the seed's setting).", rich_help_panel=STUDENT)] = False,
+    pool: Annotated[Optional[list[str]], typer.Option("--pool", help="A run directory of `smi invert` to learn from, repeatable.")] = None,
+    synthesize: Annotated[bool, typer.Option("--synthesize", help="Invert fresh batches every epoch (settings below).")] = False,
+    schedule: Annotated[str, typer.Option(help="Stopping schedule for --synthesize.", rich_help_panel=SYNTH)] = "dense",
+    iterations: Annotated[int, typer.Option(help="Inversion iterations per batch.", rich_help_panel=SYNTH)] = 4000,
+    synth_batch_size: Annotated[int, typer.Option(help="Images per synthesised batch.", rich_help_panel=SYNTH)] = 32,
+    synth_batches: Annotated[int, typer.Option(help="Batches synthesised per epoch.", rich_help_panel=SYNTH)] = 1,
+    inversion_lr: Annotated[float, typer.Option("--inversion-lr", help="Adam learning rate on the pixels.", rich_help_panel=SYNTH)] = 0.25,
+    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="Inversion losses NAME[:WEIGHT].", rich_help_panel=SYNTH)] = None,
+    loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE.", rich_help_panel=SYNTH)] = None,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random flips (in inversion and of the training images).")] = True,
+    epochs: Annotated[int, typer.Option(help="Epochs over the synthetic data.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, the seed's).")] = "adamw",
+    lr: Annotated[float, typer.Option(help="Student learning rate (cosine decay).")] = 1e-3,
+    temperature: Annotated[float, typer.Option(help="Softening temperature T of the KL loss (the seed: 20).")] = 20.0,
+    limit: Annotated[int, typer.Option(help="Validate on at most N images (0: all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-distill).")] = None,
+    device: o.Device = "auto",
+    quiet: o.Quiet = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Teach a student the teacher's outputs on synthetic images only; validate on real data."""
+    teacher_spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher)
+    if Path(student).is_dir():
+        student_spec = ModelSpec.from_dir(student)
+    else:
+        student_spec = ModelSpec(student, parse_model_args(student_args), student_pretrained,
+                                 str(student_checkpoint) if student_checkpoint else None)
+    options = {
+        "teacher": teacher_spec.to_dict(), "student": student_spec.to_dict(), "data": data, "pools": list(pool or []),
+        "synth_batches": synth_batches, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+        "lr": lr, "temperature": temperature, "linear_probe": linear_probe, "flip": flip, "seed": seed,
+        "limit": limit or None,
+    }
+    if synthesize:
+        specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
+        options["synthesize"] = InversionConfig(model=teacher_spec, schedule=schedule, iterations=iterations,
+                                                batch_size=synth_batch_size, lr=inversion_lr, losses=specs, flip=flip,
+                                                seed=seed).to_dict()
+    elif not pool:
+        raise SmiError("no synthetic data: pass --pool RUN_DIR (repeatable) or --synthesize")
+    out = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-distill"
+    control = RunControl(RunDir(out))
+    sinks = [] if quiet else [_EpochLog()]
+    task = get_registry().get("tasks", "kt").factory()
+    try:
+        with stop_on_signals(control, stderr):
+            if quiet or not synthesize:
+                summary = task.run(options, TaskContext(resolve_device(device), out, sinks, control))
+            else:
+                with InversionProgress(stderr, label="synthesising") as progress:
+                    summary = task.run(options, TaskContext(resolve_device(device), out, sinks + [progress], control))
+    except RunInterrupted as exc:
+        fail(f"{exc}; the best student so far is in {out / 'student'}", code=130)
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        typer.echo(f"best student top-1 {summary['best_top1']:.2f}% on {data} after {epochs} epochs on "
+                   f"{summary['synthetic_images']} synthetic images -> {summary['student_dir']}")
+
+
+class _EpochLog:
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "epoch_end":
+            stderr.print(f"epoch {event['epoch'] + 1}/{event['epochs']}: kt loss {event['kt_loss']:.4f}  "
+                         f"val top-1 {event['val_top1']:.2f}% (best {event['best_top1']:.2f}%)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill)

@@ -1,0 +1,96 @@
+"""Where calibration (and distillation) images come from: ``--calib RUN_DIR | noise | real:SPEC``.
+
+Synthetic pools are fed the way they were made: to a ViT with the same patch grid as sparse
+tokens (stopped patches dropped); to any other model with stopped patches blanked to the
+normaliser's zero. Images are converted from the pool's normalisation to the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from smi_engine.data import ModelInput, load_data, loader
+from smi_engine.errors import SmiError
+from smi_engine.models import ModelSpec, Normalizer
+from smi_engine.pool import Pool, blank_stopped, load_pool
+from smi_engine.rundir import RunDir
+from smi_engine.sparse_vit import SparseViT
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, C, H, W) in the model's normalised space
+    keep: torch.Tensor | None  # (B, rows, cols) for sparse images, else None
+    labels: torch.Tensor | None = None
+
+
+def pool_normalizer(run_dir: Path) -> Normalizer:
+    """The normalisation the pool's images are stored in (the teacher's)."""
+    config = RunDir(run_dir).read_config()
+    spec = ModelSpec.from_dict(config["config"]["model"])
+    return Normalizer(spec.mean, spec.std)
+
+
+class ModelFeeder:
+    """Runs a model on (possibly sparse) images: sparse tokens where the model can drop them."""
+
+    def __init__(self, model: nn.Module, normalizer: Normalizer):
+        self.model, self.normalizer = model, normalizer
+        self.model_input = ModelInput.for_model(model, normalizer)
+        try:
+            self.vit: SparseViT | None = SparseViT(model)
+        except SmiError:
+            self.vit = None
+
+    def fits(self, images: torch.Tensor) -> bool:
+        """Whether images already have this model's input size."""
+        mi = self.model_input
+        return tuple(images.shape[1:]) == (mi.channels, mi.height, mi.width)
+
+    def __call__(self, batch: Batch, source: Normalizer) -> torch.Tensor:
+        """Logits for a batch stored in the ``source`` normalisation."""
+        images, keep = batch.images, batch.keep
+        sparse = (keep is not None and self.vit is not None and self.fits(images)
+                  and tuple(keep.shape[1:]) == (self.vit.grid.rows, self.vit.grid.cols))
+        if keep is not None and not sparse:
+            images, keep = blank_stopped(images, keep), None
+        if source != self.normalizer or not self.fits(images):
+            images = self.model_input(source.denormalize(images).clamp(0, 1))
+        return self.vit.forward_images(images, keep) if keep is not None else self.model(images)
+
+
+def calibration_batches(source: str, size: int, batch_size: int, model_input: ModelInput, generator: torch.Generator) -> tuple[Iterator[Batch], Normalizer, str]:
+    """Batches of ``size`` calibration images, the normalisation they are in, and a label."""
+    if source == "noise":
+        shape = (model_input.channels, model_input.height, model_input.width)
+
+        def noise() -> Iterator[Batch]:
+            for start in range(0, size, batch_size):
+                yield Batch(torch.randn(min(batch_size, size - start), *shape, generator=generator), None)
+
+        return noise(), model_input.normalizer, "noise"
+    if source.startswith("real:"):
+        splits = load_data(source[len("real:"):])
+        subset = torch.utils.data.Subset(splits.train, torch.randperm(len(splits.train), generator=generator)[:size].tolist())
+        batches = (Batch(images, None, labels) for images, labels in loader(subset, model_input, batch_size))
+        return batches, model_input.normalizer, source
+    path = Path(source)
+    if not path.is_dir():
+        raise SmiError(f"--calib {source!r} is neither noise, real:SPEC nor a run directory: invert one with `smi invert --out DIR`")
+    pool = load_pool(path)
+    if len(pool) < size:
+        raise SmiError(f"{path} holds {len(pool)} synthetic images but --calib-size is {size}: invert more batches or lower --calib-size")
+    chosen = torch.randperm(len(pool), generator=generator)[:size]
+    return _pool_batches(Pool(pool.images[chosen], pool.labels[chosen], pool.keep[chosen]), batch_size), pool_normalizer(path), str(path)
+
+
+def _pool_batches(pool: Pool, batch_size: int) -> Iterator[Batch]:
+    for start in range(0, len(pool), batch_size):
+        sl = slice(start, start + batch_size)
+        keep = pool.keep[sl]
+        yield Batch(pool.images[sl], None if bool(keep.all()) else keep, pool.labels[sl])

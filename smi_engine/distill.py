@@ -1,0 +1,229 @@
+"""Data-free knowledge transfer: a student learns the teacher's softened outputs on synthetic
+images only (KL divergence at temperature T, scaled by T^2, as the seed), either from fixed
+pools or re-synthesising fresh batches every epoch. Validation on real data after every
+epoch; the best student is kept. Events: ``run_start``, ``train_step``, ``epoch_end``,
+``run_end`` (plus inversion's own events while synthesising).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from smi_engine.calibration import Batch, ModelFeeder, pool_normalizer
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.data import ModelInput, load_data, loader
+from smi_engine.errors import SmiError
+from smi_engine.evaluate import evaluate
+from smi_engine.events import EventBus, EventSink, JsonlSink
+from smi_engine.files import write_json
+from smi_engine.invert import InversionConfig, Inverter
+from smi_engine.inversion_run import build_losses
+from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
+from smi_engine.pool import Pool, load_pool, write_shard
+from smi_engine.rundir import RunDir
+
+RUN_KIND = "distill"
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class DistillConfig:
+    teacher: ModelSpec
+    student: ModelSpec
+    data: str  # real data for validation
+    pools: list[str] = field(default_factory=list)
+    synthesize: InversionConfig | None = None  # invert this many batches each epoch, with these settings
+    synth_batches: int = 1
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 20.0
+    linear_probe: bool = False
+    flip: bool = True
+    seed: int = 0
+    limit: int | None = None
+
+    def validate(self) -> None:
+        if not self.pools and self.synthesize is None:
+            raise SmiError("no synthetic data: pass --pool RUN_DIR (repeatable) or --synthesize")
+        if self.optimizer not in OPTIMIZERS:
+            raise SmiError(f"unknown --optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size", "synth_batches"):
+            if getattr(self, name) < 1:
+                raise SmiError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise SmiError("--temperature and --lr must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["teacher"], data["student"] = self.teacher.to_dict(), self.student.to_dict()
+        data["synthesize"] = None if self.synthesize is None else self.synthesize.to_dict()
+        return data
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened outputs, times T^2 (batch mean)."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
+
+
+def prepare_student(spec: ModelSpec, num_classes: int, linear_probe: bool, device: torch.device) -> LoadedModel:
+    if spec.checkpoint is None and "num_classes" not in spec.args:
+        spec = replace(spec, args={**spec.args, "num_classes": num_classes})
+    student = load_model(spec, device, frozen=linear_probe)
+    if student.num_classes != num_classes:
+        if not linear_probe:
+            raise SmiError(f"the student has {student.num_classes} classes but the teacher {num_classes}: pass --student-args num_classes={num_classes}")
+        student.model.reset_classifier(num_classes)
+        student.model.to(device)
+    if linear_probe:
+        head = student.model.get_classifier()
+        head.requires_grad_(True)
+    return student
+
+
+class _Synthesis:
+    """Fresh synthetic batches from the teacher, written to the run's pool as they are made.
+    Losses that compete with a student (DeepInversion's ``adv``) get the one being trained."""
+
+    def __init__(self, config: InversionConfig, teacher: LoadedModel, student: LoadedModel, device, bus: EventBus,
+                 run_dir: RunDir, control):
+        self.inverter = Inverter(config, teacher, build_losses(config.losses), device, bus, run_dir, control)
+        for _, loss in self.inverter.losses:
+            if hasattr(loss, "use_student"):
+                loss.use_student(student.model, student.normalizer)
+        self.student, self.run_dir, self.next_batch = student.model, run_dir, 0
+
+    def batch(self) -> Pool:
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        mode = self.student.training
+        self.student.eval().requires_grad_(False)  # inversion needs no gradients of the student's weights
+        try:
+            result = self.inverter.invert_batch(self.next_batch)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+            self.student.train(mode)
+        write_shard(self.run_dir.pool, self.next_batch, self.inverter.bus.rank, result.images, result.labels, result.keep,
+                    {"batch": str(self.next_batch)})
+        self.next_batch += 1
+        return Pool(result.images, result.labels, result.keep)
+
+
+def run_distillation(config: DistillConfig, out: Path, device: torch.device, sinks: list[EventSink] = (),
+                     control: RunControl | None = None) -> dict[str, Any]:
+    config.validate()
+    teacher = load_model(config.teacher, device)
+    splits = load_data(config.data)
+    if splits.num_classes != teacher.num_classes:
+        raise SmiError(f"the teacher has {teacher.num_classes} classes but {config.data} has {splits.num_classes}")
+    torch.manual_seed(config.seed)
+    student = prepare_student(config.student, teacher.num_classes, config.linear_probe, device)
+    fixed = [(load_pool(p), pool_normalizer(Path(p))) for p in config.pools]
+    run_dir = RunDir(Path(out))
+    control = control or RunControl(run_dir)
+    synthesis_config = None
+    if config.synthesize is not None:
+        synthesis_config = replace(config.synthesize, model=teacher.spec, checkpoint_every=0)
+        synthesis_config.validate()
+    run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds")}, RUN_KIND)
+    bus = EventBus(list(sinks))
+    bus.subscribe(JsonlSink(run_dir.events))
+    try:
+        synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control)
+        return _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control)
+    except RunInterrupted as exc:
+        bus.emit("run_interrupted", message=str(exc), batch=exc.batch, iteration=exc.iteration)
+        raise
+    except Exception as exc:
+        bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
+        raise
+    finally:
+        bus.close()
+
+
+def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control) -> dict[str, Any]:
+    bus.emit("run_start", kind=RUN_KIND, teacher=config.teacher.name, student=config.student.name, epochs=config.epochs,
+             device=str(device), data=config.data, synthesize=synthesis is not None,
+             pool_images=sum(len(p) for p, _ in fixed))
+    teacher_feed = ModelFeeder(teacher.model, teacher.normalizer)
+    student_feed = ModelFeeder(student.model, student.normalizer)
+    trainable = [p for p in student.model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.SGD(trainable, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+                 if config.optimizer == "sgd" else torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    val = loader(splits.val, ModelInput.for_model(student.model, student.normalizer), 256)
+    generator = torch.Generator().manual_seed(config.seed)
+    synthesized: list[Pool] = []
+    best, history, started = -1.0, [], time.perf_counter()
+    for epoch in range(config.epochs):
+        epoch_started = time.perf_counter()
+        if synthesis is not None:
+            synthesized += [synthesis.batch() for _ in range(config.synth_batches)]
+        sources = fixed + [(p, teacher.normalizer) for p in synthesized]
+        student.model.train(not config.linear_probe)
+        total, seen, step = 0.0, 0, 0
+        for batch, source in _batches(sources, config.batch_size, config.flip, generator):
+            if control.should_stop():
+                raise RunInterrupted(f"stopped in epoch {epoch}", epoch, step)
+            batch.images = batch.images.to(device)
+            with torch.no_grad():
+                target = teacher_feed(batch, source)
+            loss = kd_loss(student_feed(batch, source), target, config.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch.images)
+            seen += len(batch.images)
+            bus.emit("train_step", epoch=epoch, step=step, loss=float(loss.detach()))
+            step += 1
+        scheduler.step()
+        student.model.eval()
+        metrics = evaluate(student.model, val, device, config.limit)
+        if metrics["top1"] > best:
+            best = metrics["top1"]
+            save_model(run_dir.path / "student", student, {"distilled_from": config.teacher.name, "data": config.data,
+                                                          "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
+        record = {"epoch": epoch, "epochs": config.epochs, "kt_loss": total / max(seen, 1), "val_top1": metrics["top1"],
+                  "val_top5": metrics["top5"], "best_top1": best, "images": seen,
+                  "seconds": time.perf_counter() - epoch_started}
+        history.append(record)
+        bus.emit("epoch_end", **record)
+    summary = {
+        "teacher": config.teacher.name, "student": config.student.name, "data": config.data,
+        "best_top1": best, "final_top1": history[-1]["val_top1"], "final_top5": history[-1]["val_top5"],
+        "epochs": config.epochs, "synthetic_images": sum(len(p) for p, _ in fixed) + sum(len(p) for p in synthesized),
+        "seconds": time.perf_counter() - started, "student_dir": str(run_dir.path / "student"), "history": history,
+        "run_dir": str(run_dir.path),
+    }
+    write_json(run_dir.summary, summary)
+    bus.emit("run_end", summary=summary)
+    return summary
+
+
+def _batches(sources: list[tuple[Pool, Normalizer]], batch_size: int, flip: bool, generator: torch.Generator):
+    """Shuffled minibatches over every pool (each batch from one pool), random flips applied to
+    image and keep mask alike so teacher and student see the same input."""
+    chunks = []
+    for index, (pool, _) in enumerate(sources):
+        order = torch.randperm(len(pool), generator=generator)
+        chunks += [(index, order[i : i + batch_size]) for i in range(0, len(pool), batch_size)]
+    for position in torch.randperm(len(chunks), generator=generator).tolist():
+        index, rows = chunks[position]
+        pool, source = sources[index]
+        images, keep = pool.images[rows], pool.keep[rows]
+        if flip:
+            flipped = (torch.rand(len(rows), generator=generator) < 0.5).view(-1, 1, 1, 1)
+            images = torch.where(flipped, images.flip(3), images)
+            keep = torch.where(flipped[:, 0], keep.flip(2), keep)
+        yield Batch(images, None if bool(keep.all()) else keep, pool.labels[rows]), source

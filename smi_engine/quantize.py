@@ -1,0 +1,81 @@
+"""Data-free post-training quantisation, end to end: calibrate on synthetic (or noise, or real)
+images, then measure the fake-quantised model against the full-precision one on real data."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smi_engine.calibration import ModelFeeder, calibration_batches
+from smi_engine.data import ModelInput, load_data, loader
+from smi_engine.errors import SmiError
+from smi_engine.evaluate import evaluate
+from smi_engine.events import EventBus
+from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
+from smi_engine.quant import QuantConfig, finish_calibration, quantize_model
+
+
+@dataclass
+class QuantizeJob:
+    model: ModelSpec
+    calib: str  # RUN_DIR | noise | real:SPEC
+    data: str  # real validation data for the accuracies
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib_size: int = 32
+    batch_size: int = 64
+    limit: int | None = None  # evaluate at most this many validation images
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "calib": self.calib, "data": self.data, "quant": self.quant.to_dict(),
+                "calib_size": self.calib_size, "batch_size": self.batch_size, "limit": self.limit, "seed": self.seed}
+
+
+def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A calibrated fake-quantised copy of the model, and what it was calibrated on."""
+    if job.calib_size < 1:
+        raise SmiError("--calib-size must be at least 1")
+    qmodel = quantize_model(loaded.model, job.quant).to(device)
+    feeder = ModelFeeder(qmodel, loaded.normalizer)
+    generator = torch.Generator().manual_seed(job.seed)
+    batches, source, label = calibration_batches(job.calib, job.calib_size, job.batch_size, feeder.model_input, generator)
+    seen, kept = 0, []
+    with torch.no_grad():
+        for batch in batches:
+            batch.images = batch.images.to(device)
+            if batch.keep is not None:
+                kept.append(batch.keep.float().mean().item())
+            feeder(batch, source)
+            seen += len(batch.images)
+    finish_calibration(qmodel)
+    return qmodel, {"calib": label, "calib_images": seen, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0}
+
+
+def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | None = None, save: Path | None = None) -> dict[str, Any]:
+    job.quant.validate()
+    bus = bus or EventBus()
+    loaded = load_model(job.model, device)
+    splits = load_data(job.data)
+    if splits.num_classes != loaded.num_classes:
+        raise SmiError(f"the model has {loaded.num_classes} classes but {job.data} has {splits.num_classes}: evaluate on the data it was trained for")
+    started = time.perf_counter()
+    qmodel, calibration = calibrate(loaded, job, device)
+    bus.emit("calibrated", **calibration, seconds=time.perf_counter() - started)
+    val = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), job.batch_size)
+    fp32 = evaluate(loaded.model, val, device, job.limit)
+    quantized = evaluate(qmodel, val, device, job.limit)
+    result = {
+        "top1": quantized["top1"], "top5": quantized["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
+        "w_bit": job.quant.w_bit, "a_bit": job.quant.a_bit, "calibrator": job.quant.calibrator,
+        "eval_images": quantized["images"], "model": job.model.name, "data": job.data, **calibration,
+    }
+    if save is not None:
+        spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
+        save_model(save, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
+        result["saved"] = str(save)
+    bus.emit("quantized", **result)
+    return result

@@ -1,0 +1,63 @@
+"""The built-in downstream tasks, registered through ``register_tasks`` like any plugin's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from smi_engine.distill import DistillConfig, run_distillation
+from smi_engine.hookspecs import hookimpl
+from smi_engine.invert import InversionConfig
+from smi_engine.quant import QuantConfig
+from smi_engine.quantize import QuantizeJob, run_quantization
+from smi_engine.tasks import TaskContext, model_from_options, require
+
+
+class QuantizeTask:
+    description = "post-training quantisation of a ViT, calibrated on synthetic images (or noise, or real ones)"
+
+    def run(self, options: dict[str, Any], context: TaskContext) -> dict[str, Any]:
+        require(options, "calib", "data")
+        job = QuantizeJob(
+            model=model_from_options(options, "teacher"), calib=str(options["calib"]), data=str(options["data"]),
+            quant=QuantConfig(int(options.get("w_bit", 8)), int(options.get("a_bit", 8)),
+                              str(options.get("calibrator", "minmax")), float(options.get("percentile", 99.99))),
+            calib_size=int(options.get("calib_size", 32)), batch_size=int(options.get("batch_size", 64)),
+            limit=int(options["limit"]) if options.get("limit") else None, seed=int(options.get("seed", 0)),
+        )
+        save = Path(options["save"]) if options.get("save") else None
+        return run_quantization(job, context.device, context.bus(), save)
+
+
+class KnowledgeTransferTask:
+    description = "data-free knowledge transfer: train a student on the teacher's outputs for synthetic images"
+
+    def run(self, options: dict[str, Any], context: TaskContext) -> dict[str, Any]:
+        require(options, "data")
+        teacher = model_from_options(options, "teacher")
+        synthesize = options.get("synthesize")
+        if isinstance(synthesize, dict):
+            synthesize = InversionConfig.from_dict({**synthesize, "model": teacher.to_dict()})
+        elif synthesize:  # "true" from the generic runner: the inversion defaults
+            synthesize = InversionConfig(model=teacher)
+        pools = options.get("pools") or []
+        config = DistillConfig(
+            teacher=teacher, student=model_from_options(options, "student"), data=str(options["data"]),
+            pools=[pools] if isinstance(pools, str) else list(pools), synthesize=synthesize or None,
+            synth_batches=int(options.get("synth_batches", 1)), epochs=int(options.get("epochs", 10)),
+            batch_size=int(options.get("batch_size", 64)), optimizer=str(options.get("optimizer", "adamw")),
+            lr=float(options.get("lr", 1e-3)), weight_decay=float(options.get("weight_decay", 1e-4)),
+            temperature=float(options.get("temperature", 20.0)), linear_probe=bool(options.get("linear_probe", False)),
+            flip=bool(options.get("flip", True)), seed=int(options.get("seed", 0)),
+            limit=int(options["limit"]) if options.get("limit") else None,
+        )
+        if context.out is None:
+            require(options, "out")
+        out = context.out or Path(options["out"])
+        return run_distillation(config, out, context.device, context.sinks or [], context.control)
+
+
+@hookimpl
+def register_tasks(register):
+    register("quantize", QuantizeTask)
+    register("kt", KnowledgeTransferTask)

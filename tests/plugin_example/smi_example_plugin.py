@@ -1,0 +1,55 @@
+"""An example third-party smi plugin, exactly as README documents it."""
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+
+from smi_engine import hookimpl
+
+
+class Brightness:
+    """Pulls the mean pixel of the kept patches towards a target brightness (in [0, 1])."""
+
+    def __init__(self, target: float = 0.5):
+        self.target = target
+
+    def __call__(self, state):
+        mean = torch.tensor(state.normalizer.mean, device=state.patches.device)
+        std = torch.tensor(state.normalizer.std, device=state.patches.device)
+        channels = state.grid.channels
+        pixels = state.patches.view(*state.patches.shape[:2], channels, -1) * std.view(-1, 1) + mean.view(-1, 1)
+        return {"gap": (pixels.mean() - self.target).abs()}
+
+
+class IterationCounter:
+    """Counts iteration events and writes the count into the run directory when the run ends."""
+
+    def __init__(self, run_dir, config):
+        self.path, self.count = Path(run_dir) / "example-counter.json", 0
+
+    def __call__(self, event):
+        if event["event"] == "iteration":
+            self.count += 1
+
+    def close(self):
+        self.path.write_text(json.dumps({"iterations": self.count}))
+
+
+@hookimpl
+def register_losses(register):
+    register("brightness", Brightness)
+
+
+@hookimpl
+def register_event_sinks(register):
+    register("iteration-counter", IterationCounter)
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("example-hello")
+    def hello(name: str = "world") -> None:
+        """Say hello (added by smi-example-plugin)."""
+        typer.echo(f"hello {name} from smi-example-plugin")

@@ -1,0 +1,114 @@
+"""The plugin contract, exercised by a real third-party package installed through its entry points."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from smi_engine import hookimpl
+from smi_engine.plugins import PluginInfo, _collect
+from smi_engine import hookspecs
+
+from .conftest import TINY_MODEL_ARGS, read_events, smi
+
+EXAMPLE = Path(__file__).parent / "plugin_example"
+TINY = ("--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS, "--mean", "0.5", "--std", "0.5")
+
+
+@pytest.fixture(scope="session")
+def plugin_env(tmp_path_factory) -> dict:
+    """smi-example-plugin pip-installed (with its entry points) into a folder on PYTHONPATH."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
+        check=True, capture_output=True,
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_smi_plugins_lists_built_ins_and_third_parties(plugin_env):
+    proc = smi("plugins", "--json", env=plugin_env, check=True)
+    plugins = {p["name"]: p for p in json.loads(proc.stdout)}
+    assert plugins["deepinversion"]["losses"] == ["deepinversion"] and plugins["deepinversion"]["builtin"]
+    assert plugins["psaq"]["losses"] == ["psaq"] and plugins["cmi"]["losses"] == ["cmi"]
+    assert plugins["tasks"]["tasks"] == ["quantize", "kt"]
+    example = plugins["example"]
+    assert (example["distribution"], example["version"]) == ("smi-example-plugin", "0.3.0")
+    assert example["losses"] == ["brightness"] and example["sinks"] == ["iteration-counter"] and not example["builtin"]
+    assert "needs a package that is not installed" in plugins["broken"]["error"]
+    assert "'broken'" in proc.stderr and "continuing without it" in proc.stderr  # named, not a traceback
+    table = smi("plugins", env=plugin_env, check=True).stdout
+    assert "brightness" in table and "smi-example-plugin" in table
+
+
+def test_a_third_party_loss_and_sink_run_inside_smi_invert(plugin_env, tmp_path):
+    out = tmp_path / "run"
+    smi("invert", *TINY, "--iterations", "6", "--batch-size", "2", "--batches", "2", "--schedule", "3:0.5",
+        "--device", "cpu", "--loss", "deepinversion", "--loss", "brightness:2", "--loss-option", "brightness.target=0.8",
+        "--sink", "iteration-counter", "--out", out, env=plugin_env, check=True)
+    iterations = [e for e in read_events(out) if e["event"] == "iteration"]
+    assert len(iterations) == 12
+    assert all("brightness.gap" in e["losses"] for e in iterations)
+    assert all(e["losses"]["brightness.gap"] > 0 for e in iterations)
+    assert json.loads((out / "example-counter.json").read_text()) == {"iterations": 12}
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["losses"][1] == {"name": "brightness", "weight": 2.0, "options": {"target": 0.8}}
+    assert config["sinks"] == ["iteration-counter"]
+
+
+def test_a_plugin_can_add_a_command(plugin_env):
+    assert smi("example-hello", "--name", "smi", env=plugin_env, check=True).stdout.strip() == "hello smi from smi-example-plugin"
+
+
+def test_SMI_LOAD_PLUGINS_limits_third_party_plugins(plugin_env):
+    only_example = json.loads(smi("plugins", "--json", env={**plugin_env, "SMI_LOAD_PLUGINS": "example"}, check=True).stdout)
+    assert {p["name"] for p in only_example} == {"deepinversion", "psaq", "cmi", "tasks", "example"}
+    none = smi("plugins", "--json", env={**plugin_env, "SMI_LOAD_PLUGINS": ""}, check=True)
+    assert {p["name"] for p in json.loads(none.stdout)} == {"deepinversion", "psaq", "cmi", "tasks"}
+    assert none.stderr == ""
+
+
+def test_unknown_sink_and_loss_are_one_line_errors(tmp_path):
+    proc = smi("invert", *TINY, "--iterations", "2", "--batch-size", "2", "--sink", "wandb", "--out", tmp_path / "a")
+    assert proc.returncode == 2 and "unknown event sink 'wandb'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists()
+
+
+class _Broken:
+    @hookimpl
+    def register_losses(self, register):
+        register("fine-before-the-crash", lambda: None)
+        raise RuntimeError("bug in the plugin")
+
+
+class _Fine:
+    @hookimpl
+    def register_losses(self, register):
+        register("fine", lambda: None)
+
+
+def test_a_plugin_raising_at_registration_is_named_and_the_rest_still_load(capsys):
+    manager = pluggy.PluginManager("smi")
+    manager.add_hookspecs(hookspecs)
+    manager.register(_Fine(), name="fine-plugin")
+    manager.register(_Broken(), name="broken-plugin")
+    plugins = {n: PluginInfo(n, None, None, False) for n in ("fine-plugin", "broken-plugin")}
+    entries = _collect(manager, plugins)
+    assert "fine" in entries["losses"]
+    assert "bug in the plugin" in plugins["broken-plugin"].error
+    assert "'broken-plugin' failed in register_losses" in capsys.readouterr().err
+
+
+def test_duplicate_names_keep_the_first_and_warn(capsys):
+    manager = pluggy.PluginManager("smi")
+    manager.add_hookspecs(hookspecs)
+    manager.register(_Fine(), name="first")
+    manager.register(_Fine(), name="second")
+    plugins = {n: PluginInfo(n, None, None, False) for n in ("first", "second")}
+    entries = _collect(manager, plugins)
+    assert entries["losses"]["fine"].plugin == "first"
+    assert "already registered by 'first'" in capsys.readouterr().err
