@@ -8,7 +8,7 @@ from importlib.metadata import version
 import typer
 from rich.markup import escape
 
-from smi_cli import bench, data, demo, distill, evaluate, invert, plugins, quantize, task, teacher
+from smi_cli import bench, data, demo, distill, evaluate, invert, plugins, quantize, task, teacher, watch
 from smi_cli.console import fail
 from smi_engine.errors import SmiError
 
@@ -35,7 +35,7 @@ def root(
     """Sparse Model Inversion toolkit."""
 
 
-for module in (invert, quantize, distill, evaluate, task, plugins, bench, demo):
+for module in (invert, quantize, distill, evaluate, watch, task, plugins, bench, demo):
     module.register(app)
 app.add_typer(teacher.app, name="teacher")
 app.add_typer(data.app, name="data")

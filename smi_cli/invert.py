@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +15,7 @@ from smi_cli.signals import stop_on_signals
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
 from smi_engine.invert import InversionConfig
-from smi_engine.inversion_run import default_out_dir, run_inversion
+from smi_engine.inversion_run import InversionRun, default_out_dir
 from smi_engine.losses import LossSpec, attach_options
 from smi_engine.rundir import RunDir
 from smi_engine.schedule import SEED_SCHEDULE_TEXT
@@ -51,6 +52,7 @@ def invert(
     device: o.Device = "auto",
     quiet: o.Quiet = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    tui: Annotated[bool, typer.Option("--tui", help="Run with the live dashboard in this terminal.")] = False,
 ) -> None:
     """Invert a ViT: optimise images towards target classes, stopping uninformative patches."""
     if resume:
@@ -72,19 +74,39 @@ def invert(
         out = out or default_out_dir(config)
     control = RunControl(RunDir(out))
     try:
-        with stop_on_signals(control, stderr):
-            if quiet:
-                summary = run_inversion(config, out, resume=resume, device=device, control=control)
-            else:
-                with InversionProgress(stderr) as progress:
-                    summary = run_inversion(config, out, resume=resume, device=device,
-                                            sinks=[warn_random_weights, progress], control=control)
+        if tui:
+            summary = _run_with_dashboard(config, out, resume, device, control)
+        else:
+            with stop_on_signals(control, stderr):
+                progress = None if quiet else InversionProgress(stderr)
+                sinks = [] if quiet else [warn_random_weights, progress]
+                run = InversionRun.prepare(config, out, resume=resume, device=device, sinks=sinks, control=control)
+                with progress or contextlib.nullcontext():
+                    summary = run.run()
     except RunInterrupted as exc:
         fail(f"{exc}; continue with: smi invert --resume --out {out}", code=130)
     if json_output:
         print_json(summary)
     elif not quiet:
         print_summary(summary)
+
+
+def _run_with_dashboard(config, out: Path, resume: bool, device: str, control: RunControl) -> dict:
+    """The job in a worker thread, the dashboard in front; bad requests fail before it opens."""
+    from smi_cli.dashboard.app import Dashboard
+
+    run = InversionRun.prepare(config, out, resume=resume, device=device, control=control)
+    result: dict = {}
+    dashboard = Dashboard([Path(out)], ["invert"], control=control, job=lambda: result.update(run.run()))
+    dashboard.run()
+    if dashboard.job_thread is not None and dashboard.job_thread.is_alive():  # closed while running
+        control.request_stop()
+        dashboard.job_thread.join()  # the job saves its checkpoint at the next iteration
+    if dashboard.job_interrupted or (control.stop_requested and not result):
+        raise RunInterrupted("stopped from the dashboard", -1, -1)
+    if dashboard.job_error:
+        raise SmiError(dashboard.job_error)
+    return result
 
 
 def warn_random_weights(event: dict) -> None:

@@ -74,49 +74,58 @@ def _versions() -> dict[str, str]:
     return {"smi": version("smi-toolkit"), "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
 
 
-def run_inversion(
-    config: InversionConfig | None,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    device: str = "auto",
-    sinks: Iterable[EventSink] = (),
-    control: RunControl | None = None,
-    placement: Placement = Placement(),
-) -> dict[str, Any]:
-    """Invert ``config`` into the run directory ``out`` (or continue it with ``resume``).
+class InversionRun:
+    """A validated inversion run whose directory exists: ``prepare`` checks everything and
+    claims the directory, ``run`` inverts (so a UI can start in between)."""
 
-    Returns the summary (also written to ``summary.json`` by rank 0).
-    """
-    run_dir = RunDir(Path(out))
-    if resume:
-        stored = run_dir.open_existing(RUN_KIND)
-        config = InversionConfig.from_dict(stored["config"])
-    elif config is None:
-        raise SmiError("nothing to run: give a configuration or --resume")
-    torch_device = resolve_device(device)
-    loaded = load_model(config.model, torch_device)
-    control = control or RunControl(run_dir)
-    bus = EventBus(sinks, rank=placement.rank)
-    inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir, control)
-    plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
-    if not resume and placement.rank == 0:
-        run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
-                        "versions": _versions()}, RUN_KIND)
-    run_dir.pool.mkdir(parents=True, exist_ok=True)
-    bus.subscribe(JsonlSink(run_dir.events))
-    for sink in plugin_sinks:
-        bus.subscribe(sink)
-    try:
-        return _run(config, run_dir, inverter, bus, torch_device, placement, resume)
-    except RunInterrupted as exc:
-        bus.emit("run_interrupted", batch=exc.batch, iteration=exc.iteration, message=str(exc))
-        raise
-    except Exception as exc:
-        bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
-        raise
-    finally:
-        bus.close()
+    def __init__(self, config: InversionConfig, run_dir: RunDir, inverter: Inverter, bus: EventBus,
+                 device: torch.device, placement: Placement, resume: bool):
+        self.config, self.run_dir, self.inverter, self.bus = config, run_dir, inverter, bus
+        self.device, self.placement, self.resume = device, placement, resume
+
+    @classmethod
+    def prepare(
+        cls, config: InversionConfig | None, out: str | Path, *, resume: bool = False, device: str = "auto",
+        sinks: Iterable[EventSink] = (), control: RunControl | None = None, placement: Placement = Placement(),
+    ) -> "InversionRun":
+        run_dir = RunDir(Path(out))
+        if resume:
+            config = InversionConfig.from_dict(run_dir.open_existing(RUN_KIND)["config"])
+        elif config is None:
+            raise SmiError("nothing to run: give a configuration or --resume")
+        torch_device = resolve_device(device)
+        loaded = load_model(config.model, torch_device)
+        bus = EventBus(sinks, rank=placement.rank)
+        inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir,
+                            control or RunControl(run_dir))
+        plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
+        if not resume and placement.rank == 0:
+            run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
+                            "versions": _versions()}, RUN_KIND)
+        run_dir.pool.mkdir(parents=True, exist_ok=True)
+        bus.subscribe(JsonlSink(run_dir.events))
+        for sink in plugin_sinks:
+            bus.subscribe(sink)
+        return cls(config, run_dir, inverter, bus, torch_device, placement, resume)
+
+    def run(self) -> dict[str, Any]:
+        """Invert every pending batch; returns the summary (written to summary.json by rank 0)."""
+        try:
+            return _run(self.config, self.run_dir, self.inverter, self.bus, self.device, self.placement, self.resume)
+        except RunInterrupted as exc:
+            self.bus.emit("run_interrupted", batch=exc.batch, iteration=exc.iteration, message=str(exc))
+            raise
+        except Exception as exc:
+            self.bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
+            raise
+        finally:
+            self.bus.close()
+
+
+def run_inversion(config: InversionConfig | None, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Invert ``config`` into the run directory ``out`` (or continue it with ``resume=True``);
+    options as ``InversionRun.prepare``. Returns the summary."""
+    return InversionRun.prepare(config, out, **options).run()
 
 
 def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, placement: Placement, resume: bool):

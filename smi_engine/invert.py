@@ -26,6 +26,7 @@ from smi_engine.events import EventBus
 from smi_engine.losses import InversionContext, LossSpec, LossState, as_terms
 from smi_engine.models import LoadedModel, ModelSpec
 from smi_engine.preview import save_preview
+from smi_engine.resources import MemoryProbe
 from smi_engine.rundir import RunDir
 from smi_engine.patches import PatchGrid
 from smi_engine.schedule import Schedule
@@ -337,6 +338,7 @@ class BatchRun:
             inv.bus.emit("batch_resumed", batch=batch, iteration=self.state.iteration)
         self.last_saved = time.monotonic()
         self.terms: dict[str, float] = {}
+        self.memory = MemoryProbe(inv.device)
 
     @property
     def done(self) -> bool:
@@ -382,6 +384,7 @@ class BatchRun:
         inv.bus.emit(
             "iteration", batch=self.batch, iteration=it, losses=self.terms, kept=kept, tokens=kept + prefix,
             seconds=seconds, images_per_s=cfg.batch_size / seconds, tokens_per_s=cfg.batch_size * (kept + prefix) / seconds,
+            **self.memory.read(),
         )
         if inv.run_dir is not None and 0 < cfg.checkpoint_every < time.monotonic() - self.last_saved:
             inv._save_checkpoint(self.batch, state, self.generator)

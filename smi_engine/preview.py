@@ -33,11 +33,15 @@ def preview_pixels(
     return pixels
 
 
-def grid_image(pixels: torch.Tensor, columns: int | None = None, pad: int = 2) -> Image.Image:
-    """Tile (B, 3, H, W) pixels in [0, 1] into one RGB image."""
+PAD = 2
+COLUMNS = 8
+
+
+def grid_image(pixels: torch.Tensor, columns: int = COLUMNS, pad: int = PAD) -> Image.Image:
+    """Tile (B, 3, H, W) pixels in [0, 1] into one RGB image, ``columns`` per row."""
     b, _, h, w = pixels.shape
     scale = max(1, math.ceil(MIN_TILE / max(h, w)))
-    columns = columns or min(b, 8)
+    columns = min(b, columns)
     rows = math.ceil(b / columns)
     tile_h, tile_w = h * scale, w * scale
     canvas = np.full((rows * (tile_h + pad) + pad, columns * (tile_w + pad) + pad, 3), 255, np.uint8)
@@ -48,6 +52,18 @@ def grid_image(pixels: torch.Tensor, columns: int | None = None, pad: int = 2) -
         y, x = pad + r * (tile_h + pad), pad + c * (tile_w + pad)
         canvas[y : y + tile_h, x : x + tile_w] = arr[i]
     return Image.fromarray(canvas)
+
+
+def split_tiles(image: Image.Image, count: int, columns: int = COLUMNS, pad: int = PAD) -> list[Image.Image]:
+    """The ``count`` tiles of a preview grid, in order (the inverse of ``grid_image``)."""
+    columns = min(count, columns)
+    rows = math.ceil(count / columns)
+    tile_w = (image.width - pad) // columns - pad
+    tile_h = (image.height - pad) // rows - pad
+    return [
+        image.crop((pad + c * (tile_w + pad), pad + r * (tile_h + pad), pad + c * (tile_w + pad) + tile_w, pad + r * (tile_h + pad) + tile_h))
+        for r, c in (divmod(i, columns) for i in range(count))
+    ]
 
 
 def save_preview(

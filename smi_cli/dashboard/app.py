@@ -1,0 +1,232 @@
+"""The dashboard app: one view per run directory, fed by followers of their events.jsonl.
+
+Events are folded into each view's RunState as they arrive; panels repaint at most ten times
+a second, so a run emitting thousands of events per second costs a handful of frames.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+from typing import Callable
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Static
+
+from smi_cli.dashboard.follower import EventFollower
+from smi_cli.dashboard.messages import EngineFinished, EventsArrived
+from smi_cli.dashboard.state import RunState
+from smi_cli.dashboard.widgets import LossChart, Panel, PatchRetention, Preview, Problem, RunHeader, Throughput, Training
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.files import write_bytes
+from smi_engine.rundir import RunDir
+
+FRAME_SECONDS = 0.1
+KEYS = (
+    ("q", "quit (a watched run goes on; a run in this process asks first)"),
+    ("p", "pause / resume a run in this process"),
+    ("s", "save a screenshot (SVG) into the run directory"),
+    ("x", "ask the run to stop cleanly (it saves a checkpoint for --resume)"),
+    ("?", "show these keys"),
+)
+
+
+class RunView(Vertical):
+    """Every panel of one run."""
+
+    def __init__(self, run_dir: Path, kind: str, index: int):
+        super().__init__(classes="run")
+        self.run_dir, self.kind, self.index = run_dir, kind, index
+        self.state = RunState(kind=kind)
+        self.dirty = True
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(classes="header")
+        yield Problem(classes="problem")
+        with Grid(classes="panels"):
+            yield Training(classes="main") if self.kind in ("distill", "teacher") else PatchRetention(classes="main")
+            yield LossChart()
+            yield Throughput()
+            yield Preview()
+
+    def apply(self, events: list[dict]) -> None:
+        for event in events:
+            self.state.apply(event)
+        self.dirty = True
+
+    def repaint(self) -> None:
+        self.query_one(Problem).display = bool(self.state.error or self.state.interrupted)
+        for panel in self.query(Panel):
+            panel.show(self.state, self.run_dir)
+        self.dirty = False
+
+
+class Confirm(ModalScreen[bool]):
+    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(f"{self.question}\n\n[y] yes    [n] no"), classes="dialog")
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
+
+
+class Keys(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "close", "close")]
+
+    def compose(self) -> ComposeResult:
+        text = Text("Keys\n\n", "bold")
+        for key, meaning in KEYS:
+            text.append(f"  {key}  ", "bold cyan")
+            text.append(meaning + "\n")
+        yield Static(text, classes="dialog")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class Dashboard(App):
+    CSS_PATH = Path(__file__).with_name("dashboard.tcss")  # absolute: subclasses live elsewhere
+    TITLE = "smi"
+    BINDINGS = [
+        Binding("q", "quit_dashboard", "Quit"),
+        Binding("p", "pause", "Pause"),
+        Binding("s", "screenshot", "Screenshot"),
+        Binding("x", "stop_run", "Stop run"),
+        Binding("question_mark", "keys", "Keys"),
+    ]
+
+    def __init__(self, run_dirs: list[Path], kinds: list[str], control: RunControl | None = None,
+                 job: Callable[[], None] | None = None, follow: bool = True):
+        super().__init__()
+        self.run_dirs, self.kinds = run_dirs, kinds
+        self.control, self.job = control, job  # an in-process run, when started by `smi invert --tui`
+        self.follow = follow
+        self.followers: list[EventFollower] = []
+        self.job_running = job is not None
+        self.job_thread: threading.Thread | None = None
+        self.job_error: str | None = None
+        self.job_interrupted = False
+
+    def compose(self) -> ComposeResult:
+        if len(self.run_dirs) > 1:
+            yield Static(classes="compare", id="compare")
+        with Horizontal(id="runs"):
+            for index, (run_dir, kind) in enumerate(zip(self.run_dirs, self.kinds)):
+                yield RunView(run_dir, kind, index)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for index, run_dir in enumerate(self.run_dirs):
+            follower = EventFollower(RunDir(run_dir).events, lambda events, i=index: self.post_message(EventsArrived(i, events)))
+            self.followers.append(follower)
+            if self.follow:
+                follower.start()
+            else:  # a finished recording: read it all now
+                self.on_events_arrived(EventsArrived(index, follower.read_new()))
+        if self.job is not None:
+            self.job_thread = threading.Thread(target=self._run_job, name="smi job", daemon=True)
+            self.job_thread.start()
+        self.set_interval(FRAME_SECONDS, self.repaint)
+        self.repaint()
+
+    def _run_job(self) -> None:
+        try:
+            self.job()
+            self.post_message(EngineFinished())
+        except RunInterrupted:
+            self.post_message(EngineFinished(interrupted=True))
+        except Exception as exc:  # shown in the dashboard; the CLI reports it after exit
+            self.post_message(EngineFinished(error=str(exc) or type(exc).__name__))
+
+    def on_events_arrived(self, message: EventsArrived) -> None:
+        self.views[message.run].apply(message.events)
+
+    def on_engine_finished(self, message: EngineFinished) -> None:
+        self.job_running = False
+        self.job_error, self.job_interrupted = message.error, message.interrupted
+        if message.interrupted and self.control is not None and self.control.stop_requested and getattr(self, "_quit_after_stop", False):
+            self.exit()
+        elif message.error:
+            self.notify(f"the run failed: {message.error}", severity="error", timeout=30)
+
+    @property
+    def views(self) -> list[RunView]:
+        return list(self.query(RunView))
+
+    def repaint(self) -> None:
+        for view in self.views:
+            if view.dirty:
+                view.repaint()
+        if len(self.run_dirs) > 1:
+            self.query_one("#compare", Static).update(self._comparison())
+
+    def _comparison(self) -> Text:
+        a, b = (view.state for view in self.views[:2])
+        text = Text("throughput: ", "bold")
+        text.append(f"{self.run_dirs[0].name} {a.iteration_rate:.2f} it/s · {self.run_dirs[1].name} {b.iteration_rate:.2f} it/s")
+        if a.iteration_rate and b.iteration_rate:
+            faster = max(a.iteration_rate, b.iteration_rate) / min(a.iteration_rate, b.iteration_rate)
+            winner = self.run_dirs[0].name if a.iteration_rate > b.iteration_rate else self.run_dirs[1].name
+            text.append(f"  →  {winner} is {faster:.2f}x faster per iteration", "bold green")
+        return text
+
+    # -- keys -----------------------------------------------------------------------------------
+    def action_quit_dashboard(self) -> None:
+        if not self.job_running:
+            self.exit()
+            return
+
+        def answered(stop: bool | None) -> None:
+            if stop:
+                self._quit_after_stop = True
+                self.control.request_stop()
+                self.notify("stopping after this iteration…")
+
+        self.push_screen(Confirm("Stop the run and quit? It saves a checkpoint; continue with --resume."), answered)
+
+    def action_pause(self) -> None:
+        if self.control is None or not self.job_running:
+            self.notify("pausing works for a run started in this process (smi invert --tui)", severity="warning")
+            return
+        if self.control.paused:
+            self.control.resume()
+            self.notify("resumed")
+        else:
+            self.control.pause()
+            self.notify("paused: p resumes")
+        self.sub_title = "PAUSED" if self.control.paused else ""
+
+    def action_screenshot(self) -> None:
+        path = self.run_dirs[0] / f"screenshot-{dt.datetime.now():%Y%m%d-%H%M%S}.svg"
+        write_bytes(path, self.export_screenshot().encode())
+        self.notify(f"saved {path}")
+
+    def action_stop_run(self) -> None:
+        def answered(stop: bool | None) -> None:
+            if not stop:
+                return
+            if self.control is not None:
+                self.control.request_stop()
+            else:
+                for run_dir in self.run_dirs:
+                    RunDir(run_dir).request("stop")
+            self.notify("asked the run to stop; it saves a checkpoint first")
+
+        self.push_screen(Confirm("Ask the run to stop cleanly?"), answered)
+
+    def action_keys(self) -> None:
+        self.push_screen(Keys())
+
+    def on_unmount(self) -> None:
+        for follower in self.followers:
+            follower.stop()

@@ -1,0 +1,45 @@
+"""Follows a growing events.jsonl in a thread: reads new bytes in chunks, keeps a half-written
+last line for later, and hands complete events to a callback."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from smi_engine.events import parse_lines
+
+CHUNK = 1 << 20
+POLL_SECONDS = 0.1
+
+
+class EventFollower(threading.Thread):
+    def __init__(self, path: Path, deliver: Callable[[list[dict[str, Any]]], None], poll: float = POLL_SECONDS):
+        super().__init__(daemon=True, name=f"follow {path}")
+        self.path, self.deliver, self.poll = path, deliver, poll
+        self.position = 0
+        self.tail = b""
+        self.stopped = threading.Event()
+
+    def read_new(self) -> list[dict[str, Any]]:
+        """Every complete event written since the last call."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.position)
+                data = handle.read(CHUNK)
+        except FileNotFoundError:
+            return []
+        self.position += len(data)
+        events, self.tail = parse_lines(self.tail + data)
+        return events
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            events = self.read_new()
+            if events:
+                self.deliver(events)
+            else:
+                self.stopped.wait(self.poll)
+
+    def stop(self) -> None:
+        self.stopped.set()

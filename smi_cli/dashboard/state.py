@@ -1,0 +1,192 @@
+"""What the dashboard knows about a run: every event folded into one plain object.
+
+No Textual here: the same folding serves live runs, finished runs and tests. Times come from
+the events themselves, so a recorded run always renders the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from smi_engine.schedule import block_flops
+
+SPEED_SMOOTHING = 0.2  # weight of the newest iteration in the throughput averages
+
+
+@dataclass
+class LossHistory:
+    """One series per loss term, indexed by the run's global step."""
+
+    series: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.series.setdefault(name, []).append(value)
+
+
+@dataclass
+class RunState:
+    kind: str = "invert"
+    model: str = "?"
+    device: str = "?"
+    schedule: str = ""
+    stops: list[tuple[int, float]] = field(default_factory=list)
+    iterations: int = 0
+    batches: int = 0
+    batch_size: int = 0
+    grid: tuple[int, int] = (0, 0)
+    num_patches: int = 0
+    prefix_tokens: int = 1
+    width: int = 0
+    world_size: int = 1
+    # progress
+    batch: int = 0
+    iteration: int = -1
+    batches_done: int = 0
+    open_batches: dict[int, int] = field(default_factory=dict)  # rank -> iterations done in its current batch
+    kept: int = 0
+    keep: list[list[int]] = field(default_factory=list)  # kept grid indices per image of the current batch
+    losses: LossHistory = field(default_factory=LossHistory)
+    # speed (per rank, summed for the header)
+    iterations_per_s: dict[int, float] = field(default_factory=dict)
+    images_per_s: dict[int, float] = field(default_factory=dict)
+    tokens_per_s: dict[int, float] = field(default_factory=dict)
+    dense_cost: float = 0.0  # cost-model FLOPs of the iterations done, had nothing been stopped
+    actual_cost: float = 0.0
+    started: float | None = None
+    latest: float | None = None
+    rss_mb: float | None = None
+    cuda_peak_mb: float | None = None
+    # outcome
+    preview: str | None = None  # path of the newest preview PNG, relative to the run directory
+    preview_version: int = 0
+    finished: bool = False
+    interrupted: str | None = None
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    # training runs (distill, teacher)
+    epoch: int = -1
+    epochs: int = 0
+    val_top1: list[float] = field(default_factory=list)
+    events: int = 0
+
+    # -- folding ----------------------------------------------------------------------------
+    def apply(self, event: dict[str, Any]) -> None:
+        self.events += 1
+        handler = getattr(self, f"_on_{event.get('event')}", None)
+        if event.get("time") is not None:
+            self.started = event["time"] if self.started is None else self.started
+            self.latest = event["time"]
+        if handler is not None:
+            handler(event)
+
+    def _on_run_start(self, e: dict) -> None:
+        self.kind = e.get("kind", self.kind)
+        self.model = e.get("model") or e.get("student") or self.model
+        self.device = e.get("device", self.device)
+        if self.kind == "invert":
+            self.schedule, self.stops = e["schedule"], [tuple(s) for s in e["stops"]]
+            self.iterations, self.batches, self.batch_size = e["iterations"], e["batches"], e["batch_size"]
+            self.grid, self.num_patches = tuple(e["grid"]), e["num_patches"]
+            self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
+            self.world_size = e.get("world_size", 1)
+            self.kept = self.num_patches
+        else:
+            self.epochs = e.get("epochs", 0)
+            if self.kind == "distill":
+                self.model = f"{e.get('teacher')} -> {e.get('student')}"
+        self.finished, self.error, self.interrupted = False, None, None
+
+    _on_run_resumed = _on_run_start
+
+    def _on_batch_start(self, e: dict) -> None:
+        self.batch, self.iteration = e["batch"], -1
+        if "iterations" in e:  # batches made on demand (distill --synthesize) carry their own shape
+            self.iterations, self.num_patches = e["iterations"], e.get("num_patches", self.num_patches)
+        self.kept = self.num_patches
+        self.keep = []
+
+    def _on_batch_resumed(self, e: dict) -> None:
+        self.batch, self.iteration = e["batch"], e["iteration"] - 1
+
+    def _on_iteration(self, e: dict) -> None:
+        rank = e.get("rank", 0)
+        self.batch, self.iteration, self.kept = e["batch"], e["iteration"], e["kept"]
+        self.open_batches[rank] = e["iteration"] + 1
+        self.losses.add(e["losses"])
+        rate = 1.0 / max(e["seconds"], 1e-9)
+        for store, value in ((self.iterations_per_s, rate), (self.images_per_s, e["images_per_s"]),
+                             (self.tokens_per_s, e["tokens_per_s"])):
+            store[rank] = value if rank not in store else (1 - SPEED_SMOOTHING) * store[rank] + SPEED_SMOOTHING * value
+        if self.width:
+            self.dense_cost += block_flops(self.num_patches + self.prefix_tokens, self.width)
+            self.actual_cost += block_flops(e["tokens"], self.width)
+        self.rss_mb = e.get("rss_mb", self.rss_mb)
+        self.cuda_peak_mb = e.get("cuda_peak_mb", self.cuda_peak_mb)
+
+    def _on_stop(self, e: dict) -> None:
+        self.batch, self.kept, self.keep = e["batch"], e["kept"], e["kept_indices"]
+
+    def _on_preview(self, e: dict) -> None:
+        self.preview, self.preview_version = e["path"], self.preview_version + 1
+
+    def _on_batch_end(self, e: dict) -> None:
+        self.batches_done += 1
+        self.open_batches.pop(e.get("rank", 0), None)
+
+    def _on_epoch_end(self, e: dict) -> None:
+        self.epoch, self.epochs = e["epoch"], e["epochs"]
+        self.losses.add({k: e[k] for k in ("kt_loss", "train_loss") if k in e})
+        self.val_top1.append(e["val_top1"])
+
+    def _on_run_end(self, e: dict) -> None:
+        self.finished, self.summary = True, e.get("summary", {})
+
+    def _on_run_interrupted(self, e: dict) -> None:
+        self.interrupted = e.get("message", "interrupted")
+
+    def _on_run_error(self, e: dict) -> None:
+        self.error = e.get("message", "failed")
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def total_iterations(self) -> int:
+        return self.iterations * max(self.batches, 1)
+
+    @property
+    def done_iterations(self) -> int:
+        return self.batches_done * self.iterations + sum(self.open_batches.values())
+
+    @property
+    def iteration_rate(self) -> float:
+        return sum(self.iterations_per_s.values())
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if self.finished or not self.iteration_rate or not self.total_iterations:
+            return None
+        return max(self.total_iterations - self.done_iterations, 0) / self.iteration_rate
+
+    @property
+    def elapsed(self) -> float:
+        return 0.0 if self.started is None or self.latest is None else self.latest - self.started
+
+    @property
+    def speedup_so_far(self) -> float | None:
+        """How much faster than the same iterations without stopping (cost model)."""
+        return self.dense_cost / self.actual_cost if self.actual_cost else None
+
+    @property
+    def speedup_now(self) -> float | None:
+        if not self.width or not self.kept:
+            return None
+        return block_flops(self.num_patches + self.prefix_tokens, self.width) / block_flops(self.kept + self.prefix_tokens, self.width)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "failed"
+        if self.interrupted:
+            return "interrupted"
+        return "finished" if self.finished else "running"

@@ -1,0 +1,266 @@
+"""The dashboard: state folding, the Textual app driven by Pilot, snapshots, a real terminal."""
+
+import asyncio
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from smi_cli.dashboard.app import Confirm, Dashboard, Keys
+from smi_cli.dashboard.state import RunState
+from smi_cli.dashboard.widgets import LossChart, PatchRetention, Preview, Problem, RunHeader, Throughput, Training
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.events import read_events
+from smi_engine.rundir import RunDir
+
+from .conftest import TINY_MODEL_ARGS, smi
+
+RECORDED = Path(__file__).parent / "data" / "recorded-sparse"
+SIZE = (140, 44)
+
+
+def plain(widget) -> str:
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(widget.content)
+    return console.export_text()
+
+
+@pytest.fixture
+def recorded(tmp_path) -> Path:
+    target = tmp_path / "recorded-sparse"
+    shutil.copytree(RECORDED, target)
+    return target
+
+
+def run_app(app: Dashboard, steps, size=SIZE):
+    """Run the app headless; ``steps(app, pilot)`` is an async function of the test."""
+
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause(0.2)
+            await steps(app, pilot)
+
+    asyncio.run(main())
+
+
+def test_state_folds_the_recorded_run():
+    state = RunState()
+    kept_after_stops = []
+    for event in read_events(RECORDED / "events.jsonl"):
+        state.apply(event)
+        if event["event"] == "stop":
+            kept_after_stops.append((state.batch, state.kept, len(state.keep), len(state.keep[0])))
+    assert kept_after_stops == [(0, 44, 4, 44), (0, 22, 4, 22), (1, 44, 4, 44), (1, 22, 4, 22)]
+    assert state.finished and state.status == "finished" and state.batches_done == 2
+    assert state.done_iterations == state.total_iterations == 24
+    assert len(state.losses.series["deepinversion.ce"]) == 24
+    assert state.speedup_so_far > 1.0 and state.speedup_now > state.speedup_so_far
+    assert state.preview == "previews/batch-00001-it00012.png"
+
+
+def test_dashboard_follows_a_growing_file_with_a_half_written_line(recorded):
+    events = (recorded / "events.jsonl").read_text().splitlines(keepends=True)
+    first_stop = next(i for i, line in enumerate(events) if '"event":"stop"' in line)
+    second_stop = next(i for i, line in enumerate(events) if i > first_stop and '"event":"stop"' in line)
+    (recorded / "events.jsonl").write_text("".join(events[: first_stop + 1]))
+
+    async def steps(app, pilot):
+        retention = app.query_one(PatchRetention)
+        assert "44/64 patches kept (69%) in batch 1" in plain(retention)
+        assert "running".upper() in plain(app.query_one(RunHeader))
+        with open(recorded / "events.jsonl", "a") as handle:
+            handle.write("".join(events[first_stop + 1 : second_stop + 1]))
+            handle.write(events[second_stop + 1][:25])  # half a line: the writer is mid-way
+        await pilot.pause(0.5)
+        assert "22/64 patches kept (34%)" in plain(retention)
+        seen = app.views[0].state.events
+        with open(recorded / "events.jsonl", "a") as handle:
+            handle.write(events[second_stop + 1][25:] + "".join(events[second_stop + 2 :]))
+        await pilot.pause(0.5)
+        state = app.views[0].state
+        assert state.events == len(events) and state.events > seen
+        assert "FINISHED" in plain(app.query_one(RunHeader))
+        assert "ETA" in plain(app.query_one(Throughput)) and "done" in plain(app.query_one(Throughput))
+        assert "deepinversion.ce" in plain(app.query_one(LossChart))
+
+    run_app(Dashboard([recorded], ["invert"]), steps)
+
+
+def test_keys_screenshot_stop_request_help_and_quit(recorded):
+    async def steps(app, pilot):
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, Keys)
+        await pilot.press("escape")
+        await pilot.press("s")
+        await pilot.pause(0.1)
+        shots = list(recorded.glob("screenshot-*.svg"))
+        assert len(shots) == 1 and "retention" in shots[0].read_text()  # SVG text: spaces are &#160;
+        await pilot.press("x")
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("y")
+        assert RunDir(recorded).pending_request() == "stop"
+        await pilot.press("p")  # nothing to pause in a watched run: it says so and carries on
+        await pilot.press("q")
+        await pilot.pause(0.1)
+        assert not app.is_running
+
+    run_app(Dashboard([recorded], ["invert"], follow=False), steps)
+
+
+def test_a_failed_run_shows_its_error(recorded):
+    with open(recorded / "events.jsonl", "a") as handle:
+        handle.write(json.dumps({"event": "run_error", "time": 1.0, "rank": 0, "message": "CUDA out of memory"}) + "\n")
+
+    async def steps(app, pilot):
+        problem = app.query_one(Problem)
+        assert problem.display and "the run failed: CUDA out of memory" in plain(problem)
+        assert "FAILED" in plain(app.query_one(RunHeader))
+
+    run_app(Dashboard([recorded], ["invert"], follow=False), steps)
+
+
+def test_two_runs_side_by_side_compare_throughput(recorded, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(recorded, other)
+    lines = []
+    for event in read_events(other / "events.jsonl"):  # the same run, twice as slow per iteration
+        if event["event"] == "iteration":
+            event["seconds"] *= 2
+        lines.append(json.dumps(event))
+    (other / "events.jsonl").write_text("\n".join(lines) + "\n")
+
+    async def steps(app, pilot):
+        assert len(app.views) == 2
+        text = plain(app.query_one("#compare"))
+        assert "recorded-sparse is 2.00x faster per iteration" in text
+
+    run_app(Dashboard([recorded, other], ["invert", "invert"], follow=False), steps)
+
+
+def test_distill_runs_show_epochs_and_validation(tmp_path):
+    run = tmp_path / "kt"
+    RunDir(run).create({"config": {}}, "distill")
+    events = [{"event": "run_start", "time": 0.0, "rank": 0, "kind": "distill", "teacher": "t", "student": "s", "epochs": 3, "device": "cpu"}]
+    events += [{"event": "epoch_end", "time": float(i), "rank": 0, "epoch": i, "epochs": 3, "kt_loss": 2.0 / (i + 1),
+                "val_top1": 40.0 + 10 * i, "val_top5": 90.0, "best_top1": 40.0 + 10 * i} for i in range(3)]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    async def steps(app, pilot):
+        training = plain(app.query_one(Training))
+        assert "epoch 3/3" in training and "validation top-1 60.00% (best 60.00%)" in training
+        assert "kt_loss" in plain(app.query_one(LossChart))
+        assert "t -> s" in plain(app.query_one(RunHeader))
+
+    run_app(Dashboard([run], ["distill"], follow=False), steps)
+
+
+def test_in_process_pause_and_quit_asks_before_stopping(recorded):
+    control = RunControl()
+
+    def job():  # stands in for the engine: runs until asked to stop, honouring pauses
+        while not control.should_stop():
+            time.sleep(0.01)
+        raise RunInterrupted("stopped", 0, 3)
+
+    async def steps(app, pilot):
+        await pilot.press("p")
+        assert control.paused and app.sub_title == "PAUSED"
+        await pilot.press("p")
+        assert not control.paused
+        await pilot.press("q")
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("n")
+        assert app.job_running and not control.stop_requested
+        await pilot.press("q")
+        await pilot.press("y")
+        await pilot.pause(0.5)
+        assert control.stop_requested and app.job_interrupted
+
+    run_app(Dashboard([recorded], ["invert"], control=control, job=job, follow=False), steps)
+
+
+def test_main_screen_snapshot(snap_compare, recorded):
+    assert snap_compare(Dashboard([recorded], ["invert"], follow=False), terminal_size=SIZE)
+
+
+def test_side_by_side_snapshot(snap_compare, recorded, tmp_path):
+    dense = tmp_path / "dense-copy"
+    shutil.copytree(recorded, dense)
+    assert snap_compare(Dashboard([recorded, dense], ["invert", "invert"], follow=False), terminal_size=SIZE)
+
+
+def test_watch_refuses_missing_and_foreign_folders(tmp_path):
+    proc = smi("watch", tmp_path / "nope")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "photos").mkdir()
+    proc = smi("watch", tmp_path / "photos")
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def test_watch_stop_writes_the_control_file(recorded):
+    proc = smi("watch", recorded, "--stop", check=True)
+    assert "asked" in proc.stdout and RunDir(recorded).pending_request() == "stop"
+
+
+ANSI = re.compile(r"\x1b(\[[0-9;?<>=$]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[()][0-9A-Za-z]|[=>78])")
+
+
+def _read_screen(fd: int, until: float, wanted: str) -> str:
+    """What the terminal was sent until ``wanted`` shows up (or time runs out), as plain text."""
+    raw, text = b"", ""
+    while time.time() < until and wanted not in text:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                raw += os.read(fd, 65536)
+            except OSError:
+                break
+            text = ANSI.sub("", raw.decode("utf-8", "ignore"))
+    return text
+
+
+@pytest.mark.slow
+def test_smi_invert_tui_in_a_real_terminal(tmp_path):
+    """The dashboard in a pseudo-terminal: it draws, q asks, y stops the run with a checkpoint."""
+    out = tmp_path / "run"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 140, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smi_cli", "invert", "--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS,
+         "--mean", "0.5", "--std", "0.5", "--iterations", "100000", "--batch-size", "2", "--schedule", "3:0.5",
+         "--device", "cpu", "--out", str(out), "--tui"],
+        stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "44"},
+        close_fds=True,
+    )
+    os.close(slave)
+    try:
+        screen = _read_screen(master, time.time() + 60, "Throughput")
+        assert "Patch retention" in screen and "Throughput" in screen and "Loss" in screen
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(e["event"] == "stop" for e in read_events(out / "events.jsonl")):
+            _read_screen(master, time.time() + 0.2, "\0")
+        assert "32/64" in _read_screen(master, time.time() + 20, "32/64")  # the stop reached the screen
+        os.write(master, b"q")
+        assert "Stop the run" in _read_screen(master, time.time() + 20, "Stop the run")
+        os.write(master, b"y")
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            _read_screen(master, time.time() + 0.2, "\0")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert proc.returncode == 130
+    assert (out / "checkpoint.pt").is_file() and read_events(out / "events.jsonl")[-1]["event"] == "run_interrupted"
