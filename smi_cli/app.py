@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import version
 
@@ -48,13 +49,15 @@ def _register_plugin_commands() -> None:
 
 
 def main() -> None:
+    # Under torchrun every rank speaks: say which one.
+    rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         _register_plugin_commands()
         app()
     except SmiError as exc:
-        fail(escape(str(exc)))
+        fail(rank + escape(str(exc)))
     except KeyboardInterrupt:
-        fail("interrupted", code=130)
+        fail(rank + "interrupted", code=130)
 
 
 if __name__ == "__main__":

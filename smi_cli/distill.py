@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,7 +14,7 @@ from smi_cli.console import fail, print_json, stderr
 from smi_cli.progress import InversionProgress
 from smi_cli.signals import stop_on_signals
 from smi_engine.control import RunControl, RunInterrupted
-from smi_engine.device import resolve_device
+from smi_engine import distributed
 from smi_engine.errors import SmiError
 from smi_engine.invert import InversionConfig
 from smi_engine.losses import LossSpec, attach_options
@@ -76,19 +77,22 @@ def distill(
                                                 seed=seed).to_dict()
     elif not pool:
         raise SmiError("no synthetic data: pass --pool RUN_DIR (repeatable) or --synthesize")
-    out = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-distill"
-    control = RunControl(RunDir(out))
-    sinks = [] if quiet else [_EpochLog()]
-    task = get_registry().get("tasks", "kt").factory()
+    placement, torch_device = distributed.start(device)
     try:
-        with stop_on_signals(control, stderr):
-            if quiet or not synthesize:
-                summary = task.run(options, TaskContext(resolve_device(device), out, sinks, control))
-            else:
-                with InversionProgress(stderr, label="synthesising") as progress:
-                    summary = task.run(options, TaskContext(resolve_device(device), out, sinks + [progress], control))
+        out = out or placement.agree(Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-distill")
+        control = RunControl(RunDir(out))
+        quiet = quiet or not placement.is_main
+        progress = None if quiet or not synthesize else InversionProgress(stderr, label="synthesising")
+        sinks = [] if quiet else [_EpochLog()] + ([progress] if progress else [])
+        task = get_registry().get("tasks", "kt").factory()
+        with stop_on_signals(control, stderr), progress or contextlib.nullcontext():
+            summary = task.run(options, TaskContext(torch_device, out, sinks, control, placement))
     except RunInterrupted as exc:
         fail(f"{exc}; the best student so far is in {out / 'student'}", code=130)
+    finally:
+        distributed.finish()
+    if not placement.is_main:
+        return
     if json_output:
         print_json(summary)
     elif not quiet:

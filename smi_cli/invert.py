@@ -12,6 +12,7 @@ from smi_cli import options as o
 from smi_cli.console import fail, print_json, stderr
 from smi_cli.progress import InversionProgress
 from smi_cli.signals import stop_on_signals
+from smi_engine import distributed
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
 from smi_engine.invert import InversionConfig
@@ -71,27 +72,34 @@ def invert(
             checkpoint_every=checkpoint_every, sinks=list(sink or []),
         )
         config.validate()
-        out = out or default_out_dir(config)
-    control = RunControl(RunDir(out))
+    placement, torch_device = distributed.start(device)
+    if tui and placement.distributed:
+        raise SmiError("--tui runs in one process: under torchrun, open `smi watch RUN_DIR` in another terminal")
     try:
+        out = out or placement.agree(default_out_dir(config))
+        control = RunControl(RunDir(out))
+        quiet = quiet or not placement.is_main  # one progress display and one summary per job
         if tui:
-            summary = _run_with_dashboard(config, out, resume, device, control)
+            summary = _run_with_dashboard(config, out, resume, torch_device, control)
         else:
             with stop_on_signals(control, stderr):
                 progress = None if quiet else InversionProgress(stderr)
                 sinks = [] if quiet else [warn_random_weights, progress]
-                run = InversionRun.prepare(config, out, resume=resume, device=device, sinks=sinks, control=control)
+                run = InversionRun.prepare(config, out, resume=resume, device=torch_device, sinks=sinks,
+                                           control=control, placement=placement)
                 with progress or contextlib.nullcontext():
                     summary = run.run()
     except RunInterrupted as exc:
         fail(f"{exc}; continue with: smi invert --resume --out {out}", code=130)
-    if json_output:
+    finally:
+        distributed.finish()
+    if json_output and placement.is_main:
         print_json(summary)
     elif not quiet:
         print_summary(summary)
 
 
-def _run_with_dashboard(config, out: Path, resume: bool, device: str, control: RunControl) -> dict:
+def _run_with_dashboard(config, out: Path, resume: bool, device, control: RunControl) -> dict:
     """The job in a worker thread, the dashboard in front; bad requests fail before it opens."""
     from smi_cli.dashboard.app import Dashboard
 

@@ -54,6 +54,6 @@ class RunControl:
         return self._stop.is_set()
 
     def _poll_file(self) -> None:
+        # The request stays in place until the run is prepared again: every rank must see it.
         if self.run_dir is not None and self.run_dir.control.exists() and self.run_dir.pending_request() == "stop":
-            self.run_dir.clear_request()
             self.request_stop()

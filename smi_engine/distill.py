@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from smi_engine.calibration import Batch, ModelFeeder, pool_normalizer
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.data import ModelInput, load_data, loader
+from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
 from smi_engine.events import EventBus, EventSink, JsonlSink
@@ -92,36 +96,50 @@ def prepare_student(spec: ModelSpec, num_classes: int, linear_probe: bool, devic
     return student
 
 
+class _Fed(nn.Module):
+    """The student behind its feeder, as one module, so DistributedDataParallel sees every
+    forward (sparse-token ones included)."""
+
+    def __init__(self, feeder: ModelFeeder):
+        super().__init__()
+        self.model, self.feeder = feeder.model, feeder
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None, source: Normalizer) -> torch.Tensor:
+        return self.feeder(Batch(images, keep), source)
+
+
 class _Synthesis:
     """Fresh synthetic batches from the teacher, written to the run's pool as they are made.
     Losses that compete with a student (DeepInversion's ``adv``) get the one being trained."""
 
     def __init__(self, config: InversionConfig, teacher: LoadedModel, student: LoadedModel, device, bus: EventBus,
-                 run_dir: RunDir, control):
+                 run_dir: RunDir, control, placement: Placement):
         self.inverter = Inverter(config, teacher, build_losses(config.losses), device, bus, run_dir, control)
         for _, loss in self.inverter.losses:
             if hasattr(loss, "use_student"):
                 loss.use_student(student.model, student.normalizer)
-        self.student, self.run_dir, self.next_batch = student.model, run_dir, 0
+        self.student, self.run_dir, self.placement, self.made = student.model, run_dir, placement, 0
 
     def batch(self) -> Pool:
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         mode = self.student.training
         self.student.eval().requires_grad_(False)  # inversion needs no gradients of the student's weights
+        batch = self.made * self.placement.world_size + self.placement.rank  # every rank its own batches
         try:
-            result = self.inverter.invert_batch(self.next_batch)
+            result = self.inverter.invert_batch(batch)
         finally:
             for p in trainable:
                 p.requires_grad_(True)
             self.student.train(mode)
-        write_shard(self.run_dir.pool, self.next_batch, self.inverter.bus.rank, result.images, result.labels, result.keep,
-                    {"batch": str(self.next_batch)})
-        self.next_batch += 1
+        write_shard(self.run_dir.pool, batch, self.placement.rank, result.images, result.labels, result.keep, {"batch": str(batch)})
+        self.made += 1
         return Pool(result.images, result.labels, result.keep)
 
 
 def run_distillation(config: DistillConfig, out: Path, device: torch.device, sinks: list[EventSink] = (),
-                     control: RunControl | None = None) -> dict[str, Any]:
+                     control: RunControl | None = None, placement: Placement = Placement()) -> dict[str, Any]:
+    """Train the student; under torchrun, DistributedDataParallel over the synthetic data (each
+    rank its own minibatches and its own fresh batches), validated and saved by rank 0."""
     config.validate()
     teacher = load_model(config.teacher, device)
     splits = load_data(config.data)
@@ -136,12 +154,15 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     if config.synthesize is not None:
         synthesis_config = replace(config.synthesize, model=teacher.spec, checkpoint_every=0)
         synthesis_config.validate()
-    run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds")}, RUN_KIND)
-    bus = EventBus(list(sinks))
+    if placement.is_main:
+        run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
+                        "world_size": placement.world_size}, RUN_KIND)
+    placement.barrier()
+    bus = EventBus(list(sinks), rank=placement.rank)
     bus.subscribe(JsonlSink(run_dir.events))
     try:
-        synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control)
-        return _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control)
+        synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control, placement)
+        return _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement)
     except RunInterrupted as exc:
         bus.emit("run_interrupted", message=str(exc), batch=exc.batch, iteration=exc.iteration)
         raise
@@ -152,12 +173,16 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
         bus.close()
 
 
-def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control) -> dict[str, Any]:
+def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement) -> dict[str, Any]:
     bus.emit("run_start", kind=RUN_KIND, teacher=config.teacher.name, student=config.student.name, epochs=config.epochs,
-             device=str(device), data=config.data, synthesize=synthesis is not None,
+             device=str(device), data=config.data, synthesize=synthesis is not None, world_size=placement.world_size,
              pool_images=sum(len(p) for p, _ in fixed))
     teacher_feed = ModelFeeder(teacher.model, teacher.normalizer)
-    student_feed = ModelFeeder(student.model, student.normalizer)
+    student_forward = _Fed(ModelFeeder(student.model, student.normalizer))
+    if placement.distributed:
+        # The class token's gradient arrives as a strided view; DDP warns, harmlessly, on every step.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        student_forward = DistributedDataParallel(student_forward, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in student.model.parameters() if p.requires_grad]
     optimizer = (torch.optim.SGD(trainable, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
                  if config.optimizer == "sgd" else torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay))
@@ -173,13 +198,13 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
         sources = fixed + [(p, teacher.normalizer) for p in synthesized]
         student.model.train(not config.linear_probe)
         total, seen, step = 0.0, 0, 0
-        for batch, source in _batches(sources, config.batch_size, config.flip, generator):
+        for batch, source in _batches(sources, config.batch_size, config.flip, generator, placement):
             if control.should_stop():
                 raise RunInterrupted(f"stopped in epoch {epoch}", epoch, step)
             batch.images = batch.images.to(device)
             with torch.no_grad():
                 target = teacher_feed(batch, source)
-            loss = kd_loss(student_feed(batch, source), target, config.temperature)
+            loss = kd_loss(student_forward(batch.images, batch.keep, source), target, config.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -188,6 +213,9 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
             bus.emit("train_step", epoch=epoch, step=step, loss=float(loss.detach()))
             step += 1
         scheduler.step()
+        total, seen = placement.sum([total, seen])
+        if not placement.is_main:  # rank 0 validates, keeps the best student and reports
+            continue
         student.model.eval()
         metrics = evaluate(student.model, val, device, config.limit)
         if metrics["top1"] > best:
@@ -195,14 +223,18 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
             save_model(run_dir.path / "student", student, {"distilled_from": config.teacher.name, "data": config.data,
                                                           "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
         record = {"epoch": epoch, "epochs": config.epochs, "kt_loss": total / max(seen, 1), "val_top1": metrics["top1"],
-                  "val_top5": metrics["top5"], "best_top1": best, "images": seen,
+                  "val_top5": metrics["top5"], "best_top1": best, "images": int(seen),
                   "seconds": time.perf_counter() - epoch_started}
         history.append(record)
         bus.emit("epoch_end", **record)
+    synthesized_images = int(placement.sum([sum(len(p) for p in synthesized)])[0])  # every rank takes part
+    if not placement.is_main:
+        return {}
     summary = {
         "teacher": config.teacher.name, "student": config.student.name, "data": config.data,
         "best_top1": best, "final_top1": history[-1]["val_top1"], "final_top5": history[-1]["val_top5"],
-        "epochs": config.epochs, "synthetic_images": sum(len(p) for p, _ in fixed) + sum(len(p) for p in synthesized),
+        "epochs": config.epochs, "world_size": placement.world_size,
+        "synthetic_images": sum(len(p) for p, _ in fixed) + synthesized_images,
         "seconds": time.perf_counter() - started, "student_dir": str(run_dir.path / "student"), "history": history,
         "run_dir": str(run_dir.path),
     }
@@ -211,14 +243,18 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
     return summary
 
 
-def _batches(sources: list[tuple[Pool, Normalizer]], batch_size: int, flip: bool, generator: torch.Generator):
+def _batches(sources: list[tuple[Pool, Normalizer]], batch_size: int, flip: bool, generator: torch.Generator,
+             placement: Placement):
     """Shuffled minibatches over every pool (each batch from one pool), random flips applied to
-    image and keep mask alike so teacher and student see the same input."""
+    image and keep mask alike so teacher and student see the same input. Under torchrun each
+    rank takes an equal share (DistributedDataParallel needs the same number of steps)."""
     chunks = []
     for index, (pool, _) in enumerate(sources):
         order = torch.randperm(len(pool), generator=generator)
         chunks += [(index, order[i : i + batch_size]) for i in range(0, len(pool), batch_size)]
-    for position in torch.randperm(len(chunks), generator=generator).tolist():
+    order = torch.randperm(len(chunks), generator=generator).tolist()
+    order = (order * placement.world_size)[: max(len(order) // placement.world_size, 1) * placement.world_size]
+    for position in order[placement.rank :: placement.world_size]:
         index, rows = chunks[position]
         pool, source = sources[index]
         images, keep = pool.images[rows], pool.keep[rows]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,6 +20,7 @@ from safetensors import safe_open
 
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.device import resolve_device
+from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink
 from smi_engine.files import write_json
@@ -31,17 +33,6 @@ from smi_engine.rundir import RunDir
 from smi_engine.schedule import speedup_bound
 
 RUN_KIND = "invert"
-
-
-@dataclass
-class Placement:
-    """Which share of the batches this process inverts (one process per rank under torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def owns(self, batch: int) -> bool:
-        return batch % self.world_size == self.rank
 
 
 def build_losses(specs: Iterable[LossSpec]) -> list[tuple[LossSpec, Any]]:
@@ -85,23 +76,27 @@ class InversionRun:
 
     @classmethod
     def prepare(
-        cls, config: InversionConfig | None, out: str | Path, *, resume: bool = False, device: str = "auto",
+        cls, config: InversionConfig | None, out: str | Path, *, resume: bool = False, device: str | torch.device = "auto",
         sinks: Iterable[EventSink] = (), control: RunControl | None = None, placement: Placement = Placement(),
     ) -> "InversionRun":
         run_dir = RunDir(Path(out))
         if resume:
             config = InversionConfig.from_dict(run_dir.open_existing(RUN_KIND)["config"])
+            placement.barrier()  # every rank has read the old state before rank 0 clears the stop request
         elif config is None:
             raise SmiError("nothing to run: give a configuration or --resume")
-        torch_device = resolve_device(device)
+        torch_device = device if isinstance(device, torch.device) else resolve_device(device)
         loaded = load_model(config.model, torch_device)
         bus = EventBus(sinks, rank=placement.rank)
         inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir,
                             control or RunControl(run_dir))
         plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
-        if not resume and placement.rank == 0:
+        if not resume and placement.is_main:
             run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
-                            "versions": _versions()}, RUN_KIND)
+                            "versions": _versions(), "world_size": placement.world_size}, RUN_KIND)
+        if resume and placement.is_main:
+            run_dir.clear_request()  # the stop that ended the previous attempt
+        placement.barrier()  # the other ranks write into the directory rank 0 claimed
         run_dir.pool.mkdir(parents=True, exist_ok=True)
         bus.subscribe(JsonlSink(run_dir.events))
         for sink in plugin_sinks:
@@ -129,13 +124,14 @@ def run_inversion(config: InversionConfig | None, out: str | Path, **options: An
 
 
 def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, placement: Placement, resume: bool):
+    started = time.perf_counter()
     grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
     kept = schedule.kept_patches(grid.num_patches)
     done = shard_batches(run_dir.pool)
     pending = [b for b in range(config.batches) if b not in done and placement.owns(b)]
     bus.emit(
         "run_resumed" if resume else "run_start",
-        kind=RUN_KIND, model=config.model.name, model_has_weights=config.model.has_weights,
+        kind=RUN_KIND, pid=os.getpid(), model=config.model.name, model_has_weights=config.model.has_weights,
         device=str(device), schedule=str(schedule),
         stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
         batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],
@@ -157,12 +153,20 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
         bus.emit("batch_end", batch=batch, seconds=result.seconds, shard=str(shard.relative_to(run_dir.path)),
                  kept=int(result.keep[0].sum()), best_loss=result.best_loss,
                  teacher_accuracy=result.teacher_accuracy, losses=result.losses)
-    if placement.rank != 0:
+    if not placement.is_main:
         return {}
-    summary = summarise(config, run_dir, inverter)
+    _wait_for_shards(run_dir, config.batches)
+    summary = {**summarise(config, run_dir, inverter), "wall_seconds": time.perf_counter() - started,
+               "world_size": placement.world_size}
     write_json(run_dir.summary, summary)
     bus.emit("run_end", summary=summary)
     return summary
+
+
+def _wait_for_shards(run_dir: RunDir, batches: int, poll: float = 1.0) -> None:
+    """Rank 0 waits for the other ranks' shards (torchrun ends the job if a rank dies)."""
+    while len(shard_batches(run_dir.pool)) < batches:
+        time.sleep(poll)
 
 
 def _shard_metadata(config: InversionConfig, result: BatchResult, rank: int) -> dict[str, str]:

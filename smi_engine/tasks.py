@@ -9,13 +9,14 @@ given; ``smi quantize`` and ``smi distill`` fill them from their typed flags). T
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from smi_engine.control import RunControl
+from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.events import EventBus, EventSink
 from smi_engine.models import ModelSpec
@@ -27,6 +28,7 @@ class TaskContext:
     out: Path | None = None
     sinks: list[EventSink] | None = None
     control: RunControl | None = None
+    placement: Placement = field(default_factory=Placement)
 
     def bus(self) -> EventBus:
         return EventBus(self.sinks or [])

@@ -54,7 +54,7 @@ class KnowledgeTransferTask:
         if context.out is None:
             require(options, "out")
         out = context.out or Path(options["out"])
-        return run_distillation(config, out, context.device, context.sinks or [], context.control)
+        return run_distillation(config, out, context.device, context.sinks or [], context.control, context.placement)
 
 
 @hookimpl

@@ -108,8 +108,9 @@ def test_control_file_stops_a_run(tmp_path):
 
     with pytest.raises(RunInterrupted):
         run_inversion(_config(batches=1), out, device="cpu", sinks=[request_stop], control=RunControl(run_dir))
-    assert not run_dir.control.exists()  # the request was consumed
-    assert run_dir.checkpoint().is_file()
+    assert run_dir.checkpoint().is_file() and run_dir.pending_request() == "stop"
+    run_inversion(None, out, resume=True, device="cpu")  # resuming clears the old request
+    assert not run_dir.control.exists() and run_dir.is_finished
 
 
 def test_finished_and_unfinished_runs_are_never_overwritten(tmp_path):

@@ -1,0 +1,82 @@
+"""One process per device under ``torchrun``: which rank this is, and the few collective steps
+the runs need (a barrier, agreeing on a value, summing counts).
+
+Outside torchrun everything here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from smi_engine.device import resolve_device
+from smi_engine.errors import SmiError
+
+TIMEOUT = dt.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This process's share of a job: rank ``rank`` of ``world_size``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, batch: int) -> bool:
+        return batch % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def start(device: str = "auto") -> tuple[Placement, torch.device]:
+    """This process's placement (from torchrun's environment) and device; joins the process
+    group when there are several ranks (NCCL on GPUs, gloo on CPUs)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Placement(), resolve_device(device)
+    placement = Placement(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        if placement.local_rank >= torch.cuda.device_count():
+            raise SmiError(f"rank {placement.rank} has local rank {placement.local_rank} but only "
+                           f"{torch.cuda.device_count()} GPUs are visible: lower --nproc-per-node")
+        torch_device = torch.device("cuda", placement.local_rank)
+        torch.cuda.set_device(torch_device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return placement, torch_device
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,88 @@
+"""The model and data commands (teacher train, eval, data), the demo and the benchmark."""
+
+import json
+
+import pytest
+
+from smi_engine.bench import BenchConfig, run_benchmark
+from smi_engine.schedule import Schedule, speedup_bound
+
+from .conftest import FASHION_MNIST, assert_one_line_error, read_events, smi
+
+DIGITS_MODEL = ("--model", "vit_tiny_patch16_224", "--model-args",
+                "img_size=16,patch_size=4,depth=1,in_chans=1,embed_dim=32,num_heads=2", "--mean", "0.5", "--std", "0.5")
+
+
+def test_teacher_train_then_eval_and_invert_with_teacher_dir(tmp_path):
+    folder = tmp_path / "teacher"
+    proc = smi("teacher", "train", "--data", "digits", *DIGITS_MODEL, "--epochs", "2", "--batch-size", "64", "--lr", "3e-3",
+               "--no-flip", "--out", folder, "--json", "--device", "cpu", check=True)
+    result = json.loads(proc.stdout)
+    assert result["epochs"] == 2 and len(result["history"]) == 2 and 0 <= result["top1"] <= 100
+    card = json.loads((folder / "smi-model.json").read_text())
+    assert card["classes"] == [str(d) for d in range(10)] and card["model_args"]["num_classes"] == 10
+    assert card["input_size"] == [1, 16, 16] and card["accuracy"]["top1"] == result["top1"]
+    assert [e["epoch"] for e in read_events(folder) if e["event"] == "epoch_end"] == [0, 1]
+    evaluated = json.loads(smi("eval", "--teacher", folder, "--data", "digits", "--json", "--device", "cpu", check=True).stdout)
+    assert evaluated["top1"] == pytest.approx(result["top1"])
+    run = tmp_path / "run"
+    smi("invert", "--teacher", folder, "--iterations", "3", "--batch-size", "2", "--out", run, "--device", "cpu", check=True)
+    assert json.loads((run / "config.json").read_text())["config"]["model"]["checkpoint"] == str(folder / "model.safetensors")
+
+
+def test_teacher_training_learns(digits_teacher):
+    """The session's teacher: 10 epochs of a tiny ViT on digits."""
+    assert json.loads((digits_teacher / "smi-model.json").read_text())["accuracy"]["top1"] > 80
+
+
+def test_teacher_conflicting_model_options(tmp_path, digits_teacher):
+    assert_one_line_error(smi("invert", "--teacher", digits_teacher, "--model", "deit_tiny_patch16_224", "--out", tmp_path / "r"),
+                          "--teacher already names the model")
+    assert_one_line_error(smi("invert", "--teacher", tmp_path, "--out", tmp_path / "r"), "not a model folder")
+    assert_one_line_error(smi("eval", "--data", "digits"), "no model given")
+
+
+def test_eval_on_mismatched_classes_and_missing_data(tmp_path, digits_teacher):
+    assert_one_line_error(smi("teacher", "train", "--data", "mnist", *DIGITS_MODEL, "--out", tmp_path / "t"), "unknown --data 'mnist'")
+    assert_one_line_error(smi("eval", "--teacher", digits_teacher, "--data", f"cifar10:{tmp_path}"), "smi data fetch cifar10")
+    assert not (tmp_path / "t").exists()
+
+
+def test_data_info(tmp_path):
+    info = json.loads(smi("data", "info", "digits", "--json", check=True).stdout)
+    assert info["train"] + info["val"] == 1797 and info["image_shape"] == [1, 8, 8]
+    assert_one_line_error(smi("data", "fetch", "imagenet", tmp_path), "cannot fetch 'imagenet'")
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_data_info_fashion_mnist():
+    info = json.loads(smi("data", "info", "fashion-mnist", "--json", check=True).stdout)
+    assert (info["train"], info["val"], info["image_shape"]) == (60000, 10000, [1, 28, 28])
+
+
+def test_benchmark_reports_per_stage_speed_and_the_bound():
+    config = BenchConfig(model="vit_tiny_patch16_224", model_args={"img_size": 32, "patch_size": 4, "depth": 2},
+                         batch_size=2, iterations=12, schedule="2:0.5,4:0.5")
+    result = run_benchmark(config)
+    assert result["bound"] == pytest.approx(speedup_bound(Schedule.parse("2:0.5,4:0.5"), 12, 64, 1, 192))
+    assert [s["kept"] for s in result["stages"]] == [64, 32, 16] and [s["iterations"] for s in result["stages"]] == [2, 2, 8]
+    assert result["speedup"] == pytest.approx(result["dense_seconds"] / result["sparse_seconds"])
+    assert result["efficiency"] == pytest.approx(result["speedup"] / result["bound"])
+    memory = result["memory"]
+    assert memory["sparse"]["saved_for_backward_mb"] < memory["dense"]["saved_for_backward_mb"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_reuses_its_teacher(tmp_path):
+    """README's first command: trains the digits teacher once, inverts dense and sparse, compares."""
+    cache, out = tmp_path / "cache", tmp_path / "runs"
+    proc = smi("demo", "--cache", cache, "--out", out, "--json", "--device", "cpu", timeout=1200, check=True)
+    result = json.loads(proc.stdout)
+    assert result["teacher_trained_now"] and result["teacher_top1"] > 80
+    dense, sparse = result["runs"]["dense"], result["runs"]["sparse"]
+    assert (dense["kept_patches"], sparse["kept_patches"]) == (64, 14)
+    assert result["speedup"] > 1.5 and sparse["teacher_accuracy"] > 0.8
+    assert (out / "sparse" / "summary.json").is_file() and (out / "dense" / "previews").is_dir()
+    human = smi("demo", "--cache", cache, "--out", tmp_path / "again", "--device", "cpu", check=True).stdout
+    assert "trained now" not in human  # the cached teacher is reused
+    assert "speedup" in human and "smi watch" in human
