@@ -5,7 +5,8 @@ behind the dashboard's state is (event written -> folded), how often and how lon
     python benchmarks/dashboard.py [--rates 1000,5000,20000] [--seconds 5]
 
 Also writes benchmarks/results/dashboard.json and, with --screenshot FILE.svg, a screenshot of
-the dashboard on the tests' recorded run (the README image is rendered from it).
+the dashboard on the tests' recorded run, or on ``--runs DIR [DIR]`` (the README image is
+rendered from one).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from smi_cli.dashboard.app import Dashboard
+from smi_cli.dashboard.app import Dashboard, RunView
+from smi_cli.watch import run_kind
 from smi_engine.events import read_events
 
 RECORDED = Path(__file__).parent.parent / "tests" / "data" / "recorded-sparse"
@@ -100,12 +102,16 @@ def measure(rate: int, seconds: float) -> dict:
     }
 
 
-def screenshot(target: Path) -> None:
-    app = Dashboard([RECORDED], ["invert"], follow=False)
+def screenshot(target: Path, runs: list[Path]) -> None:
+    app = Dashboard(runs, [run_kind(run) for run in runs], follow=False)
 
     async def main() -> None:
         async with app.run_test(size=(140, 44)) as pilot:
-            await pilot.pause(0.5)
+            started = time.perf_counter()
+            while not all(view.state.finished for view in app.query(RunView)):
+                await pilot.pause(0.1)
+            print(f"caught up with {len(runs)} finished run(s) in {time.perf_counter() - started:.2f} s")
+            await pilot.pause(1.0)  # the last throttled repaint
             target.write_text(app.export_screenshot())
 
     asyncio.run(main())
@@ -116,9 +122,10 @@ def main() -> None:
     parser.add_argument("--rates", default="1000,5000,20000")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--screenshot", type=Path)
+    parser.add_argument("--runs", type=Path, nargs="+", default=[RECORDED], help="run directories in the screenshot")
     opts = parser.parse_args()
     if opts.screenshot:
-        screenshot(opts.screenshot)
+        screenshot(opts.screenshot, opts.runs)
         print(f"wrote {opts.screenshot}")
         return
     results = [measure(int(rate), opts.seconds) for rate in opts.rates.split(",")]

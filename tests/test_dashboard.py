@@ -98,6 +98,21 @@ def test_dashboard_follows_a_growing_file_with_a_half_written_line(recorded):
     run_app(Dashboard([recorded], ["invert"]), steps)
 
 
+def test_a_finished_recording_larger_than_a_read_chunk_is_read_to_its_end(recorded):
+    from smi_cli.dashboard.follower import CHUNK
+
+    lines = (recorded / "events.jsonl").read_text().splitlines(keepends=True)
+    iteration = next(line for line in lines if '"event":"iteration"' in line)
+    padding = iteration * (2 * CHUNK // len(iteration) + 1)  # the same iteration again: state is unchanged but for counts
+    (recorded / "events.jsonl").write_text("".join(lines[:-1]) + padding + lines[-1])
+
+    async def steps(app, pilot):
+        assert app.views[0].state.finished
+        assert "FINISHED" in plain(app.query_one(RunHeader))
+
+    run_app(Dashboard([recorded], ["invert"], follow=False), steps)
+
+
 def test_keys_screenshot_stop_request_help_and_quit(recorded):
     async def steps(app, pilot):
         await pilot.press("question_mark")

@@ -131,8 +131,9 @@ class Dashboard(App):
             self.followers.append(follower)
             if self.follow:
                 follower.start()
-            else:  # a finished recording: read it all now
-                self.on_events_arrived(EventsArrived(index, follower.read_new()))
+            else:  # a finished recording: read it all now, a chunk at a time
+                while events := follower.read_new():
+                    self.on_events_arrived(EventsArrived(index, events))
         if self.job is not None:
             self.job_thread = threading.Thread(target=self._run_job, name="smi job", daemon=True)
             self.job_thread.start()

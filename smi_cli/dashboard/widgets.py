@@ -138,7 +138,7 @@ class Throughput(Panel):
 
     def render_state(self, state: RunState, run_dir: Path) -> Table:
         table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold")
+        table.add_column(style="bold", no_wrap=True)
         table.add_column()
         images = sum(state.images_per_s.values())
         tokens = sum(state.tokens_per_s.values())
@@ -149,7 +149,8 @@ class Throughput(Panel):
             ("iterations/s", f"{state.iteration_rate:,.2f}"),
             ("elapsed", _duration(state.elapsed)),
             ("ETA", _duration(state.eta_seconds) if not state.finished else "done"),
-            ("dense-equivalent speedup", "-" if so_far is None else f"{now:.2f}x now · {so_far:.2f}x so far"),
+            # dense-equivalent: how much faster than this run would be without stopping (cost model)
+            ("speedup vs dense", "-" if so_far is None else f"{now:.2f}x now · {so_far:.2f}x so far"),
         ]
         for key, value in rows:
             table.add_row(key, value)
