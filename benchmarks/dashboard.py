@@ -25,6 +25,8 @@ from smi_cli.dashboard.app import Dashboard, RunView
 from smi_cli.watch import run_kind
 from smi_engine.events import read_events
 
+from results_io import save_results
+
 RECORDED = Path(__file__).parent.parent / "tests" / "data" / "recorded-sparse"
 
 
@@ -134,9 +136,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['rate']:,} | {r['events_folded']:,}/{r['events_written']:,} | {r['lag_ms_p50']:.0f} | {r['lag_ms_p99']:.0f} | "
               f"{r['repaints_per_s']:.1f} | {r['repaint_ms_mean']:.1f} / {r['repaint_ms_max']:.1f} |")
-    out = Path(__file__).parent / "results" / "dashboard.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {save_results('dashboard', results)}")
 
 
 if __name__ == "__main__":

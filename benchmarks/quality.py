@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -26,12 +27,16 @@ BITS = ((8, 8), (4, 8), (4, 4))
 
 
 def run(commands: list[dict], args: list[str], name: str, output: Path) -> float:
-    """Run ``smi ARGS`` unless ``output`` exists; record the command and its wall time."""
+    """Run ``smi ARGS`` unless ``output`` exists; record the command and its wall time. A run
+    directory (``output`` is its summary.json) left unfinished by an interrupted benchmark is
+    started again from scratch, so its timing stays whole."""
     line = "smi " + " ".join(shlex.quote(a) for a in args)
     record = {"step": name, "command": line}
     if output.exists():
         record["reused"] = True
     else:
+        if output.name == "summary.json" and output.parent.exists():
+            shutil.rmtree(output.parent)
         print(f"$ {line}", flush=True)
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "smi_cli", *args], check=True)

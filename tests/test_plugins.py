@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,14 @@ def test_a_third_party_loss_and_sink_run_inside_smi_invert(plugin_env, tmp_path)
     assert config["sinks"] == ["iteration-counter"]
 
 
+def test_readme_documents_the_example_plugin_exactly():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n# smi_example_plugin\.py[^\n]*\n(.*?)```", readme, re.S)
+    assert block, "README lost its example plugin"
+    module = (EXAMPLE / "smi_example_plugin.py").read_text()
+    assert module.split("\n\n", 1)[1] == block.group(1)  # all but the module docstring
+
+
 def test_a_plugin_can_add_a_command(plugin_env):
     assert smi("example-hello", "--name", "smi", env=plugin_env, check=True).stdout.strip() == "hello smi from smi-example-plugin"
 
@@ -91,24 +100,24 @@ class _Fine:
         register("fine", lambda: None)
 
 
-def test_a_plugin_raising_at_registration_is_named_and_the_rest_still_load(capsys):
+def _collect_from(**plugins_by_name):
+    """What ``_collect`` gathers from these plugin objects, and their PluginInfo records."""
     manager = pluggy.PluginManager("smi")
     manager.add_hookspecs(hookspecs)
-    manager.register(_Fine(), name="fine-plugin")
-    manager.register(_Broken(), name="broken-plugin")
-    plugins = {n: PluginInfo(n, None, None, False) for n in ("fine-plugin", "broken-plugin")}
-    entries = _collect(manager, plugins)
+    for name, plugin in plugins_by_name.items():
+        manager.register(plugin, name=name)
+    plugins = {n: PluginInfo(n, None, None, False) for n in plugins_by_name}
+    return _collect(manager, plugins), plugins
+
+
+def test_a_plugin_raising_at_registration_is_named_and_the_rest_still_load(capsys):
+    entries, plugins = _collect_from(**{"fine-plugin": _Fine(), "broken-plugin": _Broken()})
     assert "fine" in entries["losses"]
     assert "bug in the plugin" in plugins["broken-plugin"].error
     assert "'broken-plugin' failed in register_losses" in capsys.readouterr().err
 
 
 def test_duplicate_names_keep_the_first_and_warn(capsys):
-    manager = pluggy.PluginManager("smi")
-    manager.add_hookspecs(hookspecs)
-    manager.register(_Fine(), name="first")
-    manager.register(_Fine(), name="second")
-    plugins = {n: PluginInfo(n, None, None, False) for n in ("first", "second")}
-    entries = _collect(manager, plugins)
+    entries, _ = _collect_from(first=_Fine(), second=_Fine())
     assert entries["losses"]["fine"].plugin == "first"
     assert "already registered by 'first'" in capsys.readouterr().err

@@ -12,15 +12,15 @@ from smi_engine import hookimpl
 class Brightness:
     """Pulls the mean pixel of the kept patches towards a target brightness (in [0, 1])."""
 
-    def __init__(self, target: float = 0.5):
+    def __init__(self, target: float = 0.5):          # options: --loss-option brightness.target=0.3
         self.target = target
 
-    def __call__(self, state):
+    def __call__(self, state):                          # state: smi_engine.losses.LossState
         mean = torch.tensor(state.normalizer.mean, device=state.patches.device)
         std = torch.tensor(state.normalizer.std, device=state.patches.device)
         channels = state.grid.channels
         pixels = state.patches.view(*state.patches.shape[:2], channels, -1) * std.view(-1, 1) + mean.view(-1, 1)
-        return {"gap": (pixels.mean() - self.target).abs()}
+        return {"gap": (pixels.mean() - self.target).abs()}   # logged as brightness.gap
 
 
 class IterationCounter:
