@@ -164,7 +164,8 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
 
 
 def _wait_for_shards(run_dir: RunDir, batches: int, poll: float = 1.0) -> None:
-    """Rank 0 waits for the other ranks' shards (torchrun ends the job if a rank dies)."""
+    """Rank 0 waits for the other ranks' shards (torchrun ends the job if a rank dies). Not a
+    barrier: ranks with more or slower batches may finish long after the process group's timeout."""
     while len(shard_batches(run_dir.pool)) < batches:
         time.sleep(poll)
 
