@@ -9,29 +9,26 @@ from rich.console import Console
 from rich.table import Table
 
 from smi_cli.console import print_json
-from smi_engine.plugins import get_registry
+from smi_engine.plugins import KINDS, get_registry
 
 
 def plugins(json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
-    """List installed plugins (built-ins included) and the losses, tasks and sinks they add."""
+    """List installed plugins (built-ins included) and the losses, tasks, sinks and quantisation schemes they add."""
     infos = list(get_registry().plugins.values())
     if json_output:
         print_json([
             {"name": i.name, "distribution": i.distribution, "version": i.version, "builtin": i.builtin,
-             "losses": i.registers["losses"], "tasks": i.registers["tasks"], "sinks": i.registers["sinks"],
-             "error": i.error}
+             **{kind: i.registers[kind] for kind in KINDS}, "error": i.error}
             for i in infos
         ])
         return
     table = Table(title="smi plugins")
-    for column in ("plugin", "distribution", "losses", "tasks", "sinks", "status"):
+    for column in ("plugin", "distribution", *KINDS, "status"):
         table.add_column(column)
     for i in infos:
         status = f"[red]{i.error}[/]" if i.error else ("built-in" if i.builtin else "ok")
-        table.add_row(
-            i.name, f"{i.distribution or '?'} {i.version or ''}".strip(), ", ".join(i.registers["losses"]),
-            ", ".join(i.registers["tasks"]), ", ".join(i.registers["sinks"]), status,
-        )
+        table.add_row(i.name, f"{i.distribution or '?'} {i.version or ''}".strip(),
+                      *(", ".join(i.registers[kind]) for kind in KINDS), status)
     Console().print(table)
 
 

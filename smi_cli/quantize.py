@@ -12,7 +12,7 @@ from smi_cli.console import print_json, stderr
 from smi_engine.device import resolve_device
 from smi_engine.files import write_json
 from smi_engine.plugins import get_registry
-from smi_engine.quant import CALIBRATORS
+from smi_engine.quantization import CALIBRATORS, DEFAULT_SCHEME
 from smi_engine.tasks import TaskContext
 
 
@@ -21,9 +21,10 @@ def quantize(
     data: Annotated[str, typer.Option("--data", help="Real validation data for the accuracies, e.g. fashion-mnist or imagefolder:DIR.")],
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
-    w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits (per-channel symmetric): 8, 6, 4 (3 to stress).")] = 8,
-    a_bit: Annotated[int, typer.Option("--a-bit", help="Activation bits (per-tensor asymmetric).")] = 8,
-    calibrator: Annotated[str, typer.Option(help=f"How activation ranges are set: {', '.join(CALIBRATORS)}.")] = "minmax",
+    scheme: Annotated[str, typer.Option(help="Where and how to quantise: matmul (inputs of every matmul), seed (the seed's / PSAQ-ViT's positions), repq (RepQ-ViT), or a plugin's (see `smi plugins`).")] = DEFAULT_SCHEME,
+    w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits (per output channel): 8, 6, 4, 3.")] = 8,
+    a_bit: Annotated[int, typer.Option("--a-bit", help="Activation bits (per tensor): 8, 6, 4, 3.")] = 8,
+    calibrator: Annotated[Optional[str], typer.Option(help=f"How activation ranges are set: {', '.join(CALIBRATORS)} (default: the scheme's; minmax for matmul and seed, search for repq).")] = None,
     percentile: Annotated[float, typer.Option(help="Percentile for --calibrator percentile.")] = 99.99,
     calib_size: Annotated[int, typer.Option("--calib-size", help="Calibration images.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
@@ -35,7 +36,7 @@ def quantize(
 ) -> None:
     """Quantise a ViT to W/A bits, calibrated on synthetic data, and compare with full precision on real data."""
     spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher)
-    options = {"teacher": spec.to_dict(), "calib": calib, "data": data, "w_bit": w_bit, "a_bit": a_bit,
+    options = {"teacher": spec.to_dict(), "calib": calib, "data": data, "scheme": scheme, "w_bit": w_bit, "a_bit": a_bit,
                "calibrator": calibrator, "percentile": percentile, "calib_size": calib_size, "batch_size": batch_size,
                "limit": limit or None, "seed": seed, "save": str(save) if save else None}
     task = get_registry().get("tasks", "quantize").factory()
@@ -43,7 +44,7 @@ def quantize(
     if json_out is not None:
         write_json(json_out, result)
     typer.echo(
-        f"{result['model']} W{w_bit}A{a_bit} ({calibrator}, calibrated on {result['calib']}, {result['calib_images']} images): "
+        f"{result['model']} W{w_bit}A{a_bit} ({result['scheme']} scheme, {result['calibrator']}, calibrated on {result['calib']}, {result['calib_images']} images): "
         f"top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%  |  fp32 top-1 {result['fp32_top1']:.2f}% "
         f"top-5 {result['fp32_top5']:.2f}%  ({result['eval_images']} images of {data})"
     )

@@ -37,15 +37,25 @@ def pool_normalizer(run_dir: Path) -> Normalizer:
 
 
 class ModelFeeder:
-    """Runs a model on (possibly sparse) images: sparse tokens where the model can drop them."""
+    """Runs a model on (possibly sparse) images: sparse tokens where the model can drop them.
+
+    A model that feeds sparse images its own way (a quantisation scheme's model with
+    ``forward_masked(images, keep)`` and ``grid``) is asked to; a timm ViT is fed the kept
+    patches as tokens; any other model gets stopped patches blanked to the normaliser's zero.
+    """
 
     def __init__(self, model: nn.Module, normalizer: Normalizer):
         self.model, self.normalizer = model, normalizer
         self.model_input = ModelInput.for_model(model, normalizer)
-        try:
-            self.vit: SparseViT | None = SparseViT(model)
-        except SmiError:
-            self.vit = None
+        self.masked, self.grid = None, None
+        if hasattr(model, "forward_masked"):
+            self.masked, self.grid = model.forward_masked, model.grid
+        else:
+            try:
+                vit = SparseViT(model)
+                self.masked, self.grid = vit.forward_images, vit.grid
+            except SmiError:
+                pass
 
     def fits(self, images: torch.Tensor) -> bool:
         """Whether images already have this model's input size."""
@@ -55,13 +65,13 @@ class ModelFeeder:
     def __call__(self, batch: Batch, source: Normalizer) -> torch.Tensor:
         """Logits for a batch stored in the ``source`` normalisation."""
         images, keep = batch.images, batch.keep
-        sparse = (keep is not None and self.vit is not None and self.fits(images)
-                  and tuple(keep.shape[1:]) == (self.vit.grid.rows, self.vit.grid.cols))
+        sparse = (keep is not None and self.masked is not None and self.fits(images)
+                  and tuple(keep.shape[1:]) == (self.grid.rows, self.grid.cols))
         if keep is not None and not sparse:
             images, keep = blank_stopped(images, keep), None
         if source != self.normalizer or not self.fits(images):
             images = self.model_input(source.denormalize(images).clamp(0, 1))
-        return self.vit.forward_images(images, keep) if keep is not None else self.model(images)
+        return self.masked(images, keep) if keep is not None else self.model(images)
 
 
 def calibration_batches(source: str, size: int, batch_size: int, model_input: ModelInput, generator: torch.Generator) -> tuple[Iterator[Batch], Normalizer, str]:

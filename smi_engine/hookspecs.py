@@ -34,5 +34,12 @@ def register_event_sinks(register):
 
 
 @hookspec
+def register_quant_schemes(register):
+    """Add post-training quantisation schemes: ``register(name, factory)``; ``factory()``
+    returns a ``QuantScheme`` (see ``smi_engine.quantization.scheme``). Choose one with
+    ``smi quantize --scheme NAME``."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``smi`` Typer app: ``@cli.command()``."""

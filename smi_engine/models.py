@@ -22,7 +22,7 @@ from torch import nn
 
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, write_json
-from smi_engine.quant import QuantConfig, freeze_quantizers, quantize_model
+from smi_engine.quantization.scheme import QuantConfig, freeze_quantizers, quantize_model
 
 MODEL_CARD = "smi-model.json"
 MODEL_WEIGHTS = "model.safetensors"

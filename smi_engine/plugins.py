@@ -18,8 +18,11 @@ import pluggy
 from smi_engine import hookspecs
 from smi_engine.errors import SmiError
 
-BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.tasks")
-KINDS = {"losses": "register_losses", "tasks": "register_tasks", "sinks": "register_event_sinks"}
+BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.tasks",
+                   "smi_plugins.quant_schemes")
+KINDS = {"losses": "register_losses", "tasks": "register_tasks", "sinks": "register_event_sinks",
+         "schemes": "register_quant_schemes"}
+NOUNS = {"losses": "loss", "tasks": "task", "sinks": "event sink", "schemes": "quantisation scheme"}
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,7 @@ class Registry:
         found = self.entries[kind].get(name)
         if found is None:
             known = ", ".join(sorted(self.entries[kind])) or "none"
-            noun = {"losses": "loss", "tasks": "task", "sinks": "event sink"}[kind]
-            raise SmiError(f"unknown {noun} {name!r}: installed ones are {known} (see `smi plugins`)")
+            raise SmiError(f"unknown {NOUNS[kind]} {name!r}: installed ones are {known} (see `smi plugins`)")
         return found
 
 

@@ -8,8 +8,8 @@ from typing import Any
 from smi_engine.distill import DistillConfig, run_distillation
 from smi_engine.hookspecs import hookimpl
 from smi_engine.invert import InversionConfig
-from smi_engine.quant import QuantConfig
-from smi_engine.quantize import QuantizeJob, run_quantization
+from smi_engine.quantization.job import QuantizeJob, run_quantization
+from smi_engine.quantization.scheme import DEFAULT_SCHEME, QuantConfig
 from smi_engine.tasks import TaskContext, model_from_options, require
 
 
@@ -21,7 +21,8 @@ class QuantizeTask:
         job = QuantizeJob(
             model=model_from_options(options, "teacher"), calib=str(options["calib"]), data=str(options["data"]),
             quant=QuantConfig(int(options.get("w_bit", 8)), int(options.get("a_bit", 8)),
-                              str(options.get("calibrator", "minmax")), float(options.get("percentile", 99.99))),
+                              options.get("calibrator") or None, float(options.get("percentile", 99.99)),
+                              str(options.get("scheme", DEFAULT_SCHEME))),
             calib_size=int(options.get("calib_size", 32)), batch_size=int(options.get("batch_size", 64)),
             limit=int(options["limit"]) if options.get("limit") else None, seed=int(options.get("seed", 0)),
         )

@@ -10,11 +10,10 @@ from smi_engine.errors import SmiError
 from smi_engine.inversion_run import run_inversion
 from smi_engine.invert import InversionConfig
 from smi_engine.models import ModelSpec, load_model
-from smi_engine.quant import (
-    ActivationQuantizer, QuantAttention, QuantConfig, QuantLinear, finish_calibration, quantize_activation,
-    quantize_model, quantize_weight, quantizers,
-)
-from smi_engine.quantize import QuantizeJob, run_quantization
+from smi_engine.quantization import QuantConfig, finish_calibration, quantize_model, quantizers
+from smi_engine.quantization.job import QuantizeJob, run_quantization
+from smi_engine.quantization.matmul import QuantAttention, QuantLinear
+from smi_engine.quantization.quantizers import ActivationQuantizer, quantize_activation, quantize_weight
 
 from .conftest import smi
 
@@ -39,11 +38,11 @@ def test_activation_quantisation_is_asymmetric_with_a_zero_point():
     assert float(quantize_activation(torch.tensor(0.0), low, high, 8)) == 0.0  # zero is exact
 
 
-@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "mse", "search"])
 def test_calibrators_choose_ranges(calibrator):
     torch.manual_seed(0)
     values = torch.cat([torch.randn(10000), torch.tensor([40.0])])  # one outlier
-    quantizer = ActivationQuantizer(4, QuantConfig(4, 4, calibrator, 99.9))
+    quantizer = ActivationQuantizer(4, calibrator, 99.9)
     quantizer(values[:5000])
     quantizer(values[5000:])
     quantizer.finish()
@@ -75,7 +74,7 @@ def test_w8a8_predicts_like_full_precision(digits_teacher):
     images = torch.cat([x for x, _ in batches])
     with torch.no_grad():
         qmodel(images[:32])
-    finish_calibration(qmodel)
+    finish_calibration(qmodel, QuantConfig(8, 8))
     with torch.no_grad():
         agree = (qmodel(images).argmax(1) == loaded.model(images).argmax(1)).float().mean()
     assert float(agree) > 0.95

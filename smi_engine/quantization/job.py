@@ -4,7 +4,7 @@ images, then measure the fake-quantised model against the full-precision one on 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
 from smi_engine.events import EventBus
 from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
-from smi_engine.quant import QuantConfig, finish_calibration, quantize_model
+from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model
 
 
 @dataclass
@@ -51,12 +51,13 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device) -> tu
                 kept.append(batch.keep.float().mean().item())
             feeder(batch, source)
             seen += len(batch.images)
-    finish_calibration(qmodel)
+    finish_calibration(qmodel, job.quant)
     return qmodel, {"calib": label, "calib_images": seen, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0}
 
 
 def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | None = None, save: Path | None = None) -> dict[str, Any]:
     job.quant.validate()
+    job = replace(job, quant=job.quant.resolved())
     bus = bus or EventBus()
     loaded = load_model(job.model, device)
     splits = load_data(job.data)
@@ -70,7 +71,7 @@ def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | Non
     quantized = evaluate(qmodel, val, device, job.limit)
     result = {
         "top1": quantized["top1"], "top5": quantized["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
-        "w_bit": job.quant.w_bit, "a_bit": job.quant.a_bit, "calibrator": job.quant.calibrator,
+        "scheme": job.quant.scheme, "w_bit": job.quant.w_bit, "a_bit": job.quant.a_bit, "calibrator": job.quant.calibrator,
         "eval_images": quantized["images"], "model": job.model.name, "data": job.data, **calibration,
     }
     if save is not None:

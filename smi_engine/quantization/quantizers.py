@@ -1,0 +1,194 @@
+"""The arithmetic of fake quantisation, and the observers that choose its ranges.
+
+Weights are quantised per output channel: symmetric (``scale = max|w| / ((2^b - 1) / 2)``,
+levels ``[-2^(b-1), 2^(b-1) - 1]``, as PSAQ-ViT and the seed) or asymmetric with a searched
+clipping (RepQ-ViT). Activations are quantised per tensor, uniformly and asymmetrically
+(``scale = (high - low) / (2^b - 1)`` with a rounded zero point), or in the log-sqrt(2) domain
+for softmax probabilities (RepQ-ViT). Observers see float activations while calibrating and
+fix their range when calibration finishes; from then on they quantise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from smi_engine.errors import SmiError
+
+#: How an observer turns what it saw into a range. ``search`` is RepQ-ViT's: the clipping at the
+#: 99.9, 99.99 or 99.999th percentile with the least squared quantisation error.
+CALIBRATORS = ("minmax", "percentile", "mse", "search")
+SEARCH_PERCENTILES = (0.999, 0.9999, 0.99999)
+SAMPLES_PER_OBSERVER = 2**18  # values kept per activation and batch for the calibrators that need them
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel symmetric fake quantisation."""
+    levels = 2**bits - 1
+    reach = weight.detach().abs().flatten(1).amax(dim=1).view(-1, *([1] * (weight.dim() - 1)))
+    scale = (reach / (levels / 2)).clamp_min(torch.finfo(weight.dtype).eps)
+    return (weight / scale).round().clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+
+
+def quantize_weight_searched(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel asymmetric fake quantisation, each channel clipped at whichever of
+    its 99.9/99.99/99.999th percentiles quantises it with the least squared error (RepQ-ViT)."""
+    rows = weight.detach().flatten(1)
+    best, best_error = None, None
+    for p in SEARCH_PERCENTILES:
+        high = torch.quantile(rows, p, dim=1, keepdim=True)
+        low = torch.quantile(rows, 1 - p, dim=1, keepdim=True)
+        candidate = quantize_activation(rows, low, high, bits)
+        error = (candidate - rows).pow(2).mean(dim=1, keepdim=True)
+        if best is None:
+            best, best_error = candidate, error
+        else:
+            better = error < best_error
+            best, best_error = torch.where(better, candidate, best), torch.minimum(error, best_error)
+    return best.view_as(weight).to(weight.dtype)
+
+
+def quantize_activation(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
+    """Uniform asymmetric fake quantisation to the range [low, high] (broadcasting)."""
+    levels = 2**bits - 1
+    scale = ((high - low) / levels).clamp_min(torch.finfo(x.dtype).eps)
+    zero_point = (-(low / scale).round()).clamp(0, levels)
+    return ((x / scale + zero_point).round().clamp(0, levels) - zero_point) * scale
+
+
+def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log-sqrt(2) fake quantisation of non-negative values (softmax probabilities, RepQ-ViT):
+    level ``q = round(-2 log2(x / delta))`` in ``0 .. 2^b - 1`` stands for ``delta * 2^(-q/2)``;
+    values below the smallest level become 0."""
+    levels = 2**bits
+    q = (-2 * torch.log2((x / delta).clamp_min(torch.finfo(x.dtype).tiny))).round()
+    value = delta * torch.exp2(-q.clamp(0, levels - 1) / 2)
+    return torch.where(q >= levels, torch.zeros_like(value), value)
+
+
+class ActivationQuantizer(nn.Module):
+    """Observes an activation while calibrating, fake-quantises it per tensor afterwards.
+
+    ``per_channel`` observers (the inputs RepQ-ViT reparameterises) also find one range per
+    channel of the last dimension (``channel_low``/``channel_high``); the scheme folds those into
+    the neighbouring layers and leaves this quantiser a per-tensor range.
+    """
+
+    def __init__(self, bits: int, calibrator: str = "minmax", percentile: float = 99.99, per_channel: bool = False):
+        super().__init__()
+        self.bits, self.calibrator, self.percentile, self.per_channel = bits, calibrator, percentile, per_channel
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+        self.calibrating = True
+        self.channel_low = self.channel_high = None
+        self._samples: list[torch.Tensor] = []
+        self._generator = torch.Generator().manual_seed(0)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x, self.low, self.high, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.calibrating:
+            return self.quantize(x)
+        # A running min/max over every value seen (the seed's rule), whatever the calibrator.
+        low, high = x.detach().min(), x.detach().max()
+        self.low.copy_(torch.minimum(self.low, low) if self._samples else low)
+        self.high.copy_(torch.maximum(self.high, high) if self._samples else high)
+        self._samples.append(self._subsample(x.detach()))
+        return x
+
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        values = x.reshape(-1, x.shape[-1]) if self.per_channel else x.flatten()
+        budget = max(1, SAMPLES_PER_OBSERVER // (values.shape[1] if self.per_channel else 1))
+        if len(values) > budget:
+            values = values[torch.randint(len(values), (budget,), generator=self._generator).to(values.device)]
+        return values.float().cpu()
+
+    def finish(self) -> None:
+        """Fix the range from what was observed; from now on, quantise."""
+        if not self._samples:
+            raise SmiError("a quantiser saw no calibration data: the calibration set fed no tokens through it")
+        values = torch.cat(self._samples)
+        if self.per_channel:
+            self.channel_low, self.channel_high = self._channel_ranges(values)
+        elif self.fits_range:
+            low, high = self._fit(values[torch.randperm(len(values), generator=self._generator)[:SAMPLES_PER_OBSERVER]])
+            self.low.fill_(low)
+            self.high.fill_(high)
+        self._samples = []
+        self.calibrating = False
+
+    @property
+    def fits_range(self) -> bool:
+        """Whether the range comes from the samples rather than the running min/max."""
+        return self.calibrator != "minmax"
+
+    def _fit(self, values: torch.Tensor) -> tuple[float, float]:
+        if self.calibrator == "percentile":
+            q = self.percentile / 100
+            return float(torch.quantile(values, 1 - q)), float(torch.quantile(values, q))
+        if self.calibrator == "search":
+            return min(((float(torch.quantile(values, 1 - p)), float(torch.quantile(values, p))) for p in SEARCH_PERCENTILES),
+                       key=lambda r: self._error(values, *r))
+        return self._best_clip(values, float(self.low), float(self.high))
+
+    def _channel_ranges(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) lows and highs, one range per channel, by the calibrator (mse searches as ``search``)."""
+        if self.calibrator == "minmax":
+            return values.amin(dim=0), values.amax(dim=0)
+        if self.calibrator == "percentile":
+            q = self.percentile / 100
+            return torch.quantile(values, 1 - q, dim=0), torch.quantile(values, q, dim=0)
+        best_low = best_high = best_error = None
+        for p in SEARCH_PERCENTILES:
+            low, high = torch.quantile(values, 1 - p, dim=0), torch.quantile(values, p, dim=0)
+            error = (quantize_activation(values, low, high, self.bits) - values).pow(2).mean(dim=0)
+            if best_error is None:
+                best_low, best_high, best_error = low, high, error
+            else:
+                better = error < best_error
+                best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
+                best_error = torch.minimum(error, best_error)
+        return best_low, best_high
+
+    def _error(self, values: torch.Tensor, low: float, high: float) -> float:
+        return float((quantize_activation(values, torch.tensor(low), torch.tensor(high), self.bits) - values).pow(2).mean())
+
+    def _best_clip(self, values: torch.Tensor, low: float, high: float) -> tuple[float, float]:
+        """Shrink each end of the observed range (two rounds of coordinate descent over 2%..100%)
+        to the clipping with the least mean squared quantisation error."""
+        values = values[: SAMPLES_PER_OBSERVER // 4]
+        fractions = torch.linspace(0.02, 1.0, 50).tolist()
+        lo, hi = low, high
+        for _ in range(2):
+            hi = min((high * f for f in fractions), key=lambda h: self._error(values, lo, h))
+            lo = min((low * f for f in fractions), key=lambda l: self._error(values, l, hi))
+        return lo, hi
+
+
+class LogQuantizer(ActivationQuantizer):
+    """Softmax probabilities in the log-sqrt(2) domain (RepQ-ViT); ``high`` holds delta, the
+    value of level 0, searched among the 99.9/99.99/99.999th percentiles and the maximum."""
+
+    fits_range = True
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_log_sqrt2(x, self.high, self.bits)
+
+    def _fit(self, values: torch.Tensor) -> tuple[float, float]:
+        candidates = [float(torch.quantile(values, p)) for p in SEARCH_PERCENTILES] + [float(values.max())]
+        error = lambda d: float((quantize_log_sqrt2(values, torch.tensor(d), self.bits) - values).pow(2).mean())
+        return 0.0, min((d for d in candidates if d > 0), key=error, default=1.0)
+
+
+def validate_bits(w_bit: int, a_bit: int) -> None:
+    for name, bits in (("w-bit", w_bit), ("a-bit", a_bit)):
+        if not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise SmiError(f"--{name} {bits} is outside 2..16 bits: choose e.g. 8, 4 or 3")
+
+
+def zero_point_levels(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and the integer zero point that ``quantize_activation`` uses for [low, high]."""
+    levels = 2**bits - 1
+    scale = ((high - low) / levels).clamp_min(torch.finfo(low.dtype).eps)
+    return scale, (-(low / scale).round()).clamp(0, levels)

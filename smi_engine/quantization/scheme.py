@@ -1,0 +1,93 @@
+"""Quantisation schemes: which activations of a ViT are quantised, and how.
+
+A scheme is registered through the ``register_quant_schemes`` hook (the built-ins ``matmul``,
+``seed`` and ``repq`` too) as an object with ``description``, ``default_calibrator``,
+``build(model, config)`` returning a fake-quantised copy ready to calibrate, and
+``finish(qmodel, config)`` fixing its ranges (and whatever else it does) once the calibration
+images have been fed. A built model quantises its weights per output channel and answers
+``forward(images)``; one that handles sparse images itself also has ``forward_masked(images,
+keep)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from smi_engine.errors import SmiError
+from smi_engine.quantization.quantizers import CALIBRATORS, ActivationQuantizer, validate_bits
+
+DEFAULT_SCHEME = "matmul"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    w_bit: int = 8
+    a_bit: int = 8
+    calibrator: str | None = None  # None: the scheme's own
+    percentile: float = 99.99
+    scheme: str = DEFAULT_SCHEME
+
+    def validate(self) -> None:
+        validate_bits(self.w_bit, self.a_bit)
+        get_scheme(self.scheme)
+        if self.calibrator is not None and self.calibrator not in CALIBRATORS:
+            raise SmiError(f"unknown calibrator {self.calibrator!r}: use {', '.join(CALIBRATORS)}")
+        if not 50 < self.percentile <= 100:
+            raise SmiError(f"--percentile {self.percentile} must be in (50, 100]")
+
+    def resolved(self) -> "QuantConfig":
+        """The same with the scheme's calibrator filled in."""
+        if self.calibrator is not None:
+            return self
+        return QuantConfig(self.w_bit, self.a_bit, get_scheme(self.scheme).default_calibrator, self.percentile, self.scheme)
+
+    def activation(self, **kwargs: Any) -> ActivationQuantizer:
+        """A per-tensor activation quantiser of this configuration."""
+        return ActivationQuantizer(self.a_bit, self.calibrator or "minmax", self.percentile, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class QuantScheme(Protocol):
+    description: str
+    default_calibrator: str
+
+    def build(self, model: nn.Module, config: QuantConfig) -> nn.Module: ...
+
+    def finish(self, qmodel: nn.Module, config: QuantConfig) -> None: ...
+
+
+def get_scheme(name: str) -> QuantScheme:
+    from smi_engine.plugins import get_registry  # the registry imports the built-in schemes
+
+    return get_registry().get("schemes", name).factory()
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """A fake-quantised copy of ``model`` (the original is untouched), ready to calibrate."""
+    config.validate()
+    config = config.resolved()
+    return get_scheme(config.scheme).build(copy.deepcopy(model), config).eval()
+
+
+@torch.no_grad()
+def finish_calibration(qmodel: nn.Module, config: QuantConfig) -> None:
+    """Fix every activation range (and whatever else the scheme does after calibration)."""
+    config = config.resolved()
+    get_scheme(config.scheme).finish(qmodel, config)
+
+
+def quantizers(qmodel: nn.Module) -> list[ActivationQuantizer]:
+    return [m for m in qmodel.modules() if isinstance(m, ActivationQuantizer)]
+
+
+def freeze_quantizers(qmodel: nn.Module) -> None:
+    """Quantise with the stored ranges (a saved model being loaded back)."""
+    for quantizer in quantizers(qmodel):
+        quantizer.calibrating = False

@@ -1,0 +1,158 @@
+"""Quantisation schemes: the seed's positions and sparse path, RepQ-ViT's fold and log2 softmax,
+saving and reloading, the plugin hook and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from smi_engine.calibration import Batch, ModelFeeder
+from smi_engine.errors import SmiError
+from smi_engine.models import ModelSpec, load_model
+from smi_engine.plugins import get_registry
+from smi_engine.quantization import QuantConfig, finish_calibration, quantize_model, quantizers
+from smi_engine.quantization.job import QuantizeJob, run_quantization
+from smi_engine.quantization.matmul import QuantLinear
+from smi_engine.quantization.quantizers import LogQuantizer, quantize_activation, quantize_log_sqrt2
+from smi_engine.quantization.repq import _post_norm_pairs, fold_channel_ranges
+from smi_engine.quantization.seed import SeedBlockQuantizers, SeedQuantViT
+
+from .conftest import assert_one_line_error, smi, tiny_model
+
+SEED_POSITIONS = ["image", "patches", "tokens", "position", "embedded"] + [
+    f"blocks.{i}.{name}" for i in range(2) for name in SeedBlockQuantizers.NAMES] + ["features", "logits"]
+
+
+def _calibrate(qmodel, config, images, keep=None, normalizer=None):
+    feeder = ModelFeeder(qmodel, normalizer)
+    with torch.no_grad():
+        feeder(Batch(images, keep), normalizer)
+    finish_calibration(qmodel, config)
+    return qmodel
+
+
+def test_seed_scheme_quantises_the_seeds_27_positions_in_order(tiny_loaded):
+    qmodel = quantize_model(tiny_loaded.model, QuantConfig(8, 8, scheme="seed"))
+    names = [name for name, module in qmodel.named_modules() if module in quantizers(qmodel)]
+    assert names == SEED_POSITIONS and len(names) == 27
+    assert qmodel.num_classes == 10 and qmodel.patch_embed is qmodel.model.patch_embed
+    # every linear layer (patch embedding, qkv, proj, fc1, fc2, head) quantises its weight only
+    linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 1 + 2 * 4 + 1 and all(m.input_quantizer is None for m in linears)
+
+
+def test_seed_scheme_calibrates_sparse_images_the_seeds_way(tiny_loaded):
+    """Stopped patches reach the input and embedding quantisers as the normaliser's zero; the
+    blocks see only the prefix token and the kept patches."""
+    config = QuantConfig(8, 8, scheme="seed")
+    qmodel = quantize_model(tiny_loaded.model, config)
+    images = torch.full((2, 1, 32, 32), -0.5)
+    images[:, :, :4, :8] = 0.9  # patches (0, 0) and (0, 1) are kept, bright
+    keep = torch.zeros(2, 8, 8, dtype=torch.bool)
+    keep[:, 0, :2] = True
+    seen = []
+    qmodel.blocks[0].norm1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    _calibrate(qmodel, config, images, keep, tiny_loaded.normalizer)
+    assert (float(qmodel.image.low), float(qmodel.image.high)) == pytest.approx((0.0, 0.9))  # -0.5 was blanked
+    assert seen == [1 + 2]
+    # the same images dense: the blocks see all 64 patches and the input range includes -0.5
+    dense = _calibrate(quantize_model(tiny_loaded.model, config), config, images, None, tiny_loaded.normalizer)
+    assert float(dense.image.low) == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize("variant", [dict(reg_tokens=2, no_embed_class=True), dict(), "distilled"])
+def test_seed_scheme_equals_the_float_model_at_16_bits(variant):
+    model = tiny_model("deit_tiny_distilled_patch16_224") if variant == "distilled" else tiny_model(**variant)
+    config = QuantConfig(16, 16, scheme="seed")
+    qmodel = quantize_model(model, config)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        qmodel(images)
+        finish_calibration(qmodel, config)
+        torch.testing.assert_close(qmodel(images), model(images), atol=2e-3, rtol=0)
+
+
+def test_log_sqrt2_levels():
+    delta = torch.tensor(1.0)
+    x = torch.tensor([1.0, 0.75, 2 ** -0.5, 0.5, 0.3, 1e-6, 0.0])
+    q = quantize_log_sqrt2(x, delta, 3)  # 8 levels: 2^0, 2^-0.5, ..., 2^-3.5
+    assert q[0] == 1.0 and q[3] == pytest.approx(0.5) and q[2] == pytest.approx(2 ** -0.5)
+    assert q[1] == pytest.approx(2 ** -0.5)  # log2(0.75) * 2 = -0.83 -> level 1
+    assert q[4] == pytest.approx(2 ** -1.5)  # -2 log2(0.3) = 3.47 -> level 3
+    assert q[5] == 0 and q[6] == 0  # below the smallest level
+    observer = LogQuantizer(4, "minmax")
+    probs = torch.rand(64, 16).softmax(dim=-1)
+    observer(probs)
+    observer.finish()
+    assert 0 < float(observer.high) <= float(probs.max()) + 1e-6
+    assert float((observer(probs) - probs).abs().max()) < float(probs.max()) / 2
+
+
+def test_repq_fold_keeps_the_float_model_and_turns_per_channel_into_per_tensor(tiny_loaded):
+    """Folding the per-channel ranges into LayerNorm and the next layer changes nothing in float,
+    and the per-tensor quantiser after the fold equals per-channel quantisation before it."""
+    config = QuantConfig(4, 4, "minmax", scheme="repq")
+    qmodel = quantize_model(tiny_loaded.model, config)
+    images = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        qmodel(images)
+    for quantizer in quantizers(qmodel):
+        quantizer.finish()
+    norm, linear = _post_norm_pairs(qmodel)[0]
+    quantizer = linear.input_quantizer
+    assert quantizer.channel_low.shape == (48,)
+    tokens = torch.randn(8, 5, 48)
+    before = norm(tokens)
+    per_channel = linear.layer(quantize_activation(before, quantizer.channel_low, quantizer.channel_high, 4))
+    float_before = linear.layer(before)
+    fold_channel_ranges(norm, linear)
+    after = norm(tokens)
+    torch.testing.assert_close(linear.layer(after), float_before, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(linear(after), per_channel, atol=1e-4, rtol=1e-4)
+    scale = (quantizer.high - quantizer.low) / 15
+    assert float(-quantizer.low / scale) == pytest.approx(round(float(-quantizer.low / scale)), abs=1e-4)
+
+
+def test_repq_positions_and_bits(tiny_loaded):
+    qmodel = quantize_model(tiny_loaded.model, QuantConfig(3, 3, scheme="repq"))
+    assert len(quantizers(qmodel)) == 2 * 8 + 2
+    assert sum(isinstance(q, LogQuantizer) for q in quantizers(qmodel)) == 2
+    assert qmodel.patch_embed.proj.input_quantizer.bits == 8  # the image stays at 8 bits
+    assert sum(q.per_channel for q in quantizers(qmodel)) == 2 * 2  # qkv and fc1 inputs
+
+
+@pytest.mark.parametrize("scheme", ["seed", "repq", "matmul"])
+def test_a_saved_model_of_every_scheme_reloads_to_the_same_outputs(tmp_path, digits_teacher, scheme):
+    job = QuantizeJob(ModelSpec.from_dir(digits_teacher), "real:digits", "digits", QuantConfig(4, 4, scheme=scheme),
+                      calib_size=32, limit=128)
+    result = run_quantization(job, torch.device("cpu"), save=tmp_path / "q")
+    assert result["scheme"] == scheme and result["calibrator"] == ("search" if scheme == "repq" else "minmax")
+    reloaded = load_model(ModelSpec.from_dir(tmp_path / "q"))
+    card = json.loads((tmp_path / "q" / "smi-model.json").read_text())
+    assert card["quantization"]["scheme"] == scheme
+    original = load_model(ModelSpec.from_dir(digits_teacher))
+    images = torch.randn(16, 1, 16, 16)
+    with torch.no_grad():
+        assert not torch.allclose(reloaded.model(images), original.model(images), atol=1e-3)  # it is quantised
+        requantised = run_quantization(job, torch.device("cpu"))
+    assert requantised["top1"] == result["top1"]
+
+
+def test_schemes_are_plugins_and_unknown_ones_are_named(tiny_loaded):
+    registry = get_registry()
+    assert registry.plugins["quant_schemes"].registers["schemes"] == ["matmul", "seed", "repq"]
+    with pytest.raises(SmiError, match="unknown quantisation scheme 'bogus'.*matmul, repq, seed"):
+        quantize_model(tiny_loaded.model, QuantConfig(8, 8, scheme="bogus"))
+    with pytest.raises(SmiError, match="--w-bit 1 is outside"):
+        quantize_model(tiny_loaded.model, QuantConfig(1, 8, scheme="seed"))
+
+
+def test_quantize_cli_scheme_option(tmp_path, digits_teacher):
+    out = tmp_path / "seed.json"
+    proc = smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits", "--scheme", "seed",
+               "--w-bit", "4", "--a-bit", "4", "--limit", "64", "--json", out, "--device", "cpu", check=True)
+    assert json.loads(out.read_text())["scheme"] == "seed" and "seed scheme" in proc.stdout
+    assert_one_line_error(smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits",
+                              "--scheme", "nope", "--device", "cpu"), "unknown quantisation scheme 'nope'")
+    listed = json.loads(smi("plugins", "--json", check=True).stdout)
+    assert next(p for p in listed if p["name"] == "quant_schemes")["schemes"] == ["matmul", "seed", "repq"]
