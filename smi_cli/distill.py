@@ -16,6 +16,7 @@ from smi_cli.signals import stop_on_signals
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine import distributed
 from smi_engine.errors import SmiError
+from smi_engine.distill import resolve_recipe
 from smi_engine.invert import InversionConfig
 from smi_engine.losses import LossSpec, attach_options
 from smi_engine.models import ModelSpec, parse_model_args
@@ -23,7 +24,7 @@ from smi_engine.plugins import get_registry
 from smi_engine.rundir import RunDir
 from smi_engine.tasks import TaskContext
 
-STUDENT, SYNTH = "Student", "Synthesis (with --synthesize)"
+STUDENT, SYNTH, ROUNDS = "Student", "Synthesis (with --synthesize)", "Training rounds"
 
 
 def distill(
@@ -31,25 +32,31 @@ def distill(
     student: Annotated[str, typer.Option("--student", help="Student: a timm model name, or a model folder.", rich_help_panel=STUDENT)],
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
+    recipe: Annotated[str, typer.Option(help="Named defaults: default, or seed (the seed's test_kt.py: linear probe, SGD 0.1 constant, T 20, 1,000 rounds of one synthesised batch of 100 and one step on 32 drawn images). Options given explicitly win.", rich_help_panel=ROUNDS)] = "default",
     student_args: Annotated[Optional[str], typer.Option("--student-args", help="timm kwargs of the student.", rich_help_panel=STUDENT)] = None,
     student_pretrained: Annotated[bool, typer.Option("--student-pretrained", help="Start the student from timm's pretrained weights.", rich_help_panel=STUDENT)] = False,
     student_checkpoint: Annotated[Optional[Path], typer.Option("--student-checkpoint", help="Start the student from this state_dict.", rich_help_panel=STUDENT)] = None,
-    linear_probe: Annotated[bool, typer.Option("--linear-probe", help="Train only a new classifier head (the seed's setting).", rich_help_panel=STUDENT)] = False,
+    linear_probe: Annotated[Optional[bool], typer.Option("--linear-probe/--full-training", help="Train only a new classifier head on the frozen student (the seed's setting), or every weight.", rich_help_panel=STUDENT, show_default=False)] = None,
     pool: Annotated[Optional[list[str]], typer.Option("--pool", help="A run directory of `smi invert` to learn from, repeatable.")] = None,
-    synthesize: Annotated[bool, typer.Option("--synthesize", help="Invert fresh batches every epoch (settings below).")] = False,
+    grow: Annotated[Optional[int], typer.Option("--grow", help="Reveal the --pool images N per round, as if synthesised then (the seed recipe: one inverted batch per round).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    synthesize: Annotated[bool, typer.Option("--synthesize", help="Invert fresh batches every round (settings below).")] = False,
     schedule: Annotated[str, typer.Option(help="Stopping schedule for --synthesize.", rich_help_panel=SYNTH)] = "dense",
     iterations: Annotated[int, typer.Option(help="Inversion iterations per batch.", rich_help_panel=SYNTH)] = 4000,
-    synth_batch_size: Annotated[int, typer.Option(help="Images per synthesised batch.", rich_help_panel=SYNTH)] = 32,
-    synth_batches: Annotated[int, typer.Option(help="Batches synthesised per epoch.", rich_help_panel=SYNTH)] = 1,
+    synth_batch_size: Annotated[Optional[int], typer.Option(help="Images per synthesised batch (default: 32; seed recipe 100).", rich_help_panel=SYNTH, show_default=False)] = None,
+    synth_batches: Annotated[Optional[int], typer.Option(help="Batches synthesised per round (default: 1).", rich_help_panel=SYNTH, show_default=False)] = None,
     inversion_lr: Annotated[float, typer.Option("--inversion-lr", help="Adam learning rate on the pixels.", rich_help_panel=SYNTH)] = 0.25,
     loss: Annotated[Optional[list[str]], typer.Option("--loss", help="Inversion losses NAME[:WEIGHT].", rich_help_panel=SYNTH)] = None,
     loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE.", rich_help_panel=SYNTH)] = None,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random flips (in inversion and of the training images).")] = True,
-    epochs: Annotated[int, typer.Option(help="Epochs over the synthetic data.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, the seed's).")] = "adamw",
-    lr: Annotated[float, typer.Option(help="Student learning rate (cosine decay).")] = 1e-3,
-    temperature: Annotated[float, typer.Option(help="Softening temperature T of the KL loss (the seed: 20).")] = 20.0,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random flips (in inversion and of the training images) (default: on).", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", "--rounds", help="Rounds of training (default: 10; seed recipe 1000).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    steps_per_round: Annotated[Optional[int], typer.Option(help="Steps per round, each on --batch-size images drawn from all synthetic data so far (default: one pass over it; seed recipe 1).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per training step (default: 64; seed recipe 32).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd (momentum 0.9) (default: adamw; seed recipe sgd).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Student learning rate (default: 1e-3; seed recipe 0.1).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="cosine (over the rounds) or constant (default: cosine; seed recipe constant).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: 1e-4).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Softening temperature T of the KL loss (default: 20, the seed's).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    val_every: Annotated[Optional[int], typer.Option(help="Validate every N rounds (and after the last) (default: 1).", rich_help_panel=ROUNDS, show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="Validate on at most N images (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-distill).")] = None,
@@ -57,24 +64,30 @@ def distill(
     quiet: o.Quiet = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Teach a student the teacher's outputs on synthetic images only; validate on real data."""
+    """Teach a student the teacher's outputs on synthetic images only; validate on real data.
+
+    The seed's protocol on a pre-inverted pool (replayed one batch per round):
+    smi distill --recipe seed --teacher runs/teacher --student runs/student-0-4 --pool runs/sparse --data fashion-mnist
+    """
     teacher_spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher)
     if Path(student).is_dir():
         student_spec = ModelSpec.from_dir(student)
     else:
         student_spec = ModelSpec(student, parse_model_args(student_args), student_pretrained,
                                  str(student_checkpoint) if student_checkpoint else None)
-    options = {
-        "teacher": teacher_spec.to_dict(), "student": student_spec.to_dict(), "data": data, "pools": list(pool or []),
-        "synth_batches": synth_batches, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
-        "lr": lr, "temperature": temperature, "linear_probe": linear_probe, "flip": flip, "seed": seed,
-        "limit": limit or None,
-    }
+    options = resolve_recipe(recipe, {
+        "synth_batches": synth_batches, "synth_batch_size": synth_batch_size, "epochs": epochs,
+        "steps_per_round": steps_per_round, "grow": grow, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+        "lr_schedule": lr_schedule, "weight_decay": weight_decay, "temperature": temperature,
+        "linear_probe": linear_probe, "flip": flip, "val_every": val_every,
+    })
+    options.update({"teacher": teacher_spec.to_dict(), "student": student_spec.to_dict(), "data": data,
+                    "pools": list(pool or []), "seed": seed, "limit": limit or None})
     if synthesize:
         specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
         options["synthesize"] = InversionConfig(model=teacher_spec, schedule=schedule, iterations=iterations,
-                                                batch_size=synth_batch_size, lr=inversion_lr, losses=specs, flip=flip,
-                                                seed=seed).to_dict()
+                                                batch_size=options.get("synth_batch_size") or 32, lr=inversion_lr,
+                                                losses=specs, flip=options.get("flip", True), seed=seed).to_dict()
     elif not pool:
         raise SmiError("no synthetic data: pass --pool RUN_DIR (repeatable) or --synthesize")
     placement, torch_device = distributed.start(device)
@@ -96,14 +109,14 @@ def distill(
     if json_output:
         print_json(summary)
     elif not quiet:
-        typer.echo(f"best student top-1 {summary['best_top1']:.2f}% on {data} after {epochs} epochs on "
+        typer.echo(f"best student top-1 {summary['best_top1']:.2f}% on {data} after {summary['epochs']} rounds on "
                    f"{summary['synthetic_images']} synthetic images -> {summary['student_dir']}")
 
 
 class _EpochLog:
     def __call__(self, event: dict) -> None:
         if event["event"] == "epoch_end":
-            stderr.print(f"epoch {event['epoch'] + 1}/{event['epochs']}: kt loss {event['kt_loss']:.4f}  "
+            stderr.print(f"round {event['epoch'] + 1}/{event['epochs']}: kt loss {event['kt_loss']:.4f}  "
                          f"val top-1 {event['val_top1']:.2f}% (best {event['best_top1']:.2f}%)")
 
 

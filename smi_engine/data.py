@@ -6,6 +6,8 @@ four ``*-idx?-ubyte.gz`` files, as Debian's ``dataset-fashion-mnist`` installs t
 ``imagefolder:DIR`` (class sub-folders; sorted names give the class index, so an ImageNet
 folder of WordNet ids gets the standard order; ``DIR/train`` and ``DIR/val`` are used when
 present). Images load as float tensors in [0, 1]; ``ModelInput`` then fits them to a model.
+``SPEC@CLASSES`` keeps only some classes (``fashion-mnist@0-4``, ``digits@0,2,4``), relabelled
+0..k-1 in the order given: data disjoint from another task, e.g. to pretrain a student.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from smi_engine.models import Normalizer, model_input_size
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-SPEC_HELP = "digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR"
+SPEC_HELP = "digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR, each optionally @CLASSES (e.g. @0-4)"
 
 
 class TensorImages(Dataset):
@@ -42,6 +44,23 @@ class TensorImages(Dataset):
 
     def __getitem__(self, index: int):
         return self.images[index].float() / self.scale, self.labels[index]
+
+
+class ClassSubset(Dataset):
+    """The samples of some classes of a dataset, relabelled 0..k-1 in the order of ``classes``."""
+
+    def __init__(self, dataset: Dataset, classes: list[int]):
+        labels = _labels(dataset)
+        new_label = {old: new for new, old in enumerate(classes)}
+        self.dataset, self.new_label = dataset, new_label
+        self.indices = [i for i, label in enumerate(labels) if label in new_label]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[self.indices[index]]
+        return image, torch.tensor(self.new_label[int(label)])
 
 
 class FolderImages(Dataset):
@@ -197,7 +216,40 @@ def _image_folder(root: Path) -> DataSplits:
     return DataSplits(f"imagefolder:{root}", FolderImages(train), FolderImages(val), tuple(classes), 3)
 
 
+def _labels(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, TensorImages):
+        return dataset.labels.tolist()
+    if isinstance(dataset, FolderImages):
+        return [label for _, label in dataset.files]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """``0-4`` / ``0,2,7`` / ``0-2,8`` -> class indices, checked against the dataset."""
+    chosen: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            chosen += list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise SmiError(f"bad class selection @{text}: write indices and ranges, e.g. @0-4 or @0,2,7") from None
+    if not chosen or len(set(chosen)) != len(chosen) or not all(0 <= c < num_classes for c in chosen):
+        raise SmiError(f"class selection @{text} must name distinct classes in 0..{num_classes - 1}, e.g. @0-4")
+    return chosen
+
+
 def load_data(spec: str) -> DataSplits:
+    """The dataset a ``--data`` SPEC names."""
+    base, at, selection = spec.partition("@")
+    splits = _load(base)
+    if not at:
+        return splits
+    classes = parse_classes(selection, splits.num_classes)
+    return DataSplits(spec, ClassSubset(splits.train, classes), ClassSubset(splits.val, classes),
+                      tuple(splits.classes[c] for c in classes), splits.channels)
+
+
+def _load(spec: str) -> DataSplits:
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return _digits()

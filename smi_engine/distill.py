@@ -1,13 +1,20 @@
 """Data-free knowledge transfer: a student learns the teacher's softened outputs on synthetic
-images only (KL divergence at temperature T, scaled by T^2, as the seed), either from fixed
-pools or re-synthesising fresh batches every epoch. Validation on real data after every
-epoch; the best student is kept. Events: ``run_start``, ``train_step``, ``epoch_end``,
-``run_end`` (plus inversion's own events while synthesising).
+images only (KL divergence at temperature T, scaled by T^2, as the seed).
+
+Training runs in rounds (``epochs``). A round first adds synthetic data (``synth_batches``
+fresh inverted batches with ``synthesize``; with ``grow``, the next ``grow`` images of the
+fixed pools, replaying a pool as if it were synthesised round by round), then trains: one
+pass over everything synthesised so far, or ``steps_per_round`` steps on batches drawn at
+random from it (the seed's protocol: 1 step on 32 images per round). Validation on real data
+every ``val_every`` rounds and after the last; the best student is kept. Events:
+``run_start``, ``train_step``, ``epoch_end``, ``run_end`` (plus inversion's own while
+synthesising).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -35,6 +42,34 @@ from smi_engine.rundir import RunDir
 
 RUN_KIND = "distill"
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+
+#: Named settings for ``smi distill --recipe``; options given explicitly win. ``seed`` is the
+#: seed's test_kt.py: a linear probe (frozen backbone, new head) trained by SGD (lr 0.1,
+#: momentum 0.9, weight decay 1e-4, constant) at T = 20 for 1,000 rounds, each adding one
+#: synthesised batch of 100 images to a growing pool (or revealing the next batch of a fixed
+#: pool) and taking one step on 32 images drawn from it, with flips; best validation top-1.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "seed": {"linear_probe": True, "optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4, "lr_schedule": "constant",
+             "temperature": 20.0, "epochs": 1000, "steps_per_round": 1, "batch_size": 32, "synth_batches": 1,
+             "synth_batch_size": 100, "grow": "batch", "flip": True},
+}
+
+
+def resolve_recipe(name: str, explicit: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's settings under the explicitly given ones (``None`` counts as not given)."""
+    if name not in RECIPES:
+        raise SmiError(f"unknown --recipe {name!r}: use {', '.join(RECIPES)}")
+    return {**RECIPES[name], **{k: v for k, v in explicit.items() if v is not None}}
+
+
+def pool_batch_size(run_dir: str | Path) -> int:
+    """Images per inverted batch of a pool: what ``grow: batch`` reveals per round."""
+    try:
+        return int(RunDir(Path(run_dir)).read_config()["config"]["batch_size"])
+    except (KeyError, TypeError, ValueError):
+        raise SmiError(f"{run_dir} does not record its batch size: pass --grow N") from None
 
 
 @dataclass
@@ -45,14 +80,18 @@ class DistillConfig:
     pools: list[str] = field(default_factory=list)
     synthesize: InversionConfig | None = None  # invert this many batches each epoch, with these settings
     synth_batches: int = 1
-    epochs: int = 10
+    epochs: int = 10  # rounds
+    steps_per_round: int | None = None  # None: one pass over all synthetic data per round
+    grow: int | None = None  # reveal this many fixed-pool images per round (None: all at once)
     batch_size: int = 64
     optimizer: str = "adamw"
     lr: float = 1e-3
+    lr_schedule: str = "cosine"
     weight_decay: float = 1e-4
     temperature: float = 20.0
     linear_probe: bool = False
     flip: bool = True
+    val_every: int = 1
     seed: int = 0
     limit: int | None = None
 
@@ -61,11 +100,18 @@ class DistillConfig:
             raise SmiError("no synthetic data: pass --pool RUN_DIR (repeatable) or --synthesize")
         if self.optimizer not in OPTIMIZERS:
             raise SmiError(f"unknown --optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
-        for name in ("epochs", "batch_size", "synth_batches"):
-            if getattr(self, name) < 1:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SmiError(f"unknown --lr-schedule {self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}")
+        for name in ("epochs", "batch_size", "synth_batches", "val_every", "steps_per_round", "grow"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise SmiError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise SmiError("--temperature and --lr must be positive")
+        if self.grow is not None and (not self.pools or self.synthesize is not None):
+            raise SmiError("--grow reveals a fixed pool round by round: pass --pool RUN_DIR, without --synthesize")
+        if not (math.isfinite(self.temperature) and self.temperature > 0 and math.isfinite(self.lr) and self.lr > 0):
+            raise SmiError("--temperature and --lr must be positive numbers")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise SmiError("--weight-decay must be a number >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -85,14 +131,12 @@ def prepare_student(spec: ModelSpec, num_classes: int, linear_probe: bool, devic
     if spec.checkpoint is None and "num_classes" not in spec.args:
         spec = replace(spec, args={**spec.args, "num_classes": num_classes})
     student = load_model(spec, device, frozen=linear_probe)
-    if student.num_classes != num_classes:
-        if not linear_probe:
-            raise SmiError(f"the student has {student.num_classes} classes but the teacher {num_classes}: pass --student-args num_classes={num_classes}")
+    if linear_probe:  # a frozen backbone under a new classifier head (the seed's linear probe)
         student.model.reset_classifier(num_classes)
         student.model.to(device)
-    if linear_probe:
-        head = student.model.get_classifier()
-        head.requires_grad_(True)
+        student.model.get_classifier().requires_grad_(True)
+    elif student.num_classes != num_classes:
+        raise SmiError(f"the student has {student.num_classes} classes but the teacher {num_classes}: pass --student-args num_classes={num_classes}")
     return student
 
 
@@ -173,68 +217,112 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
         bus.close()
 
 
+class SyntheticData:
+    """What the student may learn from so far, all in the teacher's normalisation: the fixed
+    pools (revealed ``grow`` images per round, or at once) followed by the batches made while
+    training."""
+
+    def __init__(self, fixed: list[tuple[Pool, Normalizer]], target: Normalizer, grow: int | None):
+        converted = [_renormalized(pool, source, target) for pool, source in fixed]
+        self.pool = _concat(converted) if converted else None
+        self.grow, self.fixed_images = grow, sum(len(p) for p in converted)
+
+    def add(self, pool: Pool) -> None:
+        self.pool = pool if self.pool is None else _concat([self.pool, pool])
+
+    def available(self, round_index: int) -> Pool:
+        if self.grow is None:
+            return self.pool
+        n = min(self.fixed_images, (round_index + 1) * self.grow)
+        return Pool(self.pool.images[:n], self.pool.labels[:n], self.pool.keep[:n])
+
+
+def _renormalized(pool: Pool, source: Normalizer, target: Normalizer) -> Pool:
+    if source == target:
+        return pool
+    return Pool(target.normalize(source.denormalize(pool.images)), pool.labels, pool.keep)
+
+
+def _concat(pools: list[Pool]) -> Pool:
+    return Pool(*(torch.cat([getattr(p, key) for p in pools]) for key in ("images", "labels", "keep")))
+
+
+def _optimizer_and_schedule(config: DistillConfig, student: LoadedModel):
+    trainable = [p for p in student.model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.SGD(trainable, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+                 if config.optimizer == "sgd" else torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay))
+    if config.lr_schedule == "cosine":
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _round: 1.0)
+
+
 def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement) -> dict[str, Any]:
+    data = SyntheticData(fixed, teacher.normalizer, config.grow)
     bus.emit("run_start", kind=RUN_KIND, teacher=config.teacher.name, student=config.student.name, epochs=config.epochs,
              device=str(device), data=config.data, synthesize=synthesis is not None, world_size=placement.world_size,
-             pool_images=sum(len(p) for p, _ in fixed))
+             pool_images=data.fixed_images, steps_per_round=config.steps_per_round, grow=config.grow)
     teacher_feed = ModelFeeder(teacher.model, teacher.normalizer)
     student_forward = _Fed(ModelFeeder(student.model, student.normalizer))
     if placement.distributed:
         # The class token's gradient arrives as a strided view; DDP warns, harmlessly, on every step.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         student_forward = DistributedDataParallel(student_forward, device_ids=[device.index] if device.type == "cuda" else None)
-    trainable = [p for p in student.model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.SGD(trainable, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-                 if config.optimizer == "sgd" else torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    optimizer, scheduler = _optimizer_and_schedule(config, student)
     val = loader(splits.val, ModelInput.for_model(student.model, student.normalizer), 256)
     generator = torch.Generator().manual_seed(config.seed)
-    synthesized: list[Pool] = []
+    synthesized = 0
     best, history, started = -1.0, [], time.perf_counter()
+    total, seen, since = 0.0, 0, time.perf_counter()
     for epoch in range(config.epochs):
-        epoch_started = time.perf_counter()
         if synthesis is not None:
-            synthesized += [synthesis.batch() for _ in range(config.synth_batches)]
-        sources = fixed + [(p, teacher.normalizer) for p in synthesized]
+            for _ in range(config.synth_batches):
+                made = synthesis.batch()
+                data.add(made)
+                synthesized += len(made)
+        pool = data.available(epoch)
         student.model.train(not config.linear_probe)
-        total, seen, step = 0.0, 0, 0
-        for batch, source in _batches(sources, config.batch_size, config.flip, generator, placement):
+        batches = (_epoch_batches(pool, config.batch_size, generator, placement) if config.steps_per_round is None
+                   else _drawn_batches(pool, config.batch_size, config.steps_per_round, generator, placement))
+        for step, rows in enumerate(batches):
             if control.should_stop():
-                raise RunInterrupted(f"stopped in epoch {epoch}", epoch, step)
+                raise RunInterrupted(f"stopped in round {epoch}", epoch, step)
+            batch = _batch(pool, rows, config.flip, generator)
             batch.images = batch.images.to(device)
             with torch.no_grad():
-                target = teacher_feed(batch, source)
-            loss = kd_loss(student_forward(batch.images, batch.keep, source), target, config.temperature)
+                target = teacher_feed(batch, teacher.normalizer)
+            loss = kd_loss(student_forward(batch.images, batch.keep, teacher.normalizer), target, config.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch.images)
             seen += len(batch.images)
             bus.emit("train_step", epoch=epoch, step=step, loss=float(loss.detach()))
-            step += 1
         scheduler.step()
-        total, seen = placement.sum([total, seen])
-        if not placement.is_main:  # rank 0 validates, keeps the best student and reports
+        if (epoch + 1) % config.val_every and epoch + 1 < config.epochs:
             continue
-        student.model.eval()
-        metrics = evaluate(student.model, val, device, config.limit)
-        if metrics["top1"] > best:
-            best = metrics["top1"]
-            save_model(run_dir.path / "student", student, {"distilled_from": config.teacher.name, "data": config.data,
-                                                          "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
-        record = {"epoch": epoch, "epochs": config.epochs, "kt_loss": total / max(seen, 1), "val_top1": metrics["top1"],
-                  "val_top5": metrics["top5"], "best_top1": best, "images": int(seen),
-                  "seconds": time.perf_counter() - epoch_started}
-        history.append(record)
-        bus.emit("epoch_end", **record)
-    synthesized_images = int(placement.sum([sum(len(p) for p in synthesized)])[0])  # every rank takes part
+        total, seen = placement.sum([total, seen])
+        if placement.is_main:  # rank 0 validates, keeps the best student and reports
+            student.model.eval()
+            metrics = evaluate(student.model, val, device, config.limit)
+            if metrics["top1"] > best:
+                best = metrics["top1"]
+                save_model(run_dir.path / "student", student, {"distilled_from": config.teacher.name, "data": config.data,
+                                                              "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
+            record = {"epoch": epoch, "epochs": config.epochs, "kt_loss": total / max(seen, 1), "val_top1": metrics["top1"],
+                      "val_top5": metrics["top5"], "best_top1": best, "images": int(seen), "pool_images": len(pool),
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "seconds": time.perf_counter() - since}
+            history.append(record)
+            bus.emit("epoch_end", **record)
+        total, seen, since = 0.0, 0, time.perf_counter()
+    synthesized_images = int(placement.sum([synthesized])[0])  # every rank takes part
     if not placement.is_main:
         return {}
     summary = {
         "teacher": config.teacher.name, "student": config.student.name, "data": config.data,
         "best_top1": best, "final_top1": history[-1]["val_top1"], "final_top5": history[-1]["val_top5"],
         "epochs": config.epochs, "world_size": placement.world_size,
-        "synthetic_images": sum(len(p) for p, _ in fixed) + synthesized_images,
+        "synthetic_images": data.fixed_images + synthesized_images,
         "seconds": time.perf_counter() - started, "student_dir": str(run_dir.path / "student"), "history": history,
         "run_dir": str(run_dir.path),
     }
@@ -243,23 +331,32 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
     return summary
 
 
-def _batches(sources: list[tuple[Pool, Normalizer]], batch_size: int, flip: bool, generator: torch.Generator,
-             placement: Placement):
-    """Shuffled minibatches over every pool (each batch from one pool), random flips applied to
-    image and keep mask alike so teacher and student see the same input. Under torchrun each
-    rank takes an equal share (DistributedDataParallel needs the same number of steps)."""
-    chunks = []
-    for index, (pool, _) in enumerate(sources):
-        order = torch.randperm(len(pool), generator=generator)
-        chunks += [(index, order[i : i + batch_size]) for i in range(0, len(pool), batch_size)]
-    order = torch.randperm(len(chunks), generator=generator).tolist()
-    order = (order * placement.world_size)[: max(len(order) // placement.world_size, 1) * placement.world_size]
-    for position in order[placement.rank :: placement.world_size]:
-        index, rows = chunks[position]
-        pool, source = sources[index]
-        images, keep = pool.images[rows], pool.keep[rows]
-        if flip:
-            flipped = (torch.rand(len(rows), generator=generator) < 0.5).view(-1, 1, 1, 1)
-            images = torch.where(flipped, images.flip(3), images)
-            keep = torch.where(flipped[:, 0], keep.flip(2), keep)
-        yield Batch(images, None if bool(keep.all()) else keep, pool.labels[rows]), source
+def _epoch_batches(pool: Pool, batch_size: int, generator: torch.Generator, placement: Placement):
+    """Row indices of shuffled minibatches covering the pool once. Under torchrun each rank
+    takes an equal share (DistributedDataParallel needs the same number of steps)."""
+    order = torch.randperm(len(pool), generator=generator)
+    chunks = [order[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+    picks = (list(range(len(chunks))) * placement.world_size)[: max(len(chunks) // placement.world_size, 1) * placement.world_size]
+    for position in picks[placement.rank :: placement.world_size]:
+        yield chunks[position]
+
+
+def _drawn_batches(pool: Pool, batch_size: int, steps: int, generator: torch.Generator, placement: Placement):
+    """``steps`` batches, each drawn at random (without replacement) from the whole pool; every
+    rank draws its own."""
+    for _ in range(steps):
+        for rank in range(placement.world_size):
+            rows = torch.randperm(len(pool), generator=generator)[:batch_size]
+            if rank == placement.rank:
+                yield rows
+
+
+def _batch(pool: Pool, rows: torch.Tensor, flip: bool, generator: torch.Generator) -> Batch:
+    """The rows of a pool, randomly flipped (image and keep mask alike, so teacher and student
+    see the same input)."""
+    images, keep = pool.images[rows], pool.keep[rows]
+    if flip:
+        flipped = (torch.rand(len(rows), generator=generator) < 0.5).view(-1, 1, 1, 1)
+        images = torch.where(flipped, images.flip(3), images)
+        keep = torch.where(flipped[:, 0], keep.flip(2), keep)
+    return Batch(images, None if bool(keep.all()) else keep, pool.labels[rows])

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from smi_engine.data import ModelInput, load_data, loader
-from smi_engine.distill import DistillConfig, kd_loss, prepare_student, run_distillation
+from smi_engine.distill import DistillConfig, kd_loss, prepare_student, resolve_recipe, run_distillation
 from smi_engine.errors import SmiError
 from smi_engine.files import write_json
 from smi_engine.invert import InversionConfig
 from smi_engine.models import ModelSpec, load_model
-from smi_engine.pool import write_shard
+from smi_engine.pool import load_pool, write_shard
 
 from .conftest import DIGITS_ARGS, read_events, smi
 
@@ -42,18 +42,33 @@ def real_pool(tmp_path_factory, digits_teacher):
     return folder
 
 
-def test_transfer_teaches_the_student_and_keeps_the_best(tmp_path, digits_teacher, real_pool):
-    config = DistillConfig(ModelSpec.from_dir(digits_teacher), STUDENT, "digits", pools=[str(real_pool)], epochs=4,
-                           batch_size=64, lr=3e-3, temperature=4.0)
+@pytest.fixture(scope="module")
+def noise_pool(tmp_path_factory, real_pool):
+    """The real pool's size and labels, Gaussian noise for images: the baseline a transfer must beat."""
+    folder = tmp_path_factory.mktemp("noise-pool")
+    (folder / "config.json").write_bytes((real_pool / "config.json").read_bytes())
+    pool = load_pool(real_pool)
+    generator = torch.Generator().manual_seed(0)
+    write_shard(folder / "pool", 0, 0, torch.randn(pool.images.shape, generator=generator), pool.labels, pool.keep, {})
+    return folder
+
+
+def test_transfer_teaches_the_student_and_keeps_the_best(tmp_path, digits_teacher, real_pool, noise_pool):
+    teacher = ModelSpec.from_dir(digits_teacher)
+    baseline = run_distillation(DistillConfig(teacher, STUDENT, "digits", pools=[str(noise_pool)], epochs=10, batch_size=64,
+                                              lr=3e-3, temperature=4.0), tmp_path / "noise", torch.device("cpu"))
+    config = DistillConfig(teacher, STUDENT, "digits", pools=[str(real_pool)], epochs=10, batch_size=64, lr=3e-3, temperature=4.0)
     summary = run_distillation(config, tmp_path / "kt", torch.device("cpu"))
     history = summary["history"]
-    assert summary["best_top1"] > 40 and summary["best_top1"] == max(h["val_top1"] for h in history)
+    # Measured here: 71% against 42% from noise; half that gap leaves room for other CPUs.
+    assert summary["best_top1"] > baseline["best_top1"] + 15
+    assert summary["best_top1"] == max(h["val_top1"] for h in history)
     assert history[-1]["kt_loss"] < history[0]["kt_loss"]
     best = load_model(ModelSpec.from_dir(tmp_path / "kt" / "student"))
     card = json.loads((tmp_path / "kt" / "student" / "smi-model.json").read_text())
     assert card["accuracy"]["top1"] == summary["best_top1"] and best.num_classes == 10
     epochs = [e for e in read_events(tmp_path / "kt") if e["event"] == "epoch_end"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3] and all({"kt_loss", "val_top1"} <= set(e) for e in epochs)
+    assert [e["epoch"] for e in epochs] == list(range(10)) and all({"kt_loss", "val_top1"} <= set(e) for e in epochs)
 
 
 def test_synthesize_inverts_fresh_batches_every_epoch(tmp_path, digits_teacher):
@@ -93,3 +108,48 @@ def test_distill_cli(tmp_path, digits_teacher, real_pool):
     missing = smi("distill", "--teacher", digits_teacher, "--student", "vit_tiny_patch16_224", "--data", "digits",
                   "--out", tmp_path / "none")
     assert missing.returncode == 2 and "--pool RUN_DIR" in missing.stderr and not (tmp_path / "none").exists()
+
+
+def test_seed_recipe_and_explicit_options():
+    seed = resolve_recipe("seed", {"lr": 0.01, "epochs": None})
+    assert seed["lr"] == 0.01 and seed["epochs"] == 1000 and seed["optimizer"] == "sgd" and seed["linear_probe"]
+    assert (seed["steps_per_round"], seed["batch_size"], seed["synth_batch_size"], seed["lr_schedule"]) == (1, 32, 100, "constant")
+    assert resolve_recipe("default", {"lr": None}) == {}
+    with pytest.raises(SmiError, match="unknown --recipe 'paper'"):
+        resolve_recipe("paper", {})
+
+
+def test_rounds_draw_steps_from_a_growing_pool(tmp_path, digits_teacher, real_pool):
+    """The seed's protocol replayed on a fixed pool: each round reveals the next images and
+    takes a few steps on batches drawn from everything revealed so far; constant LR."""
+    config = DistillConfig(ModelSpec.from_dir(digits_teacher), STUDENT, "digits", pools=[str(real_pool)], epochs=5,
+                           steps_per_round=2, grow=100, batch_size=16, optimizer="sgd", lr=0.1, lr_schedule="constant",
+                           linear_probe=True, val_every=2, limit=64)
+    summary = run_distillation(config, tmp_path / "kt", torch.device("cpu"))
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [1, 3, 4]  # every second round, and the last
+    assert [h["pool_images"] for h in history] == [200, 400, 500]
+    assert [h["images"] for h in history] == [2 * 2 * 16, 2 * 2 * 16, 2 * 16]
+    assert all(h["lr"] == 0.1 for h in history)
+    steps = [e for e in read_events(tmp_path / "kt") if e["event"] == "train_step"]
+    assert len(steps) == 5 * 2
+    cosine = run_distillation(DistillConfig(config.teacher, STUDENT, "digits", pools=[str(real_pool)], epochs=3,
+                                            steps_per_round=1, batch_size=16, lr=0.1, limit=32), tmp_path / "cos",
+                              torch.device("cpu"))
+    assert [h["lr"] for h in cosine["history"]][0] < 0.1 and cosine["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(SmiError, match="--grow reveals a fixed pool"):
+        DistillConfig(config.teacher, STUDENT, "digits", grow=10, synthesize=InversionConfig(model=config.teacher)).validate()
+
+
+def test_distill_cli_seed_recipe(tmp_path, digits_teacher, real_pool):
+    proc = smi("distill", "--recipe", "seed", "--teacher", digits_teacher, "--student", digits_teacher, "--pool", real_pool,
+               "--grow", "64", "--rounds", "4", "--val-every", "2", "--data", "digits", "--limit", "64", "--out", tmp_path / "kt", "--json",
+               "--device", "cpu", check=True)
+    summary = json.loads(proc.stdout)
+    assert summary["epochs"] == 4 and [h["pool_images"] for h in summary["history"]] == [128, 256]
+    config = json.loads((tmp_path / "kt" / "config.json").read_text())["config"]
+    assert (config["optimizer"], config["lr"], config["lr_schedule"], config["temperature"]) == ("sgd", 0.1, "constant", 20.0)
+    assert config["linear_probe"] and config["steps_per_round"] == 1 and config["batch_size"] == 32
+    no_size = smi("distill", "--recipe", "seed", "--teacher", digits_teacher, "--student", digits_teacher, "--pool", real_pool,
+                  "--data", "digits", "--out", tmp_path / "x", "--device", "cpu")
+    assert no_size.returncode == 2 and "--grow N" in no_size.stderr and not (tmp_path / "x").exists()
