@@ -24,7 +24,7 @@ from smi_engine.augment import Jitter
 from smi_engine.errors import SmiError
 from smi_engine.models import LoadedModel, Normalizer, parse_model_args
 from smi_engine.patches import PatchGrid
-from smi_engine.sparse_image import SparseImage
+from smi_engine.sparse_image import NeighbourDifferences, SparseImage
 from smi_engine.sparse_vit import SparseOutput, SparseViT
 
 
@@ -57,9 +57,9 @@ class LossState:
     teacher     the SparseViT (``teacher.model`` is the timm model, ``teacher.grid`` the grid)
     normalizer  the teacher's input normalisation
     iteration, iterations, batch   where the run is
-    neighbour_differences()  (diffs (B, 4, K*D), counts (4,)): per neighbour direction (right,
-                down, both diagonals) the differences between kept pixels and their kept
-                neighbours (zero elsewhere), and how many pairs count; costs in proportion to K
+    neighbour_differences()  a NeighbourDifferences: the total-variation prior's pixel
+                differences over the whole image with stopped pixels frozen (right, down, both
+                diagonals), with ``l2()`` and ``l1()``; costs in proportion to K
     view(jitter)       (tokens, positions) of the kept patches under another jitter
     forward(tokens, positions, attention_outputs=False)  the teacher on another view
     """
@@ -94,7 +94,7 @@ class LossState:
         ready for ``forward``. Gradients flow back to ``patches``."""
         return self._image.tokens(jitter, self.patches)
 
-    def neighbour_differences(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def neighbour_differences(self) -> NeighbourDifferences:
         return self._image.neighbour_differences(self.patches)
 
     @property

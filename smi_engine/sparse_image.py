@@ -10,6 +10,7 @@ when a loss asks for it.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -28,18 +29,45 @@ def _pixel_index(grid: PatchGrid, device: torch.device) -> torch.Tensor:
 TV_OFFSETS = ((0, 1), (1, 0), (1, -1), (1, 1))
 
 
-@functools.lru_cache(maxsize=8)
-def _neighbour_index(grid: PatchGrid, device: torch.device) -> torch.Tensor:
-    """(4, N, D): per direction, the flat patch-layout index of each element's neighbour, or -1."""
+@functools.lru_cache(maxsize=16)
+def _neighbour_index(grid: PatchGrid, device: torch.device, backward: bool = False) -> torch.Tensor:
+    """(4, N, D): per direction, the flat patch-layout index of each element's neighbour (the
+    one before it with ``backward``), or -1 outside the image."""
     index = _pixel_index(grid, device)
     _, h, w = index.shape
     maps = []
     for dy, dx in TV_OFFSETS:
+        dy, dx = (-dy, -dx) if backward else (dy, dx)
         neighbour = torch.full_like(index, -1)
-        x0, x1 = max(0, -dx), w - max(0, dx)
-        neighbour[:, : h - dy, x0:x1] = index[:, dy:, x0 + dx : x1 + dx]
+        y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
+        neighbour[:, y0:y1, x0:x1] = index[:, y0 + dy : y1 + dy, x0 + dx : x1 + dx]
         maps.append(grid.patchify(neighbour[None])[0])
     return torch.stack(maps)
+
+
+@dataclass
+class NeighbourDifferences:
+    """The image prior's pixel differences over the whole image, stopped pixels frozen, in the
+    seed's four directions (right, down, down-left, down-right).
+
+    ``moving`` (B, 4, M): every pair with a kept pixel in it (zeros pad), so gradients flow;
+    ``frozen_squares``/``frozen_absolute`` (4,): sums over the pairs of two stopped pixels,
+    constants of the stage; ``counts`` (4,): pairs per direction in the whole batch.
+    """
+
+    moving: torch.Tensor
+    frozen_squares: torch.Tensor
+    frozen_absolute: torch.Tensor
+    counts: torch.Tensor
+
+    def l2(self) -> torch.Tensor:
+        """Sum over directions of the l2 norm of the differences (the seed's ``loss_var_l2``)."""
+        squares = self.moving.pow(2).sum(dim=(0, 2)) + self.frozen_squares
+        return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt().sum()
+
+    def l1(self) -> torch.Tensor:
+        """Sum over directions of the mean absolute difference (the seed's ``loss_var_l1``)."""
+        return ((self.moving.abs().sum(dim=(0, 2)) + self.frozen_absolute) / self.counts.clamp_min(1)).sum()
 
 
 @functools.lru_cache(maxsize=512)
@@ -57,6 +85,15 @@ def _jitter_elements(grid: PatchGrid, dy: int, dx: int, flip: bool, device: torc
     inner = torch.remainder(i, ph) * pw + torch.remainder(j, pw)
     element = torch.arange(grid.channels).view(-1, 1) * (ph * pw) + inner.flatten().view(1, -1)
     return which.flatten().repeat(grid.channels).to(device), element.flatten().to(device)
+
+
+def _pack(mask: torch.Tensor, *columns: tuple[torch.Tensor, float | int]) -> list[torch.Tensor]:
+    """Keep the entries of (b, 4, M) ``columns`` where ``mask`` holds, moved to the front of the
+    last dimension, cut to the longest row, the rest filled with each column's padding value."""
+    count = mask.sum(dim=-1, keepdim=True)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., : int(count.max())]
+    filled = torch.arange(order.shape[-1], device=mask.device) < count
+    return [torch.where(filled, values.gather(-1, order), padding) for values, padding in columns]
 
 
 class SparseImage:
@@ -77,17 +114,53 @@ class SparseImage:
         device = self.kept.device
         self.row_of = torch.full((b, self.grid.num_patches), -1, dtype=torch.long, device=device)
         self.row_of.scatter_(1, self.kept, torch.arange(k, device=device).expand(b, -1))
-        # The image prior's neighbour of every kept element, per direction, as an index into
-        # the flattened kept patches (B, 4, K*D) and whether that pair counts (the neighbour is
-        # inside the image and kept). While dense, every image shares one map.
+        self._index_prior()
+
+    def _index_prior(self) -> None:
+        """The image prior's pairs that involve a kept pixel, per direction, packed: kept-kept
+        pairs as two indices into the flattened kept patches (each pair once, from its first
+        pixel), kept-stopped pairs (either order) as one index and the stopped pixel's frozen
+        value. Padding points at an extra zero element, so it adds nothing. While dense, every
+        image shares one map."""
         rows, kept = (self.row_of[:1], self.kept[:1]) if self.dense else (self.row_of, self.kept)
+        b, k = kept.shape
         d = self.grid.patch_dim
-        target = _neighbour_index(self.grid, device)[:, kept].movedim(0, 1)  # (b, 4, K, D)
-        row = rows.gather(1, (target.clamp_min(0) // d).flatten(1)).view_as(target)
-        valid = (target >= 0) & (row >= 0)
-        self.tv_index = torch.where(valid, row * d + target % d, 0).flatten(2)
-        self.tv_valid = valid.flatten(2).to(self.store.dtype)
-        self.tv_counts = self.tv_valid.sum(dim=(0, 2)) * (b if self.dense else 1)
+        own = torch.arange(k * d, device=kept.device).expand(b, 4, -1)
+        store = self.store[: len(rows)].flatten(1)
+
+        def partners(backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            target = _neighbour_index(self.grid, kept.device, backward)[:, kept].movedim(0, 1).flatten(2)  # (b, 4, K*D)
+            row = rows.gather(1, (target.clamp_min(0) // d).flatten(1)).view_as(target)
+            frozen = store.gather(1, target.clamp_min(0).flatten(1)).view_as(target)
+            return target >= 0, torch.where(row >= 0, row * d + target % d, 0), row, frozen
+
+        inside, partner, row, frozen = partners(backward=False)
+        pad = k * d
+        self.tv_pairs = _pack(inside & (row >= 0), (own, pad), (partner, pad))
+        stopped_after = _pack(inside & (row < 0), (own, pad), (frozen, 0.0))
+        if self.dense:
+            self.tv_frozen_partners = stopped_after
+        else:
+            inside, _, row, frozen = partners(backward=True)
+            stopped_before = _pack(inside & (row < 0), (own, pad), (frozen, 0.0))
+            self.tv_frozen_partners = [torch.cat([a, c], dim=2) for a, c in zip(stopped_after, stopped_before)]
+        self._frozen_pairs()
+
+    def _frozen_pairs(self) -> None:
+        """Per direction: the sums over pairs of two stopped pixels, and the pairs in the batch."""
+        images = self.grid.unpatchify(self.store)
+        stopped = self.grid.pixel_mask(~self.keep_mask()).to(images.dtype).expand_as(images)
+        squares, absolute, counts = [], [], []
+        for dy, dx in TV_OFFSETS:
+            h, w = images.shape[-2:]
+            first = (slice(None), slice(None), slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
+            second = (slice(None), slice(None), slice(dy, h), slice(max(0, dx), w - max(0, -dx)))
+            diff = (images[first] - images[second]) * stopped[first] * stopped[second]
+            squares.append(diff.pow(2).sum())
+            absolute.append(diff.abs().sum())
+            counts.append(diff.numel())
+        self.tv_frozen_squares, self.tv_frozen_absolute = torch.stack(squares), torch.stack(absolute)
+        self.tv_counts = torch.tensor(counts, dtype=self.store.dtype, device=self.store.device)
 
     @property
     def dense(self) -> bool:
@@ -138,14 +211,19 @@ class SparseImage:
         frozen_values = self.store.flatten(1).gather(1, ((source * d).gather(2, pick) + element).flatten(1))
         return torch.where(from_param, kept_values, frozen_values).view_as(kept_index), positions
 
-    def neighbour_differences(self, param: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differences between each kept pixel and its neighbour in the seed's four directions
-        (right, down, down-left, down-right): (B, 4, K*D), zero where the neighbour is outside
-        the image or stopped; and the number of pairs that count per direction, (4,)."""
+    def neighbour_differences(self, param: torch.Tensor | None = None) -> NeighbourDifferences:
+        """The total-variation prior's differences over the whole image, stopped pixels frozen:
+        the kept ones move against their kept and stopped neighbours alike (the seed's prior)."""
         flat = (self.param if param is None else param).flatten(1)
-        index = self.tv_index.expand(len(flat), -1, -1)
-        neighbours = flat.gather(1, index.flatten(1)).view_as(index)
-        return (flat.unsqueeze(1) - neighbours) * self.tv_valid, self.tv_counts
+        flat = torch.cat([flat, flat.new_zeros(len(flat), 1)], dim=1)  # the padding's zero
+
+        def take(index: torch.Tensor) -> torch.Tensor:
+            return flat.gather(1, index.expand(len(flat), -1, -1).flatten(1)).view(len(flat), *index.shape[1:])
+
+        first, second = self.tv_pairs
+        own, frozen = self.tv_frozen_partners
+        moving = torch.cat([take(first) - take(second), take(own) - frozen.expand(len(flat), -1, -1)], dim=2)
+        return NeighbourDifferences(moving, self.tv_frozen_squares, self.tv_frozen_absolute, self.tv_counts)
 
     def shrink(self, selected: torch.Tensor) -> None:
         """Stop all but the ``selected`` (B, K') rows of the kept set: commit their pixels to the

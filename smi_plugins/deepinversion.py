@@ -84,11 +84,11 @@ class DeepInversionLoss:
         if w["ce"]:
             terms["ce"] = w["ce"] * F.cross_entropy(state.logits, state.targets)
         if w["tv_l2"] or w["tv_l1"]:
-            diffs, counts = state.neighbour_differences()  # (B, 4, K*D), (4,)
-            if w["tv_l2"]:  # sum over directions of the l2 norm of the differences
-                terms["tv_l2"] = w["tv_l2"] * torch.linalg.vector_norm(diffs, dim=(0, 2)).sum()
-            if w["tv_l1"]:  # sum over directions of the mean absolute difference
-                terms["tv_l1"] = w["tv_l1"] * (diffs.abs().sum(dim=(0, 2)) / counts.clamp_min(1)).sum()
+            differences = state.neighbour_differences()
+            if w["tv_l2"]:
+                terms["tv_l2"] = w["tv_l2"] * differences.l2()
+            if w["tv_l1"]:
+                terms["tv_l1"] = w["tv_l1"] * differences.l1()
         if w["l2"]:
             terms["l2"] = w["l2"] * torch.linalg.vector_norm(state.patches)
         if w["bn"] or w["adv"]:

@@ -83,38 +83,38 @@ def test_stopped_neighbours_feed_frozen_pixels_and_get_no_gradient():
     assert image.store.grad is None and not image.store.requires_grad
 
 
-def _reference_tv(images: torch.Tensor, pixel_keep: torch.Tensor | None):
-    """The seed's prior on full images, restricted to pairs of kept pixels."""
-    pairs = (
-        (images[:, :, :, :-1], images[:, :, :, 1:]),
-        (images[:, :, :-1, :], images[:, :, 1:, :]),
-        (images[:, :, 1:, :-1], images[:, :, :-1, 1:]),
-        (images[:, :, :-1, :-1], images[:, :, 1:, 1:]),
+def _reference_tv(images: torch.Tensor):
+    """The seed's prior (``get_image_prior_losses``) on full images: every pair of neighbours,
+    stopped pixels included (they are frozen in ``images``, so only kept pixels get gradients)."""
+    diffs = (
+        images[:, :, :, :-1] - images[:, :, :, 1:],
+        images[:, :, :-1, :] - images[:, :, 1:, :],
+        images[:, :, 1:, :-1] - images[:, :, :-1, 1:],
+        images[:, :, :-1, :-1] - images[:, :, 1:, 1:],
     )
-    keep = torch.ones_like(images[:, :1]) if pixel_keep is None else pixel_keep
-    masks = (
-        keep[:, :, :, :-1] * keep[:, :, :, 1:], keep[:, :, :-1, :] * keep[:, :, 1:, :],
-        keep[:, :, 1:, :-1] * keep[:, :, :-1, 1:], keep[:, :, :-1, :-1] * keep[:, :, 1:, 1:],
-    )
-    l1 = sum(((a - b) * m).abs().sum() / (m.sum() * images.shape[1]) for (a, b), m in zip(pairs, masks))
-    l2 = sum(torch.linalg.vector_norm((a - b) * m) for (a, b), m in zip(pairs, masks))
-    return l1, l2
+    return sum(d.abs().mean() for d in diffs), sum(torch.norm(d) for d in diffs)
 
 
 def _tv(image: SparseImage):
-    diffs, counts = image.neighbour_differences()
-    return (diffs.abs().sum(dim=(0, 2)) / counts).sum(), torch.linalg.vector_norm(diffs, dim=(0, 2)).sum()
+    differences = image.neighbour_differences()
+    return differences.l1(), differences.l2()
 
 
 @pytest.mark.parametrize("kept_count", [None, 13, 1])
-def test_neighbour_differences_give_the_seeds_prior_on_kept_pixels(kept_count):
+def test_neighbour_differences_give_the_seeds_prior_on_the_whole_image(kept_count):
     image = _image(kept_count)
-    pixel_keep = None if kept_count is None else GRID.pixel_mask(image.keep_mask()).float()
-    expected = _reference_tv(image.images(), pixel_keep)
-    if kept_count == 1:  # a lone patch has only inner pairs
-        assert bool((image.neighbour_differences()[1] > 0).all())
-    for got, want in zip(_tv(image), expected):
+    for got, want in zip(_tv(image), _reference_tv(image.images())):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lone_kept_patch_is_pulled_towards_its_stopped_neighbours():
+    image = _image(1)
+    image.neighbour_differences().l2().backward()
+    grad = GRID.unpatchify(image.store.new_zeros(image.store.shape).scatter(
+        1, image.kept.unsqueeze(-1).expand(-1, -1, GRID.patch_dim), image.param.grad))
+    border = GRID.pixel_mask(image.keep_mask()) & ~torch.nn.functional.max_pool2d(
+        (~GRID.pixel_mask(image.keep_mask())).float(), 3, 1, 1).eq(0)
+    assert bool((grad.abs().sum(1, keepdim=True)[border] > 0).all())  # every border pixel feels a pull
 
 
 def test_dense_prior_is_the_seed_formula():
@@ -150,11 +150,10 @@ def test_shrink_commits_pixels_and_keeps_only_the_selected_rows():
 @pytest.mark.parametrize("kept_count", [None, 9])
 def test_prior_gradient_matches_autograd_through_the_full_image(kept_count):
     image = _image(kept_count)
-    pixel_keep = None if kept_count is None else GRID.pixel_mask(image.keep_mask()).float()
     l1, l2 = _tv(image)
     (l1 + l2).backward()
     fast = image.param.grad.clone()
     image.param.grad = None
-    ref_l1, ref_l2 = _reference_tv(image.images(), pixel_keep)
+    ref_l1, ref_l2 = _reference_tv(image.images())
     (ref_l1 + ref_l2).backward()
     torch.testing.assert_close(fast, image.param.grad, rtol=1e-5, atol=1e-6)
