@@ -1,12 +1,25 @@
 """Quality benchmark on Fashion-MNIST: does sparse inversion serve the data-free tasks as well as
-dense inversion, for less inversion time?
+dense inversion, for less inversion time? The seed's downstream protocols, 3 seeds.
 
-    python benchmarks/quality.py [--out benchmarks/results/fashion-mnist] [--device cpu]
+    python benchmarks/quality.py [--out benchmarks/results/fashion-mnist] [--device cpu] [--seeds 0 1 2]
 
-Runs the real ``smi`` commands (recorded in results.json), step by step; a step whose output
-already exists is reused, so an interrupted benchmark continues where it stopped. Writes
-results.json, results.md (the tables) and accuracy-vs-time.png into the output folder.
-Needs Debian's dataset-fashion-mnist (or --fashion DIR with the four idx files).
+1. A teacher (ViT, all ten classes) and a student backbone of the same shape pretrained on
+   classes 0-4 only (data disjoint from the task, standing in for the seed's ImageNet DeiT),
+   both by `smi teacher train`.
+2. Per seed: pools of --batches x 64 images: noise (the starting Gaussian noise), dense
+   inversion, sparse inversion, and sparse inversion given the dense pool's time.
+3. Quantisation (the seed's test_quant.py protocol: calibrate on one draw of 64 images, top-1
+   on the 10,000 test images), for every scheme (seed, matmul, repq), W/A in W8A8, W4A8,
+   W4A4, W4A3, W3A3, and calibration on noise, dense, sparse and real images. Run in-process
+   (180 settings per seed); each equals `smi quantize --scheme S --w-bit W --a-bit A --calib C
+   --calib-size 64 --seed SEED`.
+4. Knowledge transfer by the seed's test_kt.py protocol: `smi distill --recipe seed` (linear
+   probe of the pretrained student, SGD 0.1 constant, T 20, 1,000 rounds of one step on 32
+   images drawn from the pool so far, flips), each pool revealed one inverted batch per round.
+
+Every `smi` command is recorded in results.json; a step whose output exists is reused, so an
+interrupted benchmark continues where it stopped. Writes results.json, results.md (the tables)
+and accuracy-vs-time.png. Needs Debian's dataset-fashion-mnist (or --fashion DIR).
 """
 
 from __future__ import annotations
@@ -15,15 +28,19 @@ import argparse
 import json
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 MODEL_ARGS = "img_size=32,patch_size=4,in_chans=1,embed_dim=64,depth=4,num_heads=4,mlp_ratio=2"
-STUDENT_ARGS = "img_size=32,patch_size=4,in_chans=1,embed_dim=64,depth=2,num_heads=4,mlp_ratio=2"
 SPARSE = "20:0.3,40:0.3,80:0.3,120:0.3"
-BITS = ((8, 8), (4, 8), (4, 4))
+BITS = ((8, 8), (4, 8), (4, 4), (4, 3), (3, 3))
+SCHEMES = ("seed", "matmul", "repq")
+SOURCES = ("noise", "dense", "sparse", "real")
+POOLS = ("noise", "dense", "sparse", "sparse-equal-time")
+BATCH = 64
 
 
 def run(commands: list[dict], args: list[str], name: str, output: Path) -> float:
@@ -54,108 +71,163 @@ def main() -> dict:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fashion-mnist")
     parser.add_argument("--fashion", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--teacher-epochs", type=int, default=5)
+    parser.add_argument("--student-epochs", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=400)
-    parser.add_argument("--batches", type=int, default=8, help="inverted batches of 64 per pool (equal image budget)")
-    parser.add_argument("--student-epochs", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=4, help="inverted batches of 64 per pool (equal image budget)")
+    parser.add_argument("--rounds", type=int, default=1000, help="knowledge-transfer rounds (the seed: 1,000)")
+    parser.add_argument("--val-every", type=int, default=100, help="validate the student every N rounds")
     opts = parser.parse_args()
     out, data, device = opts.out, f"fashion-mnist:{opts.fashion}", ["--device", opts.device]
     out.mkdir(parents=True, exist_ok=True)
     commands: list[dict] = []
-    teacher = out / "teacher"
+    teacher, student = out / "teacher", out / "student-classes-0-4"
+    train = ["teacher", "train", "--model", "vit_tiny_patch16_224", "--model-args", MODEL_ARGS, "--mean", "0.286",
+             "--std", "0.353", "--batch-size", "128", "--lr", "2e-3", "--shift", "0.1", "--quiet", *device]
+    run(commands, train + ["--data", data, "--epochs", str(opts.teacher_epochs), "--out", str(teacher)], "teacher",
+        teacher / "summary.json")
+    run(commands, train + ["--data", f"{data}@0-4", "--epochs", str(opts.student_epochs), "--out", str(student)],
+        "student-backbone", student / "summary.json")
 
-    run(commands, ["teacher", "train", "--data", data, "--model", "vit_tiny_patch16_224", "--model-args", MODEL_ARGS,
-                   "--mean", "0.286", "--std", "0.353", "--epochs", str(opts.teacher_epochs), "--batch-size", "128",
-                   "--lr", "2e-3", "--shift", "0.1", "--out", str(teacher), "--quiet", *device], "teacher", teacher / "summary.json")
-
-    invert = ["invert", "--teacher", str(teacher), "--batch-size", "64", "--lr", "0.1", "--loss-option",
+    invert = ["invert", "--teacher", str(teacher), "--batch-size", str(BATCH), "--lr", "0.1", "--loss-option",
               "deepinversion.tv_l2=3e-3", "--checkpoint-every", "0", "--quiet", *device]
     iterations = ["--iterations", str(opts.iterations)]
-    pools = {  # "noise": one step from the starting Gaussian noise, the no-inversion baseline
-        "noise": ["--schedule", "dense", "--iterations", "1", "--batches", str(opts.batches)],
-        "dense": ["--schedule", "dense", *iterations, "--batches", str(opts.batches)],
-        "sparse": ["--schedule", SPARSE, *iterations, "--batches", str(opts.batches)],
-    }
-    for name, extra in pools.items():
-        run(commands, invert + extra + ["--out", str(out / name)], f"invert-{name}", out / name / "summary.json")
-    # Equal inversion time: as many sparse batches as fit in the dense pool's time.
-    dense_time, sparse_time = summary(out / "dense")["seconds"], summary(out / "sparse")["seconds"]
-    equal_time = max(opts.batches, int(opts.batches * dense_time / sparse_time))
-    run(commands, invert + ["--schedule", SPARSE, *iterations, "--batches", str(equal_time), "--out", str(out / "sparse-equal-time")],
-        "invert-sparse-equal-time", out / "sparse-equal-time" / "summary.json")
+    quant, kt = {}, {}
+    for seed in opts.seeds:
+        folder = out / f"seed-{seed}"
+        pools = {  # "noise": one step from the starting Gaussian noise, the no-inversion baseline
+            "noise": ["--schedule", "dense", "--iterations", "1", "--batches", str(opts.batches)],
+            "dense": ["--schedule", "dense", *iterations, "--batches", str(opts.batches)],
+            "sparse": ["--schedule", SPARSE, *iterations, "--batches", str(opts.batches)],
+        }
+        for name, extra in pools.items():
+            run(commands, invert + extra + ["--seed", str(seed), "--out", str(folder / name)], f"invert-{name}-{seed}",
+                folder / name / "summary.json")
+        # Equal inversion time: as many sparse batches as fit in the dense pool's time.
+        dense_time, sparse_time = summary(folder / "dense")["seconds"], summary(folder / "sparse")["seconds"]
+        equal_time = max(opts.batches, int(opts.batches * dense_time / sparse_time))
+        run(commands, invert + ["--schedule", SPARSE, *iterations, "--batches", str(equal_time), "--seed", str(seed),
+                                "--out", str(folder / "sparse-equal-time")],
+            f"invert-sparse-equal-time-{seed}", folder / "sparse-equal-time" / "summary.json")
+        quant[seed] = quantisation_matrix(folder, teacher, data, seed, opts.device)
+        for name in POOLS:
+            target = folder / f"kt-{name}"
+            run(commands, ["distill", "--recipe", "seed", "--teacher", str(teacher), "--student", str(student),
+                           "--pool", str(folder / name), "--grow", str(BATCH), "--rounds", str(opts.rounds),
+                           "--val-every", str(opts.val_every), "--data", data, "--seed", str(seed), "--out", str(target),
+                           "--quiet", *device], f"distill-{name}-{seed}", target / "summary.json")
+            kt[(seed, name)] = summary(target)
 
-    quant = {}
-    for w, a in BITS:
-        for name, calib in (("noise", "noise"), ("dense", str(out / "dense")), ("sparse", str(out / "sparse")), ("real", f"real:{data}")):
-            target = out / f"quant-w{w}a{a}-{name}.json"
-            run(commands, ["quantize", "--teacher", str(teacher), "--calib", calib, "--data", data, "--w-bit", str(w),
-                           "--a-bit", str(a), "--calib-size", "64", "--json", str(target), *device], f"quantize-w{w}a{a}-{name}", target)
-            quant[(w, a, name)] = json.loads(target.read_text())
-
-    kt = {}
-    for name in ("noise", "dense", "sparse", "sparse-equal-time"):
-        target = out / f"kt-{name}"
-        run(commands, ["distill", "--teacher", str(teacher), "--student", "vit_tiny_patch16_224", "--student-args", STUDENT_ARGS,
-                       "--pool", str(out / name), "--data", data, "--epochs", str(opts.student_epochs), "--lr", "2e-3",
-                       "--temperature", "4", "--out", str(target), "--quiet", *device], f"distill-{name}", target / "summary.json")
-        kt[name] = summary(target)
-
-    results = report(out, teacher, quant, kt, commands)
+    results = report(out, teacher, student, opts.seeds, quant, kt, commands)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy-vs-time.png'}")
     return results
 
 
-def report(out: Path, teacher: Path, quant: dict, kt: dict, commands: list[dict]) -> dict:
-    pools = {name: summary(out / name) for name in ("noise", "dense", "sparse", "sparse-equal-time")}
-    teacher_summary = summary(teacher)
-    lines = [
-        f"Teacher: ViT ({MODEL_ARGS}) trained by `smi teacher train`: top-1 {teacher_summary['top1']:.2f}% on the "
-        f"Fashion-MNIST test set ({teacher_summary['seconds'] / 60:.1f} min).",
-        "",
-        "| pool | images | inversion time (s) | kept patches | teacher acc. on pool |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, s in pools.items():
-        lines.append(f"| {name} | {s['images']} | {s['seconds']:.1f} | {s['kept_patches']}/{s['num_patches']} | {100 * s['teacher_accuracy']:.1f}% |")
-    lines += ["", "Quantised top-1 (%) on the 10,000 test images (fp32 {:.2f}%), 64 calibration images, min-max:".format(
-        next(iter(quant.values()))["fp32_top1"]), "",
-        "| W/A | noise | dense inversion | sparse inversion | real images |", "|---|---:|---:|---:|---:|"]
-    for w, a in BITS:
-        row = " | ".join(f"{quant[(w, a, n)]['top1']:.2f}" for n in ("noise", "dense", "sparse", "real"))
-        lines.append(f"| W{w}A{a} | {row} |")
-    lines += ["", "Distilled student (ViT, depth 2, from scratch) best top-1 (%) on the test set:", "",
-              "| synthetic data | images | inversion time (s) | student top-1 |", "|---|---:|---:|---:|"]
-    for name, s in kt.items():
-        lines.append(f"| {name} | {pools[name]['images']} | {pools[name]['seconds']:.1f} | {s['best_top1']:.2f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    results = {"teacher": teacher_summary, "pools": pools, "commands": commands,
-               "quantize": {f"w{w}a{a}-{n}": v for (w, a, n), v in quant.items()},
-               "distill": {n: {k: v for k, v in s.items() if k != "history"} for n, s in kt.items()}}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(out, pools, quant, kt)
+def quantisation_matrix(folder: Path, teacher: Path, data: str, seed: int, device: str) -> dict:
+    """Top-1 of every scheme x bit-width x calibration source, cached in quantize.json."""
+    target = folder / "quantize.json"
+    if target.exists():
+        return json.loads(target.read_text())
+    import torch
+
+    from smi_engine.data import ModelInput, load_data, loader
+    from smi_engine.device import resolve_device
+    from smi_engine.evaluate import evaluate
+    from smi_engine.models import ModelSpec, load_model
+    from smi_engine.quantization import QuantConfig
+    from smi_engine.quantization.job import QuantizeJob, calibrate
+
+    torch_device = resolve_device(device)
+    loaded = load_model(ModelSpec.from_dir(teacher), torch_device)
+    val = list(loader(load_data(data).val, ModelInput.for_model(loaded.model, loaded.normalizer), 500))
+    results = {"fp32_top1": evaluate(loaded.model, val, torch_device)["top1"]}
+    calib = {"noise": "noise", "dense": str(folder / "dense"), "sparse": str(folder / "sparse"), "real": f"real:{data}"}
+    for scheme in SCHEMES:
+        for w, a in BITS:
+            for source in SOURCES:
+                started = time.perf_counter()
+                job = QuantizeJob(loaded.spec, calib[source], data, QuantConfig(w, a, scheme=scheme), calib_size=BATCH, seed=seed)
+                qmodel, _ = calibrate(loaded, job, torch_device)
+                top1 = evaluate(qmodel, val, torch_device)["top1"]
+                results[f"{scheme}-w{w}a{a}-{source}"] = top1
+                print(f"seed {seed} {scheme} W{w}A{a} {source}: {top1:.2f}% ({time.perf_counter() - started:.1f} s)", flush=True)
+    target.write_text(json.dumps(results, indent=2))
     return results
 
 
-def plot(out: Path, pools: dict, quant: dict, kt: dict) -> None:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dict, kt: dict, commands: list[dict]) -> dict:
+    pools = {(s, name): summary(out / f"seed-{s}" / name) for s in seeds for name in POOLS}
+    teacher_summary, student_summary = summary(teacher), summary(student)
+    fp32 = quant[seeds[0]]["fp32_top1"]
+    lines = [
+        f"Teacher: ViT ({MODEL_ARGS}) trained by `smi teacher train` on all ten classes: top-1 "
+        f"{teacher_summary['top1']:.2f}% on the Fashion-MNIST test set ({teacher_summary['seconds'] / 60:.1f} min). "
+        f"Student backbone: the same ViT trained on classes 0-4 only ({student_summary['top1']:.2f}% on their test images, "
+        f"{student_summary['seconds'] / 60:.1f} min). Seeds {', '.join(map(str, seeds))}: mean ± std.",
+        "",
+        "| pool | images | inversion time (s) | kept patches | teacher acc. on pool (%) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in POOLS:
+        runs = [pools[(s, name)] for s in seeds]
+        lines.append(f"| {name} | {runs[0]['images']} | {cell([r['seconds'] for r in runs])} | "
+                     f"{runs[0]['kept_patches']}/{runs[0]['num_patches']} | {cell([100 * r['teacher_accuracy'] for r in runs])} |")
+    lines += ["", f"Quantised top-1 (%) on the 10,000 test images (fp32 {fp32:.2f}%), {BATCH} calibration images:", "",
+              "| scheme | W/A | noise | dense inversion | sparse inversion | real images |", "|---|---|---:|---:|---:|---:|"]
+    for scheme in SCHEMES:
+        for w, a in BITS:
+            row = " | ".join(cell([quant[s][f"{scheme}-w{w}a{a}-{source}"] for s in seeds]) for source in SOURCES)
+            lines.append(f"| {scheme} | W{w}A{a} | {row} |")
+    lines += ["", "Knowledge transfer, the seed's protocol (`smi distill --recipe seed`): best top-1 (%) of the linear-probed "
+              "student on the 10,000 test images:", "",
+              "| synthetic data | images | inversion time (s) | student top-1 |", "|---|---:|---:|---:|"]
+    for name in POOLS:
+        lines.append(f"| {name} | {pools[(seeds[0], name)]['images']} | {cell([pools[(s, name)]['seconds'] for s in seeds])} | "
+                     f"{cell([kt[(s, name)]['best_top1'] for s in seeds])} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    results = {"teacher": teacher_summary, "student_backbone": {k: v for k, v in student_summary.items() if k != "history"},
+               "pools": {f"{name}-seed{s}": p for (s, name), p in pools.items()}, "commands": commands,
+               "quantize": {f"seed{s}": q for s, q in quant.items()},
+               "distill": {f"{name}-seed{s}": {k: v for k, v in r.items() if k != "history"} for (s, name), r in kt.items()}}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(out, seeds, pools, quant, kt)
+    return results
+
+
+def plot(out: Path, seeds: list[int], pools: dict, quant: dict, kt: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     markers = {"noise": "x", "dense": "s", "sparse": "o", "sparse-equal-time": "D"}
-    for w, a, colour in ((4, 8, "tab:blue"), (4, 4, "tab:orange")):
-        for name in ("noise", "dense", "sparse"):
-            ax.scatter(pools[name]["seconds"], quant[(w, a, name)]["top1"], marker=markers[name], color=colour,
-                       label=f"W{w}A{a} quantised, {name}")
-    for name, s in kt.items():
-        ax.scatter(pools[name]["seconds"], s["best_top1"], marker=markers[name], color="tab:green", label=f"distilled, {name}")
+    series = [("W4A4 repq", "tab:orange", lambda s, n: quant[s][f"repq-w4a4-{n}"], ("noise", "dense", "sparse")),
+              ("W3A3 repq", "tab:red", lambda s, n: quant[s][f"repq-w3a3-{n}"], ("noise", "dense", "sparse")),
+              ("W4A4 seed scheme", "tab:blue", lambda s, n: quant[s][f"seed-w4a4-{n}"], ("noise", "dense", "sparse")),
+              ("knowledge transfer", "tab:green", lambda s, n: kt[(s, n)]["best_top1"], POOLS)]
+    for label, colour, value, names in series:
+        for name in names:
+            x = mean_std([pools[(s, name)]["seconds"] for s in seeds])
+            y = mean_std([value(s, name) for s in seeds])
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], marker=markers[name], color=colour, capsize=3,
+                        label=f"{label}, {name}")
     ax.set_xlabel("inversion time of the synthetic data (s, 2 CPU cores)")
     ax.set_ylabel("top-1 on Fashion-MNIST test (%)")
-    ax.set_title("Accuracy against inversion time")
+    ax.set_title(f"Accuracy against inversion time (mean ± std over {len(seeds)} seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6, loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(out / "accuracy-vs-time.png", dpi=120)
 
