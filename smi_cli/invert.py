@@ -25,7 +25,7 @@ from smi_engine.schedule import SEED_SCHEDULE_TEXT
 CONFIG_OPTIONS = (
     "model", "model_args", "pretrained", "checkpoint", "mean", "std", "teacher", "schedule", "iterations",
     "batch_size", "batches", "lr", "targets", "seed", "loss", "loss_option", "attention", "jitter", "flip",
-    "checkpoint_every", "sink",
+    "jitter_at_stops", "final_mask", "checkpoint_every", "sink",
 )
 RUN = "Run"
 
@@ -46,6 +46,8 @@ def invert(
     attention: Annotated[str, typer.Option(help="Attention kernel: fused (scaled_dot_product_attention) or explicit.", rich_help_panel=RUN)] = "fused",
     jitter: Annotated[float, typer.Option(help="Random roll, as a fraction of the image size.", rich_help_panel=RUN)] = 0.125,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=RUN)] = True,
+    jitter_at_stops: Annotated[bool, typer.Option("--jitter-at-stops/--no-jitter-at-stops", help="Jitter and flip on every step, or (the seed's) step on the plain image just before and at each stop.", rich_help_panel=RUN)] = True,
+    final_mask: Annotated[str, typer.Option(help="The pool's keep mask: inverted (the patches inverted to the end) or rescored (the seed's: top patches of the final image by CLS attention, int((N+1)*prod(1-r)) of them).", rich_help_panel=RUN)] = "inverted",
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between resume checkpoints (0: only when stopped).", rich_help_panel=RUN)] = 60.0,
     sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this plugin sink, repeatable.", rich_help_panel=RUN)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<model>-<dense|sparse>).")] = None,
@@ -69,7 +71,7 @@ def invert(
             model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher),
             schedule=schedule, iterations=iterations, batch_size=batch_size, batches=batches, lr=lr,
             losses=specs, targets=targets, seed=seed, jitter=jitter, flip=flip, attention=attention,
-            checkpoint_every=checkpoint_every, sinks=list(sink or []),
+            jitter_at_stops=jitter_at_stops, final_mask=final_mask, checkpoint_every=checkpoint_every, sinks=list(sink or []),
         )
         config.validate()
     placement, torch_device = distributed.start(device)

@@ -214,8 +214,8 @@ def summarise(config: InversionConfig, run_dir: RunDir, inverter: Inverter) -> d
         "seconds_per_batch": seconds / len(stats),
         "iterations_per_second": config.iterations * len(stats) / seconds if seconds else 0.0,
         "num_patches": grid.num_patches,
-        "kept_patches": kept[-1],
-        "kept_fraction": kept[-1] / grid.num_patches,
+        "kept_patches": inverter.final_kept,
+        "kept_fraction": inverter.final_kept / grid.num_patches,
         "stages": [
             {"kept": k, "tokens": k + vit.num_prefix_tokens, "iterations": n,
              "seconds_per_iteration": (t / n if n else None)}

@@ -34,6 +34,10 @@ from smi_engine.sparse_image import SparseImage
 from smi_engine.sparse_vit import SparseViT
 
 DEFAULT_LOSSES = (LossSpec("deepinversion"),)
+#: What the pool's keep mask holds: the patches inverted to the end, or (the seed's) the top
+#: patches re-scored on the final image, as many as the seed counts: int((N + 1) * prod(1 - r)),
+#: its N + 1 counting the class token, so one more than were inverted at the seed's schedule.
+FINAL_MASKS = ("inverted", "rescored")
 
 
 @dataclass
@@ -53,6 +57,8 @@ class InversionConfig:
     jitter: float = 0.125
     flip: bool = True
     attention: str = "fused"
+    jitter_at_stops: bool = True  # False: the seed's un-augmented steps just before and at each stop
+    final_mask: str = "inverted"
     checkpoint_every: float = 60.0
     sinks: list[str] = field(default_factory=list)
 
@@ -81,6 +87,8 @@ class InversionConfig:
             raise SmiError(f"jitter {self.jitter} must be a fraction of the image size in [0, 1)")
         if not self.losses:
             raise SmiError("no loss to optimise: pass at least one --loss, e.g. --loss deepinversion")
+        if self.final_mask not in FINAL_MASKS:
+            raise SmiError(f"unknown --final-mask {self.final_mask!r}: use {' or '.join(FINAL_MASKS)}")
 
 
 def batch_generator(seed: int, batch: int) -> torch.Generator:
@@ -278,6 +286,21 @@ class Inverter:
         self.bus.emit("stop", batch=batch, iteration=it, ratio=self.stops[it], kept=count, kept_indices=image.kept.tolist())
         self._preview(batch, it, image)
 
+    @property
+    def final_kept(self) -> int:
+        """Patches per image in the pool's keep mask."""
+        n = self.grid.num_patches
+        if self.config.final_mask == "inverted" or self.schedule.is_dense:
+            return self.schedule.kept_patches(n)[-1]
+        remaining = math.prod(1.0 - stop.ratio for stop in self.schedule.stops)
+        return max(1, min(n, int((n + 1) * remaining)))
+
+    def _rescore(self, patches: torch.Tensor) -> torch.Tensor:
+        """The seed's final mask: (B, K) cells of the top patches of the whole final image."""
+        positions = torch.arange(self.grid.num_patches, device=patches.device).expand(len(patches), -1)
+        scores = self.vit.cls_attention(patches, positions)
+        return scores.topk(self.final_kept, dim=1).indices.sort(dim=1).values
+
     def _preview(self, batch: int, it: int, image: SparseImage, param: torch.Tensor | None = None) -> None:
         if self.run_dir is None:
             return
@@ -301,15 +324,21 @@ class Inverter:
         best = image.param.detach() if state.best_param is None else state.best_param
         with torch.no_grad():
             final = self._forward(batch, self.config.iterations, image, Jitter(), targets, param=best)
-            accuracy = float((final.logits.argmax(1) == targets).float().mean())
+            logits = final.logits
             for _, loss in self.losses:
                 end_batch = getattr(loss, "end_batch", None)
                 if end_batch is not None:
                     end_batch(final)
-            images = final.images
+            images, keep = final.images, image.keep_mask()
+            if self.config.final_mask == "rescored" and not self.schedule.is_dense:
+                kept = self._rescore(image.patches(best))
+                keep = self.grid.mask_from_indices(kept)
+                patches = self.grid.patchify(images).gather(1, kept.unsqueeze(-1).expand(-1, -1, self.grid.patch_dim))
+                logits = self.vit.forward(patches, kept).logits
+            accuracy = float((logits.argmax(1) == targets).float().mean())
         self._preview(batch, self.config.iterations, image, best)
         return BatchResult(
-            batch=batch, images=images.cpu(), labels=targets.cpu(), keep=image.keep_mask().cpu(),
+            batch=batch, images=images.cpu(), labels=targets.cpu(), keep=keep.cpu(),
             seconds=state.elapsed, best_loss=state.best_loss, losses=terms, teacher_accuracy=accuracy,
             stage_seconds=state.stage_seconds, stage_iterations=state.stage_iterations,
         )
@@ -360,7 +389,10 @@ class BatchRun:
         if len(state.stage_seconds) <= stage:
             state.stage_seconds.append(0.0)
             state.stage_iterations.append(0)
-        jitter = Jitter.sample(inv.grid, cfg.jitter, cfg.flip, self.generator)
+        if cfg.jitter_at_stops or (it not in inv.stops and it + 1 not in inv.stops):
+            jitter = Jitter.sample(inv.grid, cfg.jitter, cfg.flip, self.generator)
+        else:  # the seed steps on the plain image just before and at each stop
+            jitter = Jitter()
         total, named = inv._loss(inv._forward(self.batch, it, state.image, jitter, self.targets))
         state.optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -175,3 +175,34 @@ def test_batches_have_independent_random_streams():
     assert torch.equal(first, torch.randn(3, generator=batch_generator(0, 0)))
     assert not torch.equal(first, torch.randn(3, generator=batch_generator(0, 1)))
     assert not torch.equal(first, torch.randn(3, generator=batch_generator(1, 0)))
+
+
+def test_rescored_final_mask_is_the_seeds_top_patches_of_the_final_image(tiny_loaded):
+    """--final-mask rescored: int((N + 1) * 0.7 * 0.7) = 31 patches (one more than the 30
+    inverted), the top ones by the last block's CLS attention on the final image."""
+    inverter = make_inverter(tiny_loaded, schedule="3:0.3,6:0.3", final_mask="rescored", attention="explicit")
+    result = inverter.invert_batch(0)
+    assert inverter.final_kept == 31 and result.keep.sum(dim=(1, 2)).tolist() == [31] * 4
+    grid = inverter.grid
+    patches = grid.patchify(result.images)
+    positions = torch.arange(grid.num_patches).expand(4, -1)
+    top = inverter.vit.cls_attention(patches, positions).topk(31, dim=1).indices.sort(dim=1).values
+    assert torch.equal(grid.mask_from_indices(top), result.keep)
+    inverted = make_inverter(tiny_loaded, schedule="3:0.3,6:0.3").invert_batch(0)
+    assert inverted.keep.sum(dim=(1, 2)).tolist() == [30] * 4
+    with pytest.raises(SmiError, match="unknown --final-mask 'best'"):
+        make_inverter(tiny_loaded, final_mask="best")
+
+
+@pytest.mark.parametrize("jitter_at_stops", [True, False])
+def test_the_seed_steps_on_the_plain_image_around_stops(tiny_loaded, jitter_at_stops):
+    inverter = make_inverter(tiny_loaded, schedule="4:0.3,8:0.3", jitter=0.25, jitter_at_stops=jitter_at_stops)
+    seen = []
+    spec = type(inverter.losses[0][0])("jitter-recorder")
+    inverter.losses.append((spec, lambda state: seen.append(torch.equal(state.tokens, state.patches)) or state.logits.sum() * 0.0))
+    inverter.invert_batch(0)
+    plain = {it for it, identity in enumerate(seen) if identity}
+    if jitter_at_stops:
+        assert not plain >= {3, 4, 7, 8}  # random rolls everywhere (a zero roll may happen by chance)
+    else:
+        assert plain >= {3, 4, 7, 8} and len(plain - {3, 4, 7, 8}) < 4
