@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from smi_cli import bench, data, demo, distill, evaluate, invert, plugins, quantize, task, teacher, watch
-from smi_cli.console import fail
+from smi_cli.console import describe_failure, fail
 from smi_engine.errors import SmiError
 
 app = typer.Typer(
@@ -58,6 +58,11 @@ def main() -> None:
         fail(rank + escape(str(exc)))
     except KeyboardInterrupt:
         fail(rank + "interrupted", code=130)
+    except Exception as exc:  # no traceback reaches the user: one line, and the traceback on request
+        if os.environ.get("SMI_DEBUG"):
+            raise
+        message, code = describe_failure(exc)
+        fail(rank + escape(message), code=code)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from rich.table import Table
 from smi_cli import options as o
 from smi_cli.console import print_json, stderr
 from smi_engine.bench import BenchConfig, run_benchmark
-from smi_engine.files import write_json
+from smi_engine.files import check_writable, write_json
 from smi_engine.models import parse_model_args
 
 
@@ -33,6 +33,9 @@ def bench(
     config = BenchConfig(model=model, model_args=parse_model_args(model_args), batch_size=batch_size,
                          iterations=iterations, schedule=schedule, repeats=repeats, device=device, attention=attention,
                          memory=memory)
+    config.validate()
+    if out is not None:
+        check_writable(out, "--out", folder=False)
     result = run_benchmark(config, progress=lambda m: stderr.print(f"[dim]{m}[/]"))
     if out is not None:
         write_json(out, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from typing import Any, NoReturn
@@ -20,3 +21,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def describe_failure(exc: BaseException) -> tuple[str, int]:
+    """One line (and an exit code) for an exception that is not an ``SmiError``: the file system's
+    refusals are the user's to fix (exit 2); anything else is a bug to report (exit 1)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+        return ("the disk is full (No space left on device): free some space and run the command again; "
+                "an inversion continues where it stopped with `smi invert --resume --out RUN_DIR`"), 2
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot use{where}: {exc.strerror or text}; check the path and its permissions", 2
+    return f"unexpected {type(exc).__name__}: {text[:200]} (rerun with SMI_DEBUG=1 for the traceback, and please report it)", 1

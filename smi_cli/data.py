@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +43,7 @@ def fetch(
         raise SmiError(f"cannot fetch {name!r}: fetchable datasets are {', '.join(FETCHABLE)}")
     from torchvision import datasets
 
+    fresh = not Path(root).exists()  # a folder this command made is removed again if the download fails
     try:
         if name == "fashion-mnist":
             datasets.FashionMNIST(root, train=True, download=True)
@@ -53,5 +55,8 @@ def fetch(
             cls(root, train=False, download=True)
             location = f"{name}:{root}"
     except (OSError, RuntimeError) as exc:
-        raise SmiError(f"download of {name} failed ({exc}): check the network, or copy the files into {root}") from None
+        if fresh:
+            shutil.rmtree(root, ignore_errors=True)
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise SmiError(f"download of {name} failed ({reason}): check the network, or copy the files into {root}") from None
     typer.echo(f"fetched; use --data {location}")

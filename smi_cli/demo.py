@@ -17,6 +17,7 @@ from smi_engine import demo as recipe
 from smi_engine.device import resolve_device
 from smi_engine.events import EventBus
 from smi_engine.inversion_run import run_inversion
+from smi_engine.files import check_writable
 from smi_engine.models import read_card
 
 
@@ -30,7 +31,9 @@ def demo(
 ) -> None:
     """Train (once) a small ViT on scikit-learn's digits, invert it dense and sparse, compare."""
     out = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-demo"
+    check_writable(out, "--out")
     folder = recipe.teacher_dir(cache)
+    check_writable(folder, "--cache")
     torch_device = resolve_device(device)
     if not quiet:
         stderr.print(f"teacher: {folder}")

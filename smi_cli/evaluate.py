@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from smi_engine.checks import at_least
+
 from smi_cli import options as o
 from smi_cli.console import print_json
 from smi_engine.data import ModelInput, load_data, loader
@@ -23,7 +25,12 @@ def evaluate(
     device: o.Device = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Accuracy of a model on the validation split of real data."""
+    """Accuracy of a model on the validation split of real data.
+
+    Example: smi eval --teacher runs/teacher --data fashion-mnist
+    """
+    at_least("--limit", limit, 0, 1000)
+    at_least("--batch-size", batch_size, 1, 256)
     torch_device = resolve_device(device)
     loaded = load_model(o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), torch_device)
     splits = load_data(data)

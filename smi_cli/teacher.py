@@ -20,6 +20,7 @@ from smi_engine.events import EventBus, JsonlSink
 from smi_engine.files import write_json
 from smi_engine.models import ModelSpec, load_model, save_model
 from smi_engine.rundir import RunDir
+from smi_engine.runlock import RunLock
 from smi_engine.teacher import TrainConfig, train_classifier
 
 app = typer.Typer(help="Teacher models: train or fine-tune a classifier on real data.", no_args_is_help=True)
@@ -44,16 +45,18 @@ def train(
     quiet: o.Quiet = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Train a timm classifier on real data and save it as a model folder for --teacher."""
+    """Train a timm classifier on real data and save it as a model folder for --teacher.
+
+    Example: smi teacher train --data fashion-mnist --model vit_tiny_patch16_224 --model-args img_size=32,patch_size=4,in_chans=1 --out runs/teacher
+    """
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         label_smoothing=label_smoothing, flip=flip, shift=shift, seed=seed, limit=limit or None)
+    config.validate()
     splits = load_data(data)
     spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, None)
     if "num_classes" not in spec.args and not checkpoint:
         spec = ModelSpec.from_dict({**spec.to_dict(), "args": {**spec.args, "num_classes": splits.num_classes}})
     spec = ModelSpec.from_dict({**spec.to_dict(), "classes": list(splits.classes)})
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         label_smoothing=label_smoothing, flip=flip, shift=shift, seed=seed, limit=limit or None)
-    if epochs < 1 or batch_size < 1:
-        raise SmiError("--epochs and --batch-size must be at least 1")
     torch_device = resolve_device(device)
     import torch
 
@@ -62,8 +65,16 @@ def train(
     if loaded.num_classes != splits.num_classes:
         raise SmiError(f"the model has {loaded.num_classes} classes but {data} has {splits.num_classes}: pass --model-args num_classes={splits.num_classes}")
     run_dir = RunDir(out)
-    run_dir.create({"config": {"model": spec.to_dict(), "data": data, "train": config.to_dict()},
-                    "created": dt.datetime.now().isoformat(timespec="seconds")}, "teacher")
+    run_dir.check_claimable("teacher")
+    with RunLock(out):
+        run_dir.create({"config": {"model": spec.to_dict(), "data": data, "train": config.to_dict()},
+                        "created": dt.datetime.now().isoformat(timespec="seconds")}, "teacher")
+        _train(run_dir, loaded, spec, splits, config, data, epochs, torch_device, quiet, json_output)
+
+
+def _train(run_dir: RunDir, loaded, spec: ModelSpec, splits, config: TrainConfig, data: str, epochs: int, torch_device,
+           quiet: bool, json_output: bool) -> None:
+    out = run_dir.path
     control = RunControl(run_dir)
     bus = EventBus([JsonlSink(run_dir.events)])
     bus.emit("run_start", kind="teacher", model=spec.name, data=data, epochs=epochs, device=str(torch_device))

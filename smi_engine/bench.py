@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from smi_engine.checks import at_least
 from smi_engine.invert import BatchRun, InversionConfig, Inverter
 from smi_engine.losses import build_loss
 from smi_engine.models import LoadedModel, ModelSpec, load_model
@@ -38,6 +39,11 @@ class BenchConfig:
     device: str = "cpu"
     attention: str = "fused"
     memory: bool = True
+
+    def validate(self) -> None:
+        at_least("--batch-size", self.batch_size, 1, 8)
+        at_least("--iterations", self.iterations, 1, 400)
+        at_least("--repeats", self.repeats, 1, 3)
 
     def resolved_schedule(self) -> Schedule:
         if self.schedule:

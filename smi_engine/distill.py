@@ -14,7 +14,6 @@ synthesising).
 from __future__ import annotations
 
 import datetime as dt
-import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from smi_engine.calibration import Batch, ModelFeeder, pool_normalizer
+from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.distributed import Placement
@@ -39,6 +39,7 @@ from smi_engine.inversion_run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.pool import Pool, load_pool, write_shard
 from smi_engine.rundir import RunDir
+from smi_engine.runlock import RunLock
 
 RUN_KIND = "distill"
 OPTIMIZERS = ("adamw", "sgd")
@@ -102,16 +103,19 @@ class DistillConfig:
             raise SmiError(f"unknown --optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SmiError(f"unknown --lr-schedule {self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}")
-        for name in ("epochs", "batch_size", "synth_batches", "val_every", "steps_per_round", "grow"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise SmiError(f"--{name.replace('_', '-')} must be at least 1")
+        for name, example in (("epochs", 10), ("batch_size", 64), ("synth_batches", 1), ("val_every", 1),
+                              ("steps_per_round", 1), ("grow", 64)):
+            if getattr(self, name) is not None:
+                at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1, example)
+        if self.limit is not None:
+            at_least("--limit", self.limit, 0, 1000)
         if self.grow is not None and (not self.pools or self.synthesize is not None):
             raise SmiError("--grow reveals a fixed pool round by round: pass --pool RUN_DIR, without --synthesize")
-        if not (math.isfinite(self.temperature) and self.temperature > 0 and math.isfinite(self.lr) and self.lr > 0):
-            raise SmiError("--temperature and --lr must be positive numbers")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise SmiError("--weight-decay must be a number >= 0")
+        positive("--temperature", self.temperature, 20)
+        positive("--lr", self.lr, 0.1)
+        number("--weight-decay", self.weight_decay, 1e-4, low=0)
+        if self.synthesize is not None:
+            self.synthesize.validate()
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -198,23 +202,31 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     if config.synthesize is not None:
         synthesis_config = replace(config.synthesize, model=teacher.spec, checkpoint_every=0)
         synthesis_config.validate()
-    if placement.is_main:
-        run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
-                        "world_size": placement.world_size}, RUN_KIND)
-    placement.barrier()
     bus = EventBus(list(sinks), rank=placement.rank)
-    bus.subscribe(JsonlSink(run_dir.events))
+    # Built (losses, schedule against the teacher) before anything is written.
+    synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control, placement)
+    if placement.is_main:
+        run_dir.check_claimable(RUN_KIND)
+    lock = RunLock(run_dir.path).acquire() if placement.is_main else None
     try:
-        synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control, placement)
-        return _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement)
-    except RunInterrupted as exc:
-        bus.emit("run_interrupted", message=str(exc), batch=exc.batch, iteration=exc.iteration)
-        raise
-    except Exception as exc:
-        bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
-        raise
+        if placement.is_main:
+            run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
+                            "world_size": placement.world_size}, RUN_KIND)
+        placement.barrier()
+        bus.subscribe(JsonlSink(run_dir.events))
+        try:
+            return _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement)
+        except RunInterrupted as exc:
+            bus.emit("run_interrupted", message=str(exc), batch=exc.batch, iteration=exc.iteration)
+            raise
+        except Exception as exc:
+            bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
+            raise
+        finally:
+            bus.close()
     finally:
-        bus.close()
+        if lock is not None:
+            lock.release()
 
 
 class SyntheticData:

@@ -40,3 +40,17 @@ def write_json(target: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def check_writable(target: str | Path, flag: str, folder: bool = True) -> None:
+    """Refuse, before any work, a ``target`` that could not be written: an existing file where a
+    folder goes (or the reverse), or a nearest existing parent that is not a writable folder."""
+    from smi_engine.errors import SmiError
+
+    target = Path(target)
+    if target.exists() and target.is_dir() != folder:
+        kind = "a file" if folder else "a folder"
+        raise SmiError(f"{flag} {target} is {kind}: choose another path")
+    parent = target if target.exists() else next((p for p in target.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SmiError(f"{flag} {target} cannot be written ({parent} is not a writable folder): choose another path")

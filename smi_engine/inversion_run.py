@@ -30,6 +30,7 @@ from smi_engine.models import load_model
 from smi_engine.plugins import get_registry
 from smi_engine.pool import shard_batches, write_shard
 from smi_engine.rundir import RunDir
+from smi_engine.runlock import RunLock
 from smi_engine.schedule import speedup_bound
 
 RUN_KIND = "invert"
@@ -70,9 +71,10 @@ class InversionRun:
     claims the directory, ``run`` inverts (so a UI can start in between)."""
 
     def __init__(self, config: InversionConfig, run_dir: RunDir, inverter: Inverter, bus: EventBus,
-                 device: torch.device, placement: Placement, resume: bool):
+                 device: torch.device, placement: Placement, resume: bool, checkpoint: dict[str, Any] | None,
+                 lock: RunLock | None):
         self.config, self.run_dir, self.inverter, self.bus = config, run_dir, inverter, bus
-        self.device, self.placement, self.resume = device, placement, resume
+        self.device, self.placement, self.resume, self.checkpoint, self.lock = device, placement, resume, checkpoint, lock
 
     @classmethod
     def prepare(
@@ -82,7 +84,6 @@ class InversionRun:
         run_dir = RunDir(Path(out))
         if resume:
             config = InversionConfig.from_dict(run_dir.open_existing(RUN_KIND)["config"])
-            placement.barrier()  # every rank has read the old state before rank 0 clears the stop request
         elif config is None:
             raise SmiError("nothing to run: give a configuration or --resume")
         torch_device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -92,21 +93,33 @@ class InversionRun:
                             control or RunControl(run_dir))
         plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
         if not resume and placement.is_main:
-            run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
-                            "versions": _versions(), "world_size": placement.world_size}, RUN_KIND)
-        if resume and placement.is_main:
-            run_dir.clear_request()  # the stop that ended the previous attempt
+            run_dir.check_claimable(RUN_KIND, resumable=True)  # before the lock file: a refused start writes nothing
+        # Rank 0 holds the run's lock; a second process (or job) on the same folder is refused here.
+        lock = RunLock(run_dir.path).acquire() if placement.is_main else None
+        try:
+            checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None  # unreadable: refused, nothing written
+            placement.barrier()  # every rank has read the old state before rank 0 clears the stop request
+            if not resume and placement.is_main:
+                run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
+                                "versions": _versions(), "world_size": placement.world_size}, RUN_KIND, resumable=True)
+            if resume and placement.is_main:
+                run_dir.clear_request()  # the stop that ended the previous attempt
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         placement.barrier()  # the other ranks write into the directory rank 0 claimed
         run_dir.pool.mkdir(parents=True, exist_ok=True)
         bus.subscribe(JsonlSink(run_dir.events))
         for sink in plugin_sinks:
             bus.subscribe(sink)
-        return cls(config, run_dir, inverter, bus, torch_device, placement, resume)
+        return cls(config, run_dir, inverter, bus, torch_device, placement, resume, checkpoint, lock)
 
     def run(self) -> dict[str, Any]:
         """Invert every pending batch; returns the summary (written to summary.json by rank 0)."""
         try:
-            return _run(self.config, self.run_dir, self.inverter, self.bus, self.device, self.placement, self.resume)
+            return _run(self.config, self.run_dir, self.inverter, self.bus, self.device, self.placement, self.resume,
+                        self.checkpoint)
         except RunInterrupted as exc:
             self.bus.emit("run_interrupted", batch=exc.batch, iteration=exc.iteration, message=str(exc))
             raise
@@ -115,6 +128,8 @@ class InversionRun:
             raise
         finally:
             self.bus.close()
+            if self.lock is not None:
+                self.lock.release()
 
 
 def run_inversion(config: InversionConfig | None, out: str | Path, **options: Any) -> dict[str, Any]:
@@ -123,7 +138,8 @@ def run_inversion(config: InversionConfig | None, out: str | Path, **options: An
     return InversionRun.prepare(config, out, **options).run()
 
 
-def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, placement: Placement, resume: bool):
+def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, placement: Placement, resume: bool,
+         checkpoint: dict[str, Any] | None):
     started = time.perf_counter()
     grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
     kept = schedule.kept_patches(grid.num_patches)
@@ -140,7 +156,6 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
         pending_batches=pending,
         speedup_bound=speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
     )
-    checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None
     if checkpoint is not None and checkpoint.get("batch") in done:  # saved just before its shard landed
         run_dir.clear_checkpoint(placement.rank)
         checkpoint = None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from smi_engine.augment import Jitter
+from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
 from smi_engine.events import EventBus
@@ -78,15 +79,18 @@ class InversionConfig:
         return cls(**fields)
 
     def validate(self) -> None:
-        for name in ("iterations", "batch_size", "batches"):
-            if getattr(self, name) < 1:
-                raise SmiError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise SmiError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.jitter < 1:
-            raise SmiError(f"jitter {self.jitter} must be a fraction of the image size in [0, 1)")
+        at_least("--iterations", self.iterations, 1, 4000)
+        at_least("--batch-size", self.batch_size, 1, 32)
+        at_least("--batches", self.batches, 1, 8)
+        positive("--lr", self.lr, 0.25)
+        for beta in self.betas:
+            number("Adam beta", beta, 0.9, low=0, high=1, high_open=True)
+        number("--jitter", self.jitter, 0.125, low=0, high=1, high_open=True)
+        number("--checkpoint-every", self.checkpoint_every, 60, low=0)
         if not self.losses:
             raise SmiError("no loss to optimise: pass at least one --loss, e.g. --loss deepinversion")
+        for spec in self.losses:
+            spec.validate()
         if self.final_mask not in FINAL_MASKS:
             raise SmiError(f"unknown --final-mask {self.final_mask!r}: use {' or '.join(FINAL_MASKS)}")
 

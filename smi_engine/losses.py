@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -125,6 +126,16 @@ class LossSpec:
             return cls(name.strip(), float(weight) if sep else 1.0)
         except ValueError:
             raise SmiError(f"bad --loss {text!r}: write NAME or NAME:WEIGHT, e.g. --loss psaq:0.5") from None
+
+    def validate(self) -> None:
+        """Weights are finite and not negative (a negative weight would maximise the loss: a
+        term meant to be maximised returns its negative); numeric options are finite."""
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise SmiError(f"--loss {self.name}:{self.weight}: a weight is a finite number >= 0 (a negative one would "
+                           f"maximise the loss), e.g. --loss {self.name}:0.5")
+        for key, value in self.options.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SmiError(f"--loss-option {self.name}.{key}={value} is not a finite number: give a number, e.g. 1e-4")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "weight": self.weight, "options": self.options}

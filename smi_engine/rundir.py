@@ -8,6 +8,7 @@
                     ``checkpoint-rN.pt`` for rank N of a torchrun job)
 ``summary.json``    written last: its presence marks a finished run
 ``control.json``    requests from outside (``{"action": "stop"}``), read by the running job
+``.lock``           held (flock) by the one process writing the run; names its pid and host
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, read_json, write_json
+from smi_engine.runlock import LOCK_NAME, in_use, is_locked
 
 
 @dataclass(frozen=True)
@@ -68,19 +70,32 @@ class RunDir:
         except (OSError, ValueError) as exc:
             raise SmiError(f"{self.config} is unreadable ({exc}): this run cannot be resumed; start a new one") from None
 
-    def create(self, config: dict[str, Any], kind: str) -> None:
-        """Claim a fresh directory; refuse anything that already holds files."""
-        if self.path.exists() and not self.path.is_dir():
-            raise SmiError(f"--out {self.path} is a file: choose a directory path")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if self.is_finished:
-                raise SmiError(f"run directory {self.path} holds a finished run: choose another --out or delete it")
-            if self.is_run:
-                raise SmiError(f"run directory {self.path} holds an unfinished run: pass --resume to continue it, or choose another --out")
-            raise SmiError(f"--out {self.path} is a non-empty folder that is not a run: choose another --out")
+    def create(self, config: dict[str, Any], kind: str, resumable: bool = False) -> None:
+        """Claim a fresh directory; refuse anything that already holds files (its lock aside).
+        The caller holds the run's lock, or no process does."""
+        self._check_empty(kind, resumable)
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.config, {"kind": kind, **config})
         self.events.touch()
+
+    def check_claimable(self, kind: str, resumable: bool = False) -> None:
+        """Raise SmiError unless ``create`` could claim this directory (nothing is written)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise SmiError(f"--out {self.path} is a file: choose a directory path")
+        if is_locked(self.path):
+            raise in_use(self.path)
+        self._check_empty(kind, resumable)
+
+    def _check_empty(self, kind: str, resumable: bool) -> None:
+        if self.path.is_dir() and any(p.name != LOCK_NAME for p in self.path.iterdir()):
+            if self.is_finished:
+                raise SmiError(f"run directory {self.path} holds a finished run: choose another --out or delete it")
+            if self.is_run and resumable:
+                raise SmiError(f"run directory {self.path} holds an unfinished run: pass --resume to continue it, or choose another --out")
+            if self.is_run:
+                raise SmiError(f"run directory {self.path} holds an unfinished {self.read_config().get('kind', kind)} run, "
+                               "which cannot be resumed: choose another --out, or delete it to start again")
+            raise SmiError(f"--out {self.path} is a non-empty folder that is not a run: choose another --out")
 
     def open_existing(self, kind: str) -> dict[str, Any]:
         """The config of an unfinished run of this kind, for ``--resume``."""

@@ -33,6 +33,17 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None  # use only the first N training images (quick runs)
 
+    def validate(self) -> None:
+        at_least("--epochs", self.epochs, 1, 10)
+        at_least("--batch-size", self.batch_size, 1, 128)
+        positive("--lr", self.lr, 1e-3)
+        number("--weight-decay", self.weight_decay, 0.05, low=0)
+        number("--label-smoothing", self.label_smoothing, 0.1, low=0, high=1, high_open=True)
+        number("warm-up epochs", self.warmup_epochs, 1, low=0)
+        number("--shift", self.shift, 0.125, low=0, high=0.5)
+        if self.limit is not None:
+            at_least("--limit", self.limit, 0, 1000)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -63,7 +63,7 @@ def test_checkpoint_file_and_loss_options(tmp_path):
         (("--schedule", "30:0.3"), ("past --iterations",)),
         (("--loss", "dreaming"), ("unknown loss 'dreaming'", "smi plugins")),
         (("--loss-option", "deepinversion.colour=3"), ("no option 'colour'",)),
-        (("--iterations", "0"), ("--iterations must be at least 1",)),
+        (("--iterations", "0"), ("--iterations 0 must be at least 1",)),
         (("--device", "tpu"), ("--device",)),
         (("--targets", "3,99"), ("outside 0..9",)),
     ],

@@ -11,11 +11,14 @@ from typing import Any
 import torch
 
 from smi_engine.calibration import ModelFeeder, calibration_batches
+from smi_engine.checks import at_least, number
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
 from smi_engine.events import EventBus
+from smi_engine.files import check_writable
 from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
+from smi_engine.runlock import RunLock
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model
 
 
@@ -30,6 +33,14 @@ class QuantizeJob:
     limit: int | None = None  # evaluate at most this many validation images
     seed: int = 0
 
+    def validate(self) -> None:
+        self.quant.validate()
+        at_least("--calib-size", self.calib_size, 1, 32)
+        at_least("--batch-size", self.batch_size, 1, 64)
+        if self.limit is not None:
+            at_least("--limit", self.limit, 0, 1000)
+        number("--seed", self.seed, 0, integer=True)
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "calib": self.calib, "data": self.data, "quant": self.quant.to_dict(),
                 "calib_size": self.calib_size, "batch_size": self.batch_size, "limit": self.limit, "seed": self.seed}
@@ -37,8 +48,6 @@ class QuantizeJob:
 
 def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A calibrated fake-quantised copy of the model, and what it was calibrated on."""
-    if job.calib_size < 1:
-        raise SmiError("--calib-size must be at least 1")
     qmodel = quantize_model(loaded.model, job.quant).to(device)
     feeder = ModelFeeder(qmodel, loaded.normalizer)
     generator = torch.Generator().manual_seed(job.seed)
@@ -56,7 +65,9 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device) -> tu
 
 
 def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | None = None, save: Path | None = None) -> dict[str, Any]:
-    job.quant.validate()
+    job.validate()
+    if save is not None:
+        check_writable(save, "--save")
     job = replace(job, quant=job.quant.resolved())
     bus = bus or EventBus()
     loaded = load_model(job.model, device)
@@ -76,7 +87,8 @@ def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | Non
     }
     if save is not None:
         spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
-        save_model(save, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
+        with RunLock(save):  # two processes saving into one folder never interleave their files
+            save_model(save, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
         result["saved"] = str(save)
     bus.emit("quantized", **result)
     return result

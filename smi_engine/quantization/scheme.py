@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from smi_engine.checks import number
 from smi_engine.errors import SmiError
 from smi_engine.quantization.quantizers import CALIBRATORS, ActivationQuantizer, validate_bits
 
@@ -37,8 +38,7 @@ class QuantConfig:
         get_scheme(self.scheme)
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:
             raise SmiError(f"unknown calibrator {self.calibrator!r}: use {', '.join(CALIBRATORS)}")
-        if not 50 < self.percentile <= 100:
-            raise SmiError(f"--percentile {self.percentile} must be in (50, 100]")
+        number("--percentile", self.percentile, 99.99, low=50, high=100, low_open=True)
 
     def resolved(self) -> "QuantConfig":
         """The same with the scheme's calibrator filled in."""

@@ -1,0 +1,41 @@
+"""Checks of the numbers a user gives: one message shape everywhere, and nan and inf are never
+numbers. Each check raises ``SmiError`` naming the option, the bad value and a valid example."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from smi_engine.errors import SmiError
+
+
+def _fail(flag: str, value: Any, problem: str, example: Any) -> None:
+    raise SmiError(f"{flag} {value} {problem}: pass e.g. {flag} {example}")
+
+
+def number(flag: str, value: Any, example: Any, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """``value`` is a finite number (an integer if ``integer``) within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        _fail(flag, repr(value), "is not " + ("a whole number" if integer else "a number"), example)
+    if not math.isfinite(value):
+        _fail(flag, value, "is not a finite number", example)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        if high is None:
+            bound = f"above {low:g}" if low_open else f"at least {low:g}"
+        elif low is None:
+            bound = f"below {high:g}" if high_open else f"at most {high:g}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        _fail(flag, value, f"must be {bound}", example)
+
+
+def at_least(flag: str, value: Any, minimum: int, example: Any) -> None:
+    """A whole number of at least ``minimum`` (counts, sizes, epochs)."""
+    number(flag, value, example, low=minimum, integer=True)
+
+
+def positive(flag: str, value: Any, example: Any) -> None:
+    number(flag, value, example, low=0, low_open=True)
