@@ -43,9 +43,16 @@ app.add_typer(data.app, name="data")
 
 
 def _register_plugin_commands() -> None:
-    from smi_engine.plugins import get_registry
+    """Each plugin's commands, one plugin at a time: a broken one is skipped with a warning,
+    like its other hooks, and never takes `smi` (or `smi --help`) down with it."""
+    from smi_engine.plugins import get_registry, warn
 
-    get_registry().manager.hook.register_commands(cli=app)
+    for impl in get_registry().manager.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=app)
+        except Exception as exc:
+            warn(f"plugin {impl.plugin_name!r} failed in register_commands: {type(exc).__name__}: {exc}; "
+                 "continuing without its commands")
 
 
 def main() -> None:

@@ -19,10 +19,13 @@ def stop_on_signals(control: RunControl, console: Console) -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        if control.saving:  # never cut a checkpoint short: the stop follows right after it
+            console.print("[yellow]still saving the checkpoint; the run stops as soon as it is written[/]")
+            return
         if control.stop_requested:  # second Ctrl-C: give up at once
             raise KeyboardInterrupt
         control.request_stop()
-        console.print("[yellow]stopping after this iteration and saving a checkpoint (Ctrl-C again to abort)[/]")
+        console.print("[yellow]stopping after this iteration and saving a checkpoint (Ctrl-C again to abort without saving)[/]")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

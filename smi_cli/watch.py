@@ -26,7 +26,10 @@ def watch(
         return
     from smi_cli.dashboard.app import Dashboard
 
-    Dashboard(list(runs), kinds).run()
+    app = Dashboard(list(runs), kinds)
+    app.run()
+    if app.return_code:  # the app crashed (Textual printed why): say so in the exit status too
+        raise typer.Exit(app.return_code)
 
 
 def run_kind(path: Path) -> str:

@@ -6,7 +6,9 @@ Requests come from Ctrl-C (the CLI's signal handler), an in-process dashboard, o
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import Iterator
 
 from smi_engine.rundir import RunDir
 
@@ -27,6 +29,16 @@ class RunControl:
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
+        self.saving = False
+
+    @contextlib.contextmanager
+    def saving_state(self) -> Iterator[None]:
+        """Mark a checkpoint being written: an impatient second Ctrl-C must not cut it short."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -93,20 +92,26 @@ class GuardedSink:
             close()
 
 
-def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], bytes]:
-    """Complete JSON lines of ``data`` -> events, plus the unfinished tail to keep for later."""
+def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], bytes, int]:
+    """Complete JSON lines of ``data`` -> the events (JSON objects), the unfinished tail to keep
+    for later, and how many complete lines were damaged (not UTF-8, not JSON, not an object)."""
     *lines, tail = data.split(b"\n")
-    events = []
+    events, damaged = [], 0
     for line in lines:
-        if line.strip():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"smi: skipped a malformed event line: {line[:80]!r}", file=sys.stderr)
-    return events, tail
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+            event = None
+        if isinstance(event, dict):
+            events.append(event)
+        else:
+            damaged += 1
+    return events, tail, damaged
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """All complete events of a JSON-lines file (a half-written last line is ignored)."""
-    events, _ = parse_lines(Path(path).read_bytes())
+    """All complete events of a JSON-lines file (a half-written last line and damaged lines are skipped)."""
+    events, _, _ = parse_lines(Path(path).read_bytes())
     return events

@@ -54,3 +54,13 @@ def check_writable(target: str | Path, flag: str, folder: bool = True) -> None:
     parent = target if target.exists() else next((p for p in target.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SmiError(f"{flag} {target} cannot be written ({parent} is not a writable folder): choose another path")
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why a checkpoint could not be read, in our words: torch's own message for a file with
+    pickled objects suggests unsafe loading, which smi never does."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or "pickle" in text.lower():
+        return "it holds pickled Python objects, which smi never loads"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"damaged or not a checkpoint: {first[:120]}"

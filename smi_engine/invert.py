@@ -24,7 +24,7 @@ from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
 from smi_engine.events import EventBus
-from smi_engine.losses import InversionContext, LossSpec, LossState, as_terms
+from smi_engine.losses import InversionContext, LossSpec, LossState, as_terms, loss_origin
 from smi_engine.models import LoadedModel, ModelSpec
 from smi_engine.preview import save_preview
 from smi_engine.resources import MemoryProbe
@@ -272,7 +272,15 @@ class Inverter:
     def _loss(self, state: LossState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         named: dict[str, torch.Tensor] = {}
         for spec, loss in self.losses:
-            for key, value in as_terms(spec.name, loss(state)).items():
+            try:
+                result = loss(state)
+            except SmiError:
+                raise
+            except Exception as exc:  # a plugin's bug: name the loss and its plugin, in one line
+                raise SmiError(f"loss {spec.name!r} ({loss_origin(spec.name)}) failed at iteration {state.iteration}: "
+                               f"{type(exc).__name__}: {str(exc).strip()[:160]}; fix it or drop --loss {spec.name} "
+                               "(an inversion then continues with --resume)") from None
+            for key, value in as_terms(spec.name, result).items():
                 named[key] = spec.weight * value
         if not named:
             raise SmiError("the losses returned no terms: check their weights")
@@ -321,7 +329,8 @@ class Inverter:
         data["batch"] = batch
         data["generator"] = generator.get_state()
         data["losses"] = {spec.name: loss.state_dict() for spec, loss in self.losses if hasattr(loss, "state_dict")}
-        self.run_dir.save_checkpoint(data, self.bus.rank)
+        with self.control.saving_state():
+            self.run_dir.save_checkpoint(data, self.bus.rank)
 
     def _finish(self, batch: int, state: _BatchState, targets: torch.Tensor, terms: dict[str, float]) -> BatchResult:
         image = state.image

@@ -189,3 +189,11 @@ def as_terms(name: str, result: torch.Tensor | dict[str, torch.Tensor]) -> dict[
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise SmiError(f"loss term {key!r} is not a scalar tensor: reduce it (e.g. .mean()) before returning")
     return {key: value.reshape(()) for key, value in items.items()}
+
+
+def loss_origin(name: str) -> str:
+    """Which plugin registered a loss, for error messages."""
+    from smi_engine.plugins import get_registry
+
+    registration = get_registry().entries["losses"].get(name)
+    return f"plugin {registration.plugin}" if registration else "not registered"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from smi_engine.errors import SmiError
-from smi_engine.files import atomic_path, write_json
+from smi_engine.files import atomic_path, unreadable_reason, write_json
 from smi_engine.quantization.scheme import QuantConfig, freeze_quantizers, quantize_model
 
 MODEL_CARD = "smi-model.json"
@@ -74,6 +74,10 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
         data = dict(data)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown or "name" not in data:
+            problem = f"has an unknown field {unknown[0]!r}" if unknown else "has no 'name'"
+            raise SmiError(f"model spec {problem}: its fields are {', '.join(cls.__dataclass_fields__)}")
         for key in ("mean", "std", "classes"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
@@ -168,10 +172,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure means an unusable file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SmiError(
-            f"cannot read checkpoint {path} ({reason[:160]}): pass a state_dict saved with "
-            "torch.save or safetensors"
+            f"cannot read checkpoint {path} ({unreadable_reason(exc)}): pass a plain state_dict saved with "
+            "torch.save(model.state_dict()) or safetensors"
         ) from None
     while isinstance(state, dict) and len(state) == 1 and next(iter(state)) in _WRAPPER_KEYS:
         state = next(iter(state.values()))

@@ -56,7 +56,7 @@ class Registry:
         return found
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     print(f"smi: warning: {message}", file=sys.stderr)
 
 
@@ -77,7 +77,7 @@ def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> None
             manager.register(entry_point.load(), name=entry_point.name)
         except Exception as exc:  # a broken plugin must not break the toolkit
             info.error = f"failed to load: {type(exc).__name__}: {exc}"
-            _warn(f"plugin {entry_point.name!r} ({dist}) {info.error}; continuing without it")
+            warn(f"plugin {entry_point.name!r} ({dist}) {info.error}; continuing without it")
 
 
 def _version(dist: str) -> str | None:
@@ -97,7 +97,7 @@ def _collect(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> d
             def register(name: str, factory: Callable[..., Any], _kind=kind, _plugin=plugin) -> None:
                 existing = entries[_kind].get(name)
                 if existing is not None:
-                    _warn(f"{_plugin!r} registers {name!r}, already registered by {existing.plugin!r}; keeping the first")
+                    warn(f"{_plugin!r} registers {name!r}, already registered by {existing.plugin!r}; keeping the first")
                     return
                 entries[_kind][name] = Registration(name, factory, _plugin)
                 plugins[_plugin].registers[_kind].append(name)
@@ -106,7 +106,7 @@ def _collect(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> d
                 impl.function(register=register)
             except Exception as exc:
                 info.error = f"failed in {hook_name}: {type(exc).__name__}: {exc}"
-                _warn(f"plugin {plugin!r} {info.error}; continuing without what it registers there")
+                warn(f"plugin {plugin!r} {info.error}; continuing without what it registers there")
     return entries
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from smi_engine.errors import SmiError
-from smi_engine.files import atomic_path, read_json, write_json
+from smi_engine.files import atomic_path, read_json, unreadable_reason, write_json
 from smi_engine.runlock import LOCK_NAME, in_use, is_locked
 
 
@@ -120,7 +120,8 @@ class RunDir:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a torn or foreign file
-            raise SmiError(f"{path} is unreadable ({str(exc).splitlines()[0][:120]}): delete it to restart its batch") from None
+            raise SmiError(f"resume checkpoint {path} is unreadable ({unreadable_reason(exc)}): delete it to restart "
+                           "its batch from the beginning, then --resume") from None
 
     def clear_checkpoint(self, rank: int = 0) -> None:
         self.checkpoint(rank).unlink(missing_ok=True)

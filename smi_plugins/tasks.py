@@ -11,23 +11,24 @@ from smi_engine.hookspecs import hookimpl
 from smi_engine.invert import InversionConfig
 from smi_engine.quantization.job import QuantizeJob, run_quantization
 from smi_engine.quantization.scheme import DEFAULT_SCHEME, QuantConfig
-from smi_engine.tasks import TaskContext, model_from_options, require
+from smi_engine.tasks import TaskContext, TaskOptions
 
 
 class QuantizeTask:
     description = "post-training quantisation of a ViT, calibrated on synthetic images (or noise, or real ones)"
 
     def run(self, options: dict[str, Any], context: TaskContext) -> dict[str, Any]:
-        require(options, "calib", "data")
+        o = TaskOptions("quantize", options)
+        o.require("calib", "data")
         job = QuantizeJob(
-            model=model_from_options(options, "teacher"), calib=str(options["calib"]), data=str(options["data"]),
-            quant=QuantConfig(int(options.get("w_bit", 8)), int(options.get("a_bit", 8)),
-                              options.get("calibrator") or None, float(options.get("percentile", 99.99)),
-                              str(options.get("scheme", DEFAULT_SCHEME))),
-            calib_size=int(options.get("calib_size", 32)), batch_size=int(options.get("batch_size", 64)),
-            limit=int(options["limit"]) if options.get("limit") else None, seed=int(options.get("seed", 0)),
+            model=o.model("teacher"), calib=o.text("calib"), data=o.text("data"),
+            quant=QuantConfig(o.integer("w_bit", 8), o.integer("a_bit", 8), o.text("calibrator"),
+                              o.real("percentile", 99.99), o.text("scheme", DEFAULT_SCHEME)),
+            calib_size=o.integer("calib_size", 32), batch_size=o.integer("batch_size", 64),
+            limit=o.integer("limit") or None, seed=o.integer("seed", 0),
         )
-        save = Path(options["save"]) if options.get("save") else None
+        save = Path(o.text("save")) if o.has("save") else None
+        o.check_unknown()
         return run_quantization(job, context.device, context.bus(), save)
 
 
@@ -35,45 +36,40 @@ class KnowledgeTransferTask:
     description = "data-free knowledge transfer: train a student on the teacher's outputs for synthetic images"
 
     def run(self, options: dict[str, Any], context: TaskContext) -> dict[str, Any]:
-        require(options, "data")
-        options = resolve_recipe(str(options.get("recipe") or "default"), options)
-        teacher = model_from_options(options, "teacher")
-        synthesize = options.get("synthesize")
+        o = TaskOptions("kt", resolve_recipe(str(options.get("recipe") or "default"), options))
+        o.text("recipe")
+        o.require("data")
+        teacher = o.model("teacher")
+        synthesize = o.raw("synthesize")
         if isinstance(synthesize, dict):
             synthesize = InversionConfig.from_dict({**synthesize, "model": teacher.to_dict()})
-        elif synthesize:  # "true" from the generic runner: the inversion defaults
+        elif o.flag("synthesize"):  # "true" from the generic runner: the inversion defaults
             synthesize = InversionConfig(model=teacher)
-        if synthesize and options.get("synth_batch_size"):
-            synthesize = replace(synthesize, batch_size=int(options["synth_batch_size"]))
-        pools = options.get("pools") or []
-        pools = [pools] if isinstance(pools, str) else list(pools)
-        grow = options.get("grow")
+        else:
+            synthesize = None
+        synth_batch_size = o.integer("synth_batch_size")
+        if synthesize is not None and synth_batch_size:
+            synthesize = replace(synthesize, batch_size=synth_batch_size)
+        pools = o.texts("pools")
+        grow = o.text("grow")
         if grow == "batch":  # the recipe's "one inverted batch per round", for a fixed pool only
-            grow = pool_batch_size(pools[0]) if pools and not synthesize else None
+            grow = pool_batch_size(pools[0]) if pools and synthesize is None else None
+        else:
+            grow = o.integer("grow")
         config = DistillConfig(
-            teacher=teacher, student=model_from_options(options, "student"), data=str(options["data"]),
-            pools=pools, synthesize=synthesize or None,
-            synth_batches=int(options.get("synth_batches", 1)), epochs=int(options.get("epochs", 10)),
-            steps_per_round=_int_or_none(options.get("steps_per_round")), grow=_int_or_none(grow),
-            batch_size=int(options.get("batch_size", 64)), optimizer=str(options.get("optimizer", "adamw")),
-            lr=float(options.get("lr", 1e-3)), lr_schedule=str(options.get("lr_schedule", "cosine")),
-            weight_decay=float(options.get("weight_decay", 1e-4)),
-            temperature=float(options.get("temperature", 20.0)), linear_probe=_bool(options.get("linear_probe", False)),
-            flip=_bool(options.get("flip", True)), val_every=int(options.get("val_every", 1)), seed=int(options.get("seed", 0)),
-            limit=int(options["limit"]) if options.get("limit") else None,
+            teacher=teacher, student=o.model("student"), data=o.text("data"), pools=pools, synthesize=synthesize,
+            synth_batches=o.integer("synth_batches", 1), epochs=o.integer("epochs", 10),
+            steps_per_round=o.integer("steps_per_round"), grow=grow, batch_size=o.integer("batch_size", 64),
+            optimizer=o.text("optimizer", "adamw"), lr=o.real("lr", 1e-3), lr_schedule=o.text("lr_schedule", "cosine"),
+            weight_decay=o.real("weight_decay", 1e-4), temperature=o.real("temperature", 20.0),
+            linear_probe=o.flag("linear_probe"), flip=o.flag("flip", True), val_every=o.integer("val_every", 1),
+            seed=o.integer("seed", 0), limit=o.integer("limit") or None,
         )
-        if context.out is None:
-            require(options, "out")
-        out = context.out or Path(options["out"])
+        out = context.out or (Path(o.text("out")) if o.has("out") else None)
+        o.check_unknown()
+        if out is None:
+            o.require("out")
         return run_distillation(config, out, context.device, context.sinks or [], context.control, context.placement)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value in (None, "", 0, "0") else int(value)
-
-
-def _bool(value: Any) -> bool:
-    return value.lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
 
 
 @hookimpl

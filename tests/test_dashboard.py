@@ -279,3 +279,68 @@ def test_smi_invert_tui_in_a_real_terminal(tmp_path):
         os.close(master)
     assert proc.returncode == 130
     assert (out / "checkpoint.pt").is_file() and read_events(out / "events.jsonl")[-1]["event"] == "run_interrupted"
+
+
+def _random_json(rng, depth: int = 0):
+    """A random JSON value, biased towards event-like objects with wrong or missing fields."""
+    kinds = ["null", "bool", "int", "float", "text", "list", "object", "event"] if depth < 3 else ["int", "text"]
+    kind = rng.choice(kinds)
+    if kind == "null":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.randint(-(2**40), 2**40)
+    if kind == "float":
+        return rng.choice([rng.uniform(-1e9, 1e9), 0.0, -0.0, 1e308])
+    if kind == "text":
+        return "".join(rng.choice("abc{}[]:,\"\\é\u2603") for _ in range(rng.randint(0, 8)))
+    if kind == "list":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    names = ["event", "time", "batch", "iteration", "kept", "tokens", "losses", "stops", "grid", "kind", "epoch",
+             "kept_indices", "path", "summary", "message", "seconds", "images_per_s", "tokens_per_s", "val_top1"]
+    obj = {rng.choice(names): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 8))}
+    if kind == "event":
+        obj["event"] = rng.choice(["run_start", "run_resumed", "batch_start", "batch_resumed", "iteration", "stop",
+                                   "preview", "batch_end", "epoch_end", "run_end", "run_error", "run_interrupted", "?"])
+    return obj
+
+
+def test_the_reader_survives_any_bytes_and_any_json():
+    """Property test: random bytes and random JSON values never make the reader or the state
+    raise; every complete line that is not a well-formed event is counted as damaged."""
+    import random
+
+    from smi_engine.events import parse_lines
+
+    rng = random.Random(0)
+    for _ in range(300):
+        state = RunState()
+        data = b"".join(rng.choice([
+            bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40))),
+            json.dumps(_random_json(rng)).encode(),
+            b"\xff\xfe\x80 not utf-8",
+            b"[1, 2, 3]", b"42", b'{"event": "iteration"}',
+        ]) + b"\n" for _ in range(rng.randint(1, 30)))
+        events, tail, damaged = parse_lines(data)
+        for event in events:
+            state.apply(event)
+        assert all(isinstance(e, dict) for e in events)
+        assert state.events + state.damaged == len(events) and damaged + len(events) <= data.count(b"\n")
+        assert state.status in ("running", "finished", "failed", "interrupted")
+
+
+def test_damaged_lines_are_counted_and_following_goes_on(recorded):
+    """Non-UTF-8 bytes, JSON that is not an object, an event missing its fields: skipped and
+    counted in the header; a run_error written after them is still shown."""
+    with open(recorded / "events.jsonl", "ab") as handle:
+        handle.write(b"\xff\xfe not utf-8\n[1, 2, 3]\n42\n" + json.dumps({"event": "iteration"}).encode() + b"\n")
+        handle.write(json.dumps({"event": "run_error", "time": 2.0, "rank": 0, "message": "disk full"}).encode() + b"\n")
+
+    async def steps(app, pilot):
+        header = plain(app.query_one(RunHeader))
+        assert "4 damaged event line(s) skipped" in header and "FAILED" in header
+        assert "disk full" in plain(app.query_one(Problem))
+
+    run_app(Dashboard([recorded], ["invert"], follow=False), steps)
+    run_app(Dashboard([recorded], ["invert"], follow=True), steps)

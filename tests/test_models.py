@@ -93,8 +93,9 @@ def test_pickled_code_in_a_checkpoint_never_runs(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as handle:
         pickle.dump({"weight": _Payload(marker)}, handle)
-    with pytest.raises(SmiError, match="cannot read checkpoint"):
+    with pytest.raises(SmiError, match="cannot read checkpoint .*pickled Python objects, which smi never loads") as caught:
         read_state_dict(path)
+    assert "weights_only" not in str(caught.value)  # never suggest unsafe loading
     assert not marker.exists()
 
 

@@ -1,5 +1,7 @@
 """Follows a growing events.jsonl in a thread: reads new bytes in chunks, keeps a half-written
-last line for later, and hands complete events to a callback."""
+last line for later, and hands complete events to a callback. A damaged line (not UTF-8, not
+JSON, not an object) becomes a ``damaged_line`` marker, so the dashboard can count it; nothing
+in the file stops the following."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from smi_engine.events import parse_lines
 
 CHUNK = 1 << 20
 POLL_SECONDS = 0.1
+DAMAGED = {"event": "damaged_line"}
 
 
 class EventFollower(threading.Thread):
@@ -30,8 +33,8 @@ class EventFollower(threading.Thread):
         except FileNotFoundError:
             return []
         self.position += len(data)
-        events, self.tail = parse_lines(self.tail + data)
-        return events
+        events, self.tail, damaged = parse_lines(self.tail + data)
+        return events + [dict(DAMAGED) for _ in range(damaged)]
 
     def run(self) -> None:
         while not self.stopped.is_set():

@@ -13,6 +13,35 @@ from smi_engine.schedule import block_flops
 
 SPEED_SMOOTHING = 0.2  # weight of the newest iteration in the throughput averages
 
+_NUMBER = (int, float)
+#: The fields each event's handler reads, with their types: an event that lacks one, or holds
+#: the wrong type, is counted as damaged and skipped whole (the state never half-applies it).
+FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "run_start_invert": {"schedule": str, "stops": list, "iterations": int, "batches": int, "batch_size": int,
+                         "grid": list, "num_patches": int, "prefix_tokens": int, "width": int},
+    "batch_start": {"batch": int},
+    "batch_resumed": {"batch": int, "iteration": int},
+    "iteration": {"batch": int, "iteration": int, "kept": int, "tokens": int, "seconds": _NUMBER,
+                  "images_per_s": _NUMBER, "tokens_per_s": _NUMBER, "losses": dict},
+    "stop": {"batch": int, "kept": int, "kept_indices": list},
+    "preview": {"path": str},
+    "epoch_end": {"epoch": int, "epochs": int, "val_top1": _NUMBER},
+}
+
+
+def well_formed(event: dict[str, Any]) -> bool:
+    kind = event.get("event")
+    if not isinstance(kind, str):
+        return False
+    if kind in ("run_start", "run_resumed") and event.get("kind", "invert") == "invert":
+        kind = "run_start_invert"
+    fields = FIELDS.get(kind, {})
+    if any(not isinstance(event.get(name), types) or isinstance(event.get(name), bool) for name, types in fields.items()):
+        return False
+    if kind == "iteration" and not all(isinstance(v, _NUMBER) for v in event["losses"].values()):
+        return False
+    return event.get("time") is None or isinstance(event["time"], _NUMBER)
+
 
 @dataclass
 class LossHistory:
@@ -70,16 +99,24 @@ class RunState:
     epochs: int = 0
     val_top1: list[float] = field(default_factory=list)
     events: int = 0
+    damaged: int = 0  # lines of events.jsonl that were not events, and events missing their fields
 
     # -- folding ----------------------------------------------------------------------------
-    def apply(self, event: dict[str, Any]) -> None:
+    def apply(self, event: Any) -> None:
+        """Fold one event in; anything malformed is counted and skipped, never raised."""
+        if not isinstance(event, dict) or event.get("event") == "damaged_line" or not well_formed(event):
+            self.damaged += 1
+            return
         self.events += 1
         handler = getattr(self, f"_on_{event.get('event')}", None)
         if event.get("time") is not None:
             self.started = event["time"] if self.started is None else self.started
             self.latest = event["time"]
         if handler is not None:
-            handler(event)
+            try:
+                handler(event)
+            except (KeyError, TypeError, ValueError, IndexError):  # a shape FIELDS does not describe
+                self.damaged += 1
 
     def _on_run_start(self, e: dict) -> None:
         self.kind = e.get("kind", self.kind)

@@ -64,6 +64,8 @@ class RunHeader(Panel):
             memory.append(f"CUDA peak {state.cuda_peak_mb:.0f} MB")
         if memory:
             text.append(" · " + " · ".join(memory))
+        if state.damaged:
+            text.append(f"\n{state.damaged} damaged event line(s) skipped", "yellow")
         return text
 
 
