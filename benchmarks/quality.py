@@ -130,8 +130,6 @@ def quantisation_matrix(folder: Path, teacher: Path, data: str, seed: int, devic
     target = folder / "quantize.json"
     if target.exists():
         return json.loads(target.read_text())
-    import torch
-
     from smi_engine.data import ModelInput, load_data, loader
     from smi_engine.device import resolve_device
     from smi_engine.evaluate import evaluate

@@ -55,12 +55,24 @@ def _register_plugin_commands() -> None:
                  "continuing without its commands")
 
 
+try:  # current Typer vendors click; older releases use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed Typer
+    from click import exceptions as click_exceptions
+
+
 def main() -> None:
     # Under torchrun every rank speaks: say which one.
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         _register_plugin_commands()
-        app()
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:  # `smi` or a group alone: its help
+        typer.echo(exc.ctx.get_help() if exc.ctx else "")
+        raise SystemExit(2) from None
+    except click_exceptions.ClickException as exc:  # a usage error (bad type, unknown option): one line too
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "smi"
+        fail(rank + escape(f"{exc.format_message()} (see `{command} --help`)"), code=exc.exit_code)
     except SmiError as exc:
         fail(rank + escape(str(exc)))
     except KeyboardInterrupt:
@@ -70,6 +82,8 @@ def main() -> None:
             raise
         message, code = describe_failure(exc)
         fail(rank + escape(message), code=code)
+    if isinstance(code, int) and code:  # a command's typer.Exit(code)
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json, stderr
+from smi_cli.console import stderr
 from smi_engine.device import resolve_device
 from smi_engine.files import write_json
 from smi_engine.plugins import get_registry

@@ -92,12 +92,13 @@ class InversionRun:
         inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir,
                             control or RunControl(run_dir))
         plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
+        # Refusals come before the lock file is touched, so a refused start or resume writes nothing.
         if not resume and placement.is_main:
-            run_dir.check_claimable(RUN_KIND, resumable=True)  # before the lock file: a refused start writes nothing
+            run_dir.check_claimable(RUN_KIND, resumable=True)
+        checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None
         # Rank 0 holds the run's lock; a second process (or job) on the same folder is refused here.
         lock = RunLock(run_dir.path).acquire() if placement.is_main else None
         try:
-            checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None  # unreadable: refused, nothing written
             placement.barrier()  # every rank has read the old state before rank 0 clears the stop request
             if not resume and placement.is_main:
                 run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),

@@ -134,7 +134,7 @@ class LossSpec:
             raise SmiError(f"--loss {self.name}:{self.weight}: a weight is a finite number >= 0 (a negative one would "
                            f"maximise the loss), e.g. --loss {self.name}:0.5")
         for key, value in self.options.items():
-            if isinstance(value, float) and not math.isfinite(value):
+            if _is_non_finite(value):
                 raise SmiError(f"--loss-option {self.name}.{key}={value} is not a finite number: give a number, e.g. 1e-4")
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +143,16 @@ class LossSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LossSpec":
         return cls(data["name"], float(data.get("weight", 1.0)), dict(data.get("options", {})))
+
+
+def _is_non_finite(value: Any) -> bool:
+    """nan or inf, given as a number or as text ("nan", "inf" do not parse as Python literals)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def attach_options(specs: list[LossSpec], options: list[str]) -> list[LossSpec]:

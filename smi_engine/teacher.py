@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.data import DataSplits, ModelInput, loader
 from smi_engine.evaluate import evaluate

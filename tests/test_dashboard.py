@@ -20,7 +20,7 @@ from rich.console import Console
 
 from smi_cli.dashboard.app import Confirm, Dashboard, Keys
 from smi_cli.dashboard.state import RunState
-from smi_cli.dashboard.widgets import LossChart, PatchRetention, Preview, Problem, RunHeader, Throughput, Training
+from smi_cli.dashboard.widgets import LossChart, PatchRetention, Problem, RunHeader, Throughput, Training
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.events import read_events
 from smi_engine.rundir import RunDir

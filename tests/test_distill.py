@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.distill import DistillConfig, kd_loss, prepare_student, resolve_recipe, run_distillation

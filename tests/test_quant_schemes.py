@@ -15,7 +15,7 @@ from smi_engine.quantization.job import QuantizeJob, run_quantization
 from smi_engine.quantization.matmul import QuantLinear
 from smi_engine.quantization.quantizers import LogQuantizer, quantize_activation, quantize_log_sqrt2
 from smi_engine.quantization.repq import _post_norm_pairs, fold_channel_ranges
-from smi_engine.quantization.seed import SeedBlockQuantizers, SeedQuantViT
+from smi_engine.quantization.seed import SeedBlockQuantizers
 
 from .conftest import assert_one_line_error, smi, tiny_model
 
