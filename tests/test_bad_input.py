@@ -126,10 +126,10 @@ def test_a_refused_resume_writes_nothing(tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 256 KiB tmpfs (root can mount one; elsewhere the test skips)."""
+    """A 512 KiB tmpfs (root can mount one; elsewhere the test skips)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip() or 'not root'}): the full-disk case needs one")
     yield mount
@@ -139,8 +139,8 @@ def tiny_disk(tmp_path):
 def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tiny_disk):
     out = tiny_disk / "run"
     ballast = tiny_disk / "ballast"
-    ballast.write_bytes(b"\0" * (200 * 1024))  # leaves room for config and events, not for the pool
-    proc = smi("invert", *TINY, "--iterations", "3", "--batch-size", "64", "--batches", "2", "--out", out, "--quiet")
+    ballast.write_bytes(b"\0" * (460 * 1024))  # room for config and events, not for a 64 KiB pool shard
+    proc = smi("invert", *TINY, "--iterations", "3", "--batch-size", "16", "--batches", "2", "--out", out, "--quiet")
     assert_one_line_error(proc, "the disk is full", "--resume")
     assert (out / "config.json").is_file() and not (out / "summary.json").exists()
     ballast.unlink()
