@@ -183,3 +183,12 @@ def test_unwritable_output_paths_are_refused_before_any_work(tmp_path, digits_te
                               "--save", blocker / "q"), "--save", "cannot be written")
     assert_one_line_error(smi("demo", "--out", blocker, "--cache", tmp_path / "cache"), "--out", "is a file")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path):
+    """Downloads go through a proxy on a closed loopback port, so they fail fast on any machine."""
+    target = tmp_path / "new" / "fashion"
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    assert_one_line_error(smi("data", "fetch", "fashion-mnist", target, env=offline), "download of fashion-mnist failed",
+                          "check the network")
+    assert not target.exists()

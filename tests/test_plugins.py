@@ -129,10 +129,11 @@ def test_a_plugin_failing_to_register_commands_never_breaks_smi(plugin_env):
     assert "'faulty-commands' failed in register_commands" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_loss_or_task_raising_at_run_time_is_named_in_one_line(plugin_env, tmp_path):
+def test_a_loss_or_task_raising_at_run_time_is_named_in_one_line(plugin_env, tmp_path, digits_teacher):
     env = {**plugin_env, "SMI_LOAD_PLUGINS": "faulty-runtime"}
     out = tmp_path / "run"
-    proc = smi("invert", *TINY, "--iterations", "4", "--batch-size", "2", "--loss", "exploding", "--out", out, env=env)
+    proc = smi("invert", "--teacher", digits_teacher, "--iterations", "4", "--batch-size", "2", "--loss", "exploding",
+               "--out", out, "--quiet", "--device", "cpu", env=env)
     assert_one_line_error(proc, "loss 'exploding' (plugin faulty-runtime) failed at iteration 0",
                           "RuntimeError: the loss exploded", "--resume")
     events = read_events(out)
