@@ -164,6 +164,11 @@ def cell(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+def counts(values: list[int]) -> str:
+    """Image counts: one number, or each seed's where they differ (equal-time pools)."""
+    return str(values[0]) if len(set(values)) == 1 else " / ".join(map(str, values))
+
+
 def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dict, kt: dict, commands: list[dict]) -> dict:
     pools = {(s, name): summary(out / f"seed-{s}" / name) for s in seeds for name in POOLS}
     teacher_summary, student_summary = summary(teacher), summary(student)
@@ -179,7 +184,7 @@ def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dic
     ]
     for name in POOLS:
         runs = [pools[(s, name)] for s in seeds]
-        lines.append(f"| {name} | {runs[0]['images']} | {cell([r['seconds'] for r in runs])} | "
+        lines.append(f"| {name} | {counts([r['images'] for r in runs])} | {cell([r['seconds'] for r in runs])} | "
                      f"{runs[0]['kept_patches']}/{runs[0]['num_patches']} | {cell([100 * r['teacher_accuracy'] for r in runs])} |")
     lines += ["", f"Quantised top-1 (%) on the 10,000 test images (fp32 {fp32:.2f}%), {BATCH} calibration images:", "",
               "| scheme | W/A | noise | dense inversion | sparse inversion | real images |", "|---|---|---:|---:|---:|---:|"]
@@ -191,7 +196,7 @@ def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dic
               "student on the 10,000 test images:", "",
               "| synthetic data | images | inversion time (s) | student top-1 |", "|---|---:|---:|---:|"]
     for name in POOLS:
-        lines.append(f"| {name} | {pools[(seeds[0], name)]['images']} | {cell([pools[(s, name)]['seconds'] for s in seeds])} | "
+        lines.append(f"| {name} | {counts([pools[(s, name)]['images'] for s in seeds])} | {cell([pools[(s, name)]['seconds'] for s in seeds])} | "
                      f"{cell([kt[(s, name)]['best_top1'] for s in seeds])} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     results = {"teacher": teacher_summary, "student_backbone": {k: v for k, v in student_summary.items() if k != "history"},
