@@ -24,7 +24,7 @@ def plugins(json_output: Annotated[bool, typer.Option("--json", help="Print as J
         return
     table = Table(title="smi plugins")
     for column in ("plugin", "distribution", *KINDS, "status"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # wrap, never cut a name a user has to type
     for i in infos:
         status = f"[red]{i.error}[/]" if i.error else ("built-in" if i.builtin else "ok")
         table.add_row(i.name, f"{i.distribution or '?'} {i.version or ''}".strip(),
