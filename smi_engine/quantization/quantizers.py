@@ -34,26 +34,30 @@ def quantize_weight_searched(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel asymmetric fake quantisation, each channel clipped at whichever of
     its 99.9/99.99/99.999th percentiles quantises it with the least squared error (RepQ-ViT)."""
     rows = weight.detach().flatten(1)
-    best, best_error = None, None
+    low, high = searched_ranges(rows, bits, dim=1)
+    return quantize_activation(rows, low.unsqueeze(1), high.unsqueeze(1), bits).view_as(weight).to(weight.dtype)
+
+
+def searched_ranges(values: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (low, high) per slice along ``dim`` of a 2-D tensor: the percentile clipping
+    (``SEARCH_PERCENTILES``) with the least mean squared quantisation error, the first on ties."""
+    best_low = best_high = best_error = None
     for p in SEARCH_PERCENTILES:
-        high = torch.quantile(rows, p, dim=1, keepdim=True)
-        low = torch.quantile(rows, 1 - p, dim=1, keepdim=True)
-        candidate = quantize_activation(rows, low, high, bits)
-        error = (candidate - rows).pow(2).mean(dim=1, keepdim=True)
-        if best is None:
-            best, best_error = candidate, error
+        low, high = torch.quantile(values, 1 - p, dim=dim, keepdim=True), torch.quantile(values, p, dim=dim, keepdim=True)
+        error = (quantize_activation(values, low, high, bits) - values).pow(2).mean(dim=dim, keepdim=True)
+        if best_error is None:
+            best_low, best_high, best_error = low, high, error
         else:
             better = error < best_error
-            best, best_error = torch.where(better, candidate, best), torch.minimum(error, best_error)
-    return best.view_as(weight).to(weight.dtype)
+            best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
+            best_error = torch.minimum(error, best_error)
+    return best_low.squeeze(dim), best_high.squeeze(dim)
 
 
 def quantize_activation(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
     """Uniform asymmetric fake quantisation to the range [low, high] (broadcasting)."""
-    levels = 2**bits - 1
-    scale = ((high - low) / levels).clamp_min(torch.finfo(x.dtype).eps)
-    zero_point = (-(low / scale).round()).clamp(0, levels)
-    return ((x / scale + zero_point).round().clamp(0, levels) - zero_point) * scale
+    scale, zero_point = zero_point_levels(low, high, bits)
+    return ((x / scale + zero_point).round().clamp(0, 2**bits - 1) - zero_point) * scale
 
 
 def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
@@ -139,17 +143,7 @@ class ActivationQuantizer(nn.Module):
         if self.calibrator == "percentile":
             q = self.percentile / 100
             return torch.quantile(values, 1 - q, dim=0), torch.quantile(values, q, dim=0)
-        best_low = best_high = best_error = None
-        for p in SEARCH_PERCENTILES:
-            low, high = torch.quantile(values, 1 - p, dim=0), torch.quantile(values, p, dim=0)
-            error = (quantize_activation(values, low, high, self.bits) - values).pow(2).mean(dim=0)
-            if best_error is None:
-                best_low, best_high, best_error = low, high, error
-            else:
-                better = error < best_error
-                best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
-                best_error = torch.minimum(error, best_error)
-        return best_low, best_high
+        return searched_ranges(values, self.bits, dim=0)
 
     def _error(self, values: torch.Tensor, low: float, high: float) -> float:
         return float((quantize_activation(values, torch.tensor(low), torch.tensor(high), self.bits) - values).pow(2).mean())
