@@ -1,4 +1,4 @@
-"""``smi bench``: dense against sparse inversion speed, side by side, with the FLOP bound."""
+"""``smi bench``: dense inversion against selection policies and schedules, side by side."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from smi_cli import options as o
 from smi_cli.console import print_json, stderr
-from smi_engine.bench import BenchConfig, run_benchmark
+from smi_engine.bench import DENSE, BenchConfig, run_benchmark
 from smi_engine.files import check_writable, write_json
+from smi_engine.invert import PHASES
 from smi_engine.models import parse_model_args
 
 
@@ -21,18 +23,25 @@ def bench(
     model_args: o.ModelArgs = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
     iterations: Annotated[int, typer.Option(help="Iterations per run.")] = 400,
-    schedule: Annotated[Optional[str], typer.Option(help="Stops; default: the seed's 50,100,200,300 @ 0.3 scaled from 4000 iterations.")] = None,
-    repeats: Annotated[int, typer.Option(help="Alternating dense/sparse rounds; medians are reported.")] = 1,
+    schedule: Annotated[Optional[str], typer.Option(help="Stops of the compared runs (default: the seed's 50,100,200,300 @ 0.3 scaled from 4000 iterations).", show_default=False)] = None,
+    compare: Annotated[Optional[list[str]], typer.Option("--compare", help="A sparse run to time against dense: a selection NAME, or NAME@SCHEDULE for its own stops; repeatable (default: smi).", show_default=False)] = None,
+    repeats: Annotated[int, typer.Option(help="Rounds of the side-by-side timing; medians are reported.")] = 1,
     attention: Annotated[str, typer.Option(help="fused or explicit attention.")] = "fused",
+    precision: o.Precision = "fp32",
+    compile: o.Compile = False,
     device: o.Device = "cpu",
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Also measure the memory of a steady-state iteration per mode.")] = True,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Also measure the memory of a steady-state iteration per run.")] = True,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the full results as JSON here.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """Measure dense vs sparse inversion: per-stage iteration time, end-to-end speedup, bound."""
+    """Time dense inversion against sparse runs side by side: per stage and phase, end to end, against the FLOP bound.
+
+    SMI and Patch Rebirth at the seed's schedule, and PRI at a steeper one:
+    smi bench --compare smi --compare pri --compare pri@20:0.5,40:0.5,80:0.5
+    """
     config = BenchConfig(model=model, model_args=parse_model_args(model_args), batch_size=batch_size,
-                         iterations=iterations, schedule=schedule, repeats=repeats, device=device, attention=attention,
-                         memory=memory)
+                         iterations=iterations, schedule=schedule, compare=list(compare or ["smi"]), repeats=repeats,
+                         device=device, attention=attention, precision=precision, compile=compile, memory=memory)
     config.validate()
     if out is not None:
         check_writable(out, "--out", folder=False)
@@ -45,31 +54,47 @@ def bench(
         print_report(result)
 
 
+PHASE_HEADERS = {"forward": "fwd", "backward": "bwd", "optimizer": "opt", "reporting": "rep"}
+CAPTION = ("one row per stage; speedup: dense iteration time / this stage's; FLOPs: the same ratio of token FLOPs; "
+           "fwd/bwd/opt/rep: ms per iteration in the forward (teacher, losses, stops), backward, "
+           "optimiser (Adam, clamp) and reporting")
+
+
 def print_report(result: dict) -> None:
     cfg = result["config"]
-    table = Table(title=f"{cfg['model']} · batch {cfg['batch_size']} · {cfg['iterations']} iterations · "
-                        f"{result['device']} ({result['threads']} threads) · schedule {cfg['schedule']}")
-    for column in ("stage", "kept patches", "tokens", "iterations", "ms / iteration", "speedup vs dense", "token-FLOP speedup"):
-        table.add_column(column, justify="right")
-    table.add_row("dense", "all", str(result["stages"][0]["tokens"]), str(cfg["iterations"]),
-                  f"{result['dense_ms_per_iteration']:.1f}", "1.00x", "1.00x")
-    for index, stage in enumerate(result["stages"]):
-        table.add_row(str(index), str(stage["kept"]), str(stage["tokens"]), str(stage["iterations"]),
-                      f"{stage['ms_per_iteration']:.1f}", f"{stage['speedup']:.2f}x", f"{stage['flop_speedup']:.2f}x")
     console = Console()
+    profiled = result["runs"][DENSE]["stages"][0]["phase_ms"] is not None
+    table = Table(title=f"{cfg['model']} · batch {cfg['batch_size']} · {cfg['iterations']} iterations · "
+                        f"{result['device']} ({result['threads']} threads) · {cfg['precision']}"
+                        f"{' · compiled' if cfg['compile'] else ''}")
+    table.box, table.caption = box.SIMPLE_HEAD, CAPTION if profiled else None
+    table.padding = (0, 0)  # the box already separates columns by a space: 80 columns fit
+    columns = ["run", "kept", "tokens", "its", "ms/it", "speedup", "FLOPs"]
+    columns += [PHASE_HEADERS[phase] for phase in PHASES] if profiled else []
+    for column in columns:
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+    for label, run in result["runs"].items():
+        for index, stage in enumerate(run["stages"]):
+            cells = [label if index == 0 else "", str(stage["kept"]), str(stage["tokens"]),
+                     str(stage["iterations"]), f"{stage['ms_per_iteration']:.1f}", f"{stage['speedup']:.2f}x",
+                     f"{stage['flop_speedup']:.2f}x"]
+            if profiled:
+                cells += [f"{stage['phase_ms'][phase]:.1f}" for phase in PHASES]
+            table.add_row(*cells, end_section=index == len(run["stages"]) - 1)
     console.print(table)
-    console.print(
-        f"end to end: dense {result['dense_seconds']:.1f} s, sparse {result['sparse_seconds']:.1f} s -> "
-        f"[bold]{result['speedup']:.2f}x[/]; token-FLOP bound {result['bound']:.2f}x; "
-        f"efficiency {result['efficiency']:.2f} of the bound"
-    )
+    for label, run in result["runs"].items():
+        if label == DENSE:
+            console.print(f"dense: {result['dense_seconds']:.1f} s end to end")
+            continue
+        console.print(f"{label} ({run['schedule']}): {run['seconds']:.1f} s -> [bold]{run['speedup']:.2f}x[/] vs dense; "
+                      f"token-FLOP bound {run['bound']:.2f}x; efficiency {run['efficiency']:.2f} of the bound",
+                      soft_wrap=True)
     memory = result["memory"]
     if memory:
         for key, label in (("saved_for_backward_mb", "activations saved for backward"), ("cuda_peak_mb", "CUDA peak allocated")):
-            if key in memory["dense"]:
-                dense, sparse = memory["dense"][key], memory["sparse"][key]
-                console.print(f"{label} per steady-state iteration: dense {dense:.1f} MB, sparse {sparse:.1f} MB "
-                              f"({dense / sparse:.2f}x less)")
+            if key in memory[DENSE]:
+                parts = ", ".join(f"{run} {values[key]:.1f} MB" for run, values in memory.items())
+                console.print(f"{label} per steady-state iteration: {parts}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -19,17 +19,23 @@ from smi_engine.events import EventBus
 from smi_engine.inversion_run import run_inversion
 from smi_engine.files import check_writable
 from smi_engine.models import read_card
+from smi_engine.selection import SelectionSpec, build_selection
 
 
 def demo(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the two run directories (default runs/<time>-demo).")] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Where the demo teacher is kept (default: the user cache dir).")] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the demo teacher again even if cached.")] = False,
+    selection: Annotated[Optional[list[str]], typer.Option("--selection", help="Sparse runs to compare with dense, one per selection policy, repeatable (default: smi), e.g. --selection smi --selection pri.")] = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
-    """Train (once) a small ViT on scikit-learn's digits, invert it dense and sparse, compare."""
+    """Train (once) a small ViT on scikit-learn's digits, invert it dense and sparse, compare.
+
+    Dense against SMI and Patch Rebirth: smi demo --selection smi --selection pri
+    """
+    selections = [SelectionSpec.parse(name) for name in dict.fromkeys(selection or ["smi"])]
     out = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-demo"
     check_writable(out, "--out")
     folder = recipe.teacher_dir(cache)
@@ -41,7 +47,10 @@ def demo(
     folder, trained = recipe.ensure_teacher(folder, torch_device, retrain, bus)
     accuracy = read_card(folder).get("accuracy", {}).get("top1")
     summaries = {}
-    for mode, config in recipe.inversion_configs(folder).items():
+    configs = recipe.inversion_configs(folder, selections=selections)
+    for config in configs.values():
+        build_selection(config.selection)  # an unknown name fails before any run starts
+    for mode, config in configs.items():
         sinks = [] if quiet else [InversionProgress(stderr, label=f"{mode:6s}")]
         if sinks:
             with sinks[0]:
@@ -50,7 +59,8 @@ def demo(
             summaries[mode] = run_inversion(config, out / mode, device=device)
     result = {
         "teacher": str(folder), "teacher_trained_now": trained, "teacher_top1": accuracy,
-        "speedup": summaries["dense"]["seconds"] / summaries["sparse"]["seconds"], "runs": summaries,
+        "speedups": {mode: summaries["dense"]["seconds"] / s["seconds"] for mode, s in summaries.items()},
+        "runs": summaries,
     }
     if json_output:
         print_json(result)
@@ -65,29 +75,36 @@ class _TrainingLog:
                          f"val top-1 {event['val_top1']:.1f}%  ({event['seconds']:.1f} s)")
 
 
+TITLES = {"dense": "dense (DeepInversion)", "smi": "sparse (SMI)", "pri": "Patch Rebirth (PRI)", "random": "random stops"}
+
+
 def _print_comparison(result: dict) -> None:
-    dense, sparse = result["runs"]["dense"], result["runs"]["sparse"]
+    runs = result["runs"]
     table = Table(title="smi demo: dense vs sparse inversion of a digits ViT")
     table.add_column("", no_wrap=True)
-    table.add_column("dense (DeepInversion)", justify="right")
-    table.add_column("sparse (SMI)", justify="right")
+    for mode in runs:
+        table.add_column(TITLES.get(mode, mode), justify="right")
+
+    def bound(mode: str, s: dict) -> str:
+        return "" if mode == "dense" else f" (bound {s['speedup_bound']:.2f}x)"
+
     rows = [
-        ("schedule", dense["schedule"], sparse["schedule"].replace(",", ", ")),
-        ("inversion time", f"{dense['seconds']:.1f} s", f"{sparse['seconds']:.1f} s"),
-        ("speedup", "1.00x", f"{result['speedup']:.2f}x (bound {sparse['speedup_bound']:.2f}x)"),
-        ("kept patches", f"{dense['kept_patches']}/{dense['num_patches']}", f"{sparse['kept_patches']}/{sparse['num_patches']}"),
-        ("teacher accuracy on synthetic", f"{100 * dense['teacher_accuracy']:.1f}%", f"{100 * sparse['teacher_accuracy']:.1f}%"),
-        ("final CE loss", f"{dense['final_losses'].get('deepinversion.ce', float('nan')):.4f}", f"{sparse['final_losses'].get('deepinversion.ce', float('nan')):.4f}"),
+        ("schedule", lambda m, s: s["schedule"].replace(",", ", ")),
+        ("inversion time", lambda m, s: f"{s['seconds']:.1f} s"),
+        ("speedup", lambda m, s: f"{result['speedups'][m]:.2f}x{bound(m, s)}"),
+        ("patches in the image", lambda m, s: f"{s['kept_patches']}/{s['num_patches']}"),
+        ("teacher accuracy on synthetic", lambda m, s: f"{100 * s['teacher_accuracy']:.1f}%"),
+        ("final CE loss", lambda m, s: f"{s['final_losses'].get('deepinversion.ce', float('nan')):.4f}"),
     ]
-    for row in rows:
-        table.add_row(*row)
+    for label, cell in rows:
+        table.add_row(label, *(cell(mode, summary) for mode, summary in runs.items()))
     console = Console()
     teacher = f"{result['teacher_top1']:.1f}% val top-1" if result["teacher_top1"] is not None else "cached"
     console.print(f"teacher: {result['teacher']} ({teacher}{', trained now' if result['teacher_trained_now'] else ''})")
     console.print(table)
-    for mode, summary in (("dense", dense), ("sparse", sparse)):
+    for mode, summary in runs.items():
         console.print(f"{mode:6s} run {summary['run_dir']}  preview {summary['preview']}", soft_wrap=True)
-    console.print("open the dashboard: [bold]smi watch " + dense["run_dir"] + " " + sparse["run_dir"] + "[/]", soft_wrap=True)
+    console.print("open the dashboard: [bold]smi watch " + " ".join(s["run_dir"] for s in list(runs.values())[:2]) + "[/]", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

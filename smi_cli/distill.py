@@ -22,6 +22,7 @@ from smi_engine.losses import LossSpec, attach_options
 from smi_engine.models import ModelSpec, parse_model_args
 from smi_engine.plugins import get_registry
 from smi_engine.rundir import RunDir
+from smi_engine.selection import SelectionSpec
 from smi_engine.tasks import TaskContext
 
 STUDENT, SYNTH, ROUNDS = "Student", "Synthesis (with --synthesize)", "Training rounds"
@@ -41,6 +42,8 @@ def distill(
     grow: Annotated[Optional[int], typer.Option("--grow", help="Reveal the --pool images N per round, as if synthesised then (the seed recipe: one inverted batch per round).", rich_help_panel=ROUNDS, show_default=False)] = None,
     synthesize: Annotated[bool, typer.Option("--synthesize", help="Invert fresh batches every round (settings below).")] = False,
     schedule: Annotated[str, typer.Option(help="Stopping schedule for --synthesize.", rich_help_panel=SYNTH)] = "dense",
+    selection: Annotated[str, typer.Option("--selection", help="Selection policy for --synthesize: smi, pri, random or a plugin's.", rich_help_panel=SYNTH)] = "smi",
+    selection_option: Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection, repeatable.", rich_help_panel=SYNTH)] = None,
     iterations: Annotated[int, typer.Option(help="Inversion iterations per batch.", rich_help_panel=SYNTH)] = 4000,
     synth_batch_size: Annotated[Optional[int], typer.Option(help="Images per synthesised batch (default: 32; seed recipe 100).", rich_help_panel=SYNTH, show_default=False)] = None,
     synth_batches: Annotated[Optional[int], typer.Option(help="Batches synthesised per round (default: 1).", rich_help_panel=SYNTH, show_default=False)] = None,
@@ -86,6 +89,7 @@ def distill(
     if synthesize:
         specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
         options["synthesize"] = InversionConfig(model=teacher_spec, schedule=schedule, iterations=iterations,
+                                                selection=SelectionSpec.parse(selection, selection_option),
                                                 batch_size=options.get("synth_batch_size") or 32, lr=inversion_lr,
                                                 losses=specs, flip=options.get("flip", True), seed=seed).to_dict()
     elif not pool:

@@ -20,12 +20,13 @@ from smi_engine.inversion_run import InversionRun, default_out_dir
 from smi_engine.losses import LossSpec, attach_options
 from smi_engine.rundir import RunDir
 from smi_engine.schedule import SEED_SCHEDULE_TEXT
+from smi_engine.selection import SelectionSpec
 
 # Options that define the run; with --resume they come from config.json instead.
 CONFIG_OPTIONS = (
     "model", "model_args", "pretrained", "checkpoint", "mean", "std", "teacher", "schedule", "iterations",
     "batch_size", "batches", "lr", "targets", "seed", "loss", "loss_option", "attention", "jitter", "flip",
-    "jitter_at_stops", "final_mask", "checkpoint_every", "sink",
+    "jitter_at_stops", "final_mask", "selection", "selection_option", "precision", "compile", "checkpoint_every", "sink",
 )
 RUN = "Run"
 
@@ -48,6 +49,10 @@ def invert(
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=RUN)] = True,
     jitter_at_stops: Annotated[bool, typer.Option("--jitter-at-stops/--no-jitter-at-stops", help="Jitter and flip on every step, or (the seed's) step on the plain image just before and at each stop.", rich_help_panel=RUN)] = True,
     final_mask: Annotated[str, typer.Option(help="The pool's keep mask: inverted (the patches inverted to the end) or rescored (the seed's: top patches of the final image by CLS attention, int((N+1)*prod(1-r)) of them).", rich_help_panel=RUN)] = "inverted",
+    selection: o.Selection = "smi",
+    selection_option: o.SelectionOption = None,
+    precision: o.Precision = "fp32",
+    compile: o.Compile = False,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between resume checkpoints (0: only when stopped).", rich_help_panel=RUN)] = 60.0,
     sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this plugin sink, repeatable.", rich_help_panel=RUN)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<model>-<dense|sparse>).")] = None,
@@ -71,7 +76,9 @@ def invert(
             model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher),
             schedule=schedule, iterations=iterations, batch_size=batch_size, batches=batches, lr=lr,
             losses=specs, targets=targets, seed=seed, jitter=jitter, flip=flip, attention=attention,
-            jitter_at_stops=jitter_at_stops, final_mask=final_mask, checkpoint_every=checkpoint_every, sinks=list(sink or []),
+            jitter_at_stops=jitter_at_stops, final_mask=final_mask,
+            selection=SelectionSpec.parse(selection, selection_option), precision=precision, compile=compile,
+            checkpoint_every=checkpoint_every, sinks=list(sink or []),
         )
         config.validate()
     placement, torch_device = distributed.start(device)
@@ -135,7 +142,7 @@ def print_summary(summary: dict) -> None:
     kept = f"{summary['kept_patches']}/{summary['num_patches']} ({100 * summary['kept_fraction']:.0f}%)"
     losses = " · ".join(f"{k} {v:.4g}" for k, v in summary["final_losses"].items())
     for key, value in (
-        ("schedule", summary["schedule"]),
+        ("schedule", summary["schedule"] + ("" if summary["schedule"] == "dense" else f" · selection {summary['selection']}")),
         ("images", f"{summary['images']} in {summary['seconds']:.1f} s ({summary['iterations_per_second']:.1f} it/s)"),
         ("kept patches", kept),
         ("speedup bound", f"{summary['speedup_bound']:.2f}x (token FLOPs of the schedule)"),

@@ -40,3 +40,9 @@ def model_spec(
         name=model, args=parse_model_args(model_args), pretrained=pretrained,
         checkpoint=str(checkpoint) if checkpoint else None, mean=parse_floats(mean), std=parse_floats(std),
     )
+
+RUN_PANEL = "Run"
+Selection = Annotated[str, typer.Option("--selection", help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).", rich_help_panel=RUN_PANEL)]
+SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.", rich_help_panel=RUN_PANEL)]
+Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).", rich_help_panel=RUN_PANEL)]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).", rich_help_panel=RUN_PANEL)]

@@ -1,31 +1,53 @@
-"""Speed benchmark: dense against sparse inversion, measured side by side in one run.
+"""Speed benchmark: dense inversion against any selection policies and schedules, side by side.
 
-Time: both runs live in one process and advance in alternating chunks of iterations (the
-order swapped every round), so drift in the machine's speed, common on shared hosts, hits
-both alike; each run's end-to-end time is the sum of all its own work (stops, scoring and
-the final pass included). Memory: what one steady-state iteration (after the last stop) keeps for its backward
-pass, per mode: the tensors autograd saves, counted exactly whatever the allocator does.
-Reported side by side: per-iteration time at each stage, end-to-end speedup, and the
-token-FLOP bound of the schedule (``schedule.speedup_bound``).
+Time: every run lives in one process and they advance in turns of a few iterations each (the
+order reversed every round), so drift in the machine's speed, common on shared hosts, hits all
+alike; each run's end-to-end time is the sum of all its own work (stops, scoring and the final
+pass included). Where the time goes: per stage, milliseconds per iteration split into forward
+(teacher and losses, stops included), backward, optimiser (Adam and clamping) and reporting.
+Memory: what one steady-state iteration (after the last stop) keeps for its backward pass, per
+run: the tensors autograd saves, counted exactly whatever the allocator does.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from smi_engine.checks import at_least
-from smi_engine.invert import BatchRun, InversionConfig, Inverter
+from smi_engine.errors import SmiError
+from smi_engine.invert import PHASES, BatchRun, InversionConfig, Inverter
 from smi_engine.losses import build_loss
 from smi_engine.models import LoadedModel, ModelSpec, load_model
 from smi_engine.plugins import get_registry
 from smi_engine.schedule import SEED_SCHEDULE_TEXT, Schedule, block_flops, speedup_bound
+from smi_engine.selection import SelectionSpec
 
-CHUNK = 5  # iterations per turn when alternating dense and sparse
-MODES = ("dense", "sparse")
+CHUNK = 5  # iterations per turn
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One sparse run of the comparison: a selection policy and its schedule."""
+
+    label: str
+    selection: SelectionSpec
+    schedule: Schedule
+
+    @classmethod
+    def parse(cls, text: str, default_schedule: Schedule) -> "Contender":
+        """``NAME`` (the benchmark's schedule) or ``NAME@ITERATION:RATIO,...``."""
+        name, sep, schedule = text.strip().partition("@")
+        if not name:
+            raise SmiError(f"bad --compare {text!r}: write a selection NAME or NAME@SCHEDULE, e.g. pri@20:0.5,40:0.5")
+        parsed = Schedule.parse(schedule) if sep else default_schedule
+        if parsed.is_dense:
+            raise SmiError(f"--compare {text!r} has no stops: dense is always measured; give a schedule with stops")
+        return cls(text.strip(), SelectionSpec(name), parsed)
 
 
 @dataclass
@@ -35,26 +57,39 @@ class BenchConfig:
     batch_size: int = 8
     iterations: int = 400
     schedule: str | None = None  # None: the seed's schedule scaled to ``iterations``
+    compare: list[str] = field(default_factory=lambda: ["smi"])
     repeats: int = 1
     device: str = "cpu"
     attention: str = "fused"
+    precision: str = "fp32"
+    compile: bool = False
     memory: bool = True
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1, 8)
         at_least("--iterations", self.iterations, 1, 400)
         at_least("--repeats", self.repeats, 1, 3)
+        if not self.compare:
+            raise SmiError("nothing to compare with dense: pass --compare smi (repeatable)")
+        labels = [c.label for c in self.contenders()]
+        if len(set(labels)) != len(labels):
+            raise SmiError("--compare lists the same run twice: give each selection/schedule once")
 
     def resolved_schedule(self) -> Schedule:
         if self.schedule:
             return Schedule.parse(self.schedule)
         return Schedule.parse(SEED_SCHEDULE_TEXT).scaled(self.iterations)
 
+    def contenders(self) -> list[Contender]:
+        return [Contender.parse(text, self.resolved_schedule()) for text in self.compare]
 
-def _inverter(loaded: LoadedModel, config: BenchConfig, schedule: str, iterations: int) -> Inverter:
+
+def _inverter(loaded: LoadedModel, config: BenchConfig, schedule: Schedule, iterations: int,
+              selection: SelectionSpec = SelectionSpec()) -> Inverter:
     registry = get_registry()
-    cfg = InversionConfig(model=loaded.spec, schedule=schedule, iterations=iterations,
-                          batch_size=config.batch_size, attention=config.attention, checkpoint_every=0)
+    cfg = InversionConfig(model=loaded.spec, schedule=str(schedule), iterations=iterations, selection=selection,
+                          batch_size=config.batch_size, attention=config.attention, precision=config.precision,
+                          compile=config.compile, checkpoint_every=0)
     losses = [(s, build_loss(s, registry.get("losses", s.name).factory)) for s in cfg.losses]
     return Inverter(cfg, loaded, losses, torch.device(config.device))
 
@@ -64,25 +99,39 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_side_by_side(config: BenchConfig, loaded: LoadedModel, schedule: Schedule) -> dict[str, Any]:
-    """One dense and one sparse batch, advanced in alternating chunks; results per mode."""
-    _inverter(loaded, config, "dense", 3).invert_batch(0)  # warm caches and the allocator for both
-    runs = {mode: _inverter(loaded, config, text, config.iterations).start_batch(0)
-            for mode, text in zip(MODES, ("dense", str(schedule)))}
-    order = list(MODES)
+def _plans(config: BenchConfig) -> dict[str, tuple[Schedule, SelectionSpec]]:
+    plans = {DENSE: (Schedule(), SelectionSpec())}
+    plans.update({c.label: (c.schedule, c.selection) for c in config.contenders()})
+    return plans
+
+
+def time_side_by_side(config: BenchConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """One batch per run, advanced in turns; per run its time, per stage and per phase."""
+    plans = _plans(config)
+    # Warm caches and the allocator; compiled runs also compile every stage's graph beforehand.
+    warm = plans.values() if config.compile else [(Schedule(), SelectionSpec())]
+    for schedule, selection in warm:
+        _inverter(loaded, config, schedule, schedule.stops[-1].iteration + 2 if schedule.stops else 3, selection).invert_batch(0)
+    runs: dict[str, BatchRun] = {}
+    for label, (schedule, selection) in plans.items():
+        runs[label] = _inverter(loaded, config, schedule, config.iterations, selection).start_batch(0)
+        runs[label].profile = not config.device.startswith("cuda")
+    order = list(runs)
     while not all(run.done for run in runs.values()):
-        for mode in order:
+        for label in order:
             for _ in range(CHUNK):
-                if not runs[mode].step():
+                if not runs[label].step():
                     break
             _synchronize(config.device)
         order.reverse()
-    results = {mode: run.finish() for mode, run in runs.items()}
+    results = {label: (run, run.finish()) for label, run in runs.items()}
     return {
-        mode: {"seconds": r.seconds,
-               "stage_ms": [1000 * s / max(n, 1) for s, n in zip(r.stage_seconds, r.stage_iterations)],
-               "stage_iterations": r.stage_iterations}
-        for mode, r in results.items()
+        label: {"seconds": r.seconds,
+                "stage_ms": [1000 * s / max(n, 1) for s, n in zip(r.stage_seconds, r.stage_iterations)],
+                "stage_iterations": r.stage_iterations,
+                "phase_ms": [{p: 1000 * phases[p] / max(n, 1) for p in PHASES}
+                             for phases, n in zip(run.phase_seconds, r.stage_iterations)] if run.profile else None}
+        for label, (run, r) in results.items()
     }
 
 
@@ -110,56 +159,66 @@ def activation_megabytes(run: BatchRun, device: str) -> dict[str, float]:
     return result
 
 
-def measure_memory(config: BenchConfig, loaded: LoadedModel, schedule: Schedule) -> dict[str, Any]:
-    """Per mode, one iteration of the steady state (after the last stop)."""
-    steady_from = schedule.stops[-1].iteration if schedule.stops else 0
+def measure_memory(config: BenchConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """Per run, one iteration of the steady state (after the last stop)."""
     found = {}
-    for mode, text in zip(MODES, ("dense", str(schedule))):
-        run = _inverter(loaded, config, text, steady_from + 2).start_batch(0)
+    for label, (schedule, selection) in _plans(config).items():
+        steady_from = schedule.stops[-1].iteration if schedule.stops else 0
+        run = _inverter(loaded, config, schedule, steady_from + 2, selection).start_batch(0)
         for _ in range(steady_from + 1):  # the iteration of the last stop runs the stop
             run.step()
-        found[mode] = activation_megabytes(run, config.device)
+        found[label] = activation_megabytes(run, config.device)
     return found
 
 
+def _median(rounds: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float]) -> float:
+    return statistics.median(pick(r) for r in rounds)
+
+
 def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    schedule = config.resolved_schedule()
+    config.validate()
     loaded = load_model(ModelSpec(config.model, config.model_args or {}), config.device)
-    probe = _inverter(loaded, config, str(schedule), config.iterations)  # validates the schedule
+    for contender in config.contenders():  # validates each schedule and selection before timing
+        _inverter(loaded, config, contender.schedule, config.iterations, contender.selection)
+    probe = _inverter(loaded, config, Schedule(), config.iterations)
     grid, vit = probe.grid, probe.vit
     rounds = []
     for index in range(config.repeats):
-        progress(f"timing round {index + 1}/{config.repeats}: dense and sparse side by side")
-        rounds.append(time_side_by_side(config, loaded, schedule))
-    dense_seconds = statistics.median(r["dense"]["seconds"] for r in rounds)
-    sparse_seconds = statistics.median(r["sparse"]["seconds"] for r in rounds)
-    dense_ms = statistics.median(r["dense"]["stage_ms"][0] for r in rounds)
-    tokens = [k + vit.num_prefix_tokens for k in schedule.kept_patches(grid.num_patches)]
-    stages = []
-    for index, (kept, n) in enumerate(zip(schedule.kept_patches(grid.num_patches), rounds[0]["sparse"]["stage_iterations"])):
-        ms = statistics.median(r["sparse"]["stage_ms"][index] for r in rounds)
-        stages.append({
-            "kept": kept, "tokens": tokens[index], "iterations": n, "ms_per_iteration": ms, "speedup": dense_ms / ms,
-            "flop_speedup": block_flops(tokens[0], vit.width) / block_flops(tokens[index], vit.width),
-        })
-    bound = speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width)
-    speedup = dense_seconds / sparse_seconds
+        progress(f"timing round {index + 1}/{config.repeats}: {', '.join(_plans(config))} side by side")
+        rounds.append(time_side_by_side(config, loaded))
+    dense_seconds = _median(rounds, lambda r: r[DENSE]["seconds"])
+    dense_ms = _median(rounds, lambda r: r[DENSE]["stage_ms"][0])
+    runs = {}
+    for label, (schedule, _) in _plans(config).items():
+        kept = schedule.kept_patches(grid.num_patches)
+        stages = []
+        for index, count in enumerate(kept):
+            tokens = count + vit.num_prefix_tokens
+            ms = _median(rounds, lambda r: r[label]["stage_ms"][index])
+            phases = rounds[0][label]["phase_ms"]
+            stages.append({
+                "kept": count, "tokens": tokens, "iterations": rounds[0][label]["stage_iterations"][index],
+                "ms_per_iteration": ms, "speedup": dense_ms / ms,
+                "flop_speedup": block_flops(kept[0] + vit.num_prefix_tokens, vit.width) / block_flops(tokens, vit.width),
+                "phase_ms": None if phases is None else {p: _median(rounds, lambda r: r[label]["phase_ms"][index][p])
+                                                         for p in PHASES},
+            })
+        seconds = _median(rounds, lambda r: r[label]["seconds"])
+        bound = speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width)
+        runs[label] = {"schedule": str(schedule), "seconds": seconds, "speedup": dense_seconds / seconds,
+                       "bound": bound, "efficiency": dense_seconds / seconds / bound, "stages": stages}
     memory = None
     if config.memory:
-        progress("memory: one steady-state iteration per mode")
-        memory = measure_memory(config, loaded, schedule)
+        progress("memory: one steady-state iteration per run")
+        memory = measure_memory(config, loaded)
     return {
-        "config": {**asdict(config), "schedule": str(schedule)},
+        "config": {**asdict(config), "schedule": str(config.resolved_schedule())},
         "device": config.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dense_seconds": dense_seconds,
-        "sparse_seconds": sparse_seconds,
         "dense_ms_per_iteration": dense_ms,
-        "speedup": speedup,
-        "bound": bound,
-        "efficiency": speedup / bound,
-        "stages": stages,
+        "runs": runs,
         "memory": memory,
         "rounds": rounds,
     }

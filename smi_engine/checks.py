@@ -39,3 +39,19 @@ def at_least(flag: str, value: Any, minimum: int, example: Any) -> None:
 
 def positive(flag: str, value: Any, example: Any) -> None:
     number(flag, value, example, low=0, low_open=True)
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def flag_value(option: str, value: Any) -> bool:
+    """A yes/no option given as a bool or as text (``true``/``false``, ``yes``/``no``, ``1``/``0``);
+    ``option`` is how the user writes it, e.g. ``--selection-option pri.keep_leaving``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise SmiError(f"{option}={value} is not true or false: pass e.g. {option}=true")

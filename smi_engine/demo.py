@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import platformdirs
 import torch
@@ -16,6 +17,7 @@ from smi_engine.events import EventBus
 from smi_engine.invert import InversionConfig
 from smi_engine.losses import LossSpec
 from smi_engine.models import MODEL_CARD, MODEL_WEIGHTS, ModelSpec, load_model, save_model
+from smi_engine.selection import SelectionSpec
 from smi_engine.teacher import TrainConfig, train_classifier
 
 TEACHER = ModelSpec(
@@ -52,11 +54,13 @@ def ensure_teacher(folder: Path, device: torch.device, retrain: bool = False, bu
     return folder, True
 
 
-def inversion_configs(teacher: Path, seed: int = 0) -> dict[str, InversionConfig]:
+def inversion_configs(teacher: Path, seed: int = 0, selections: Sequence[SelectionSpec] = (SelectionSpec(),)
+                      ) -> dict[str, InversionConfig]:
+    """The dense run, then one sparse run per selection policy, keyed by run name."""
     spec = ModelSpec.from_dir(teacher)
     common = dict(model=spec, iterations=ITERATIONS, batch_size=BATCH_SIZE, seed=seed, checkpoint_every=0,
                   lr=LR, flip=False, losses=list(LOSSES))
-    return {
-        "dense": InversionConfig(schedule="dense", **common),
-        "sparse": InversionConfig(schedule=SPARSE_SCHEDULE, **common),
-    }
+    configs = {"dense": InversionConfig(schedule="dense", **common)}
+    for selection in selections:
+        configs[str(selection)] = InversionConfig(schedule=SPARSE_SCHEDULE, selection=selection, **common)
+    return configs

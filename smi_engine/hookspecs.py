@@ -21,6 +21,13 @@ def register_losses(register):
 
 
 @hookspec
+def register_selections(register):
+    """Add patch-selection policies: ``register(name, factory)``; ``factory(**options)`` returns
+    a policy deciding, at each stop, which patches leave the optimised set and whether they stay
+    in the final image (see ``smi_engine.selection``). Choose one with ``--selection NAME``."""
+
+
+@hookspec
 def register_tasks(register):
     """Add downstream tasks: ``register(name, factory)``; ``factory()`` returns a ``Task``
     (see ``smi_engine.tasks``)."""

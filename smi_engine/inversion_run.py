@@ -56,7 +56,8 @@ def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any]) -
 
 def default_out_dir(config: InversionConfig) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    mode = "dense" if config.schedule.strip().lower() in ("dense", "") else "sparse"
+    dense = config.schedule.strip().lower() in ("dense", "")
+    mode = "dense" if dense else ("sparse" if config.selection.name == "smi" else config.selection.name)
     return Path("runs") / f"{stamp}-{config.model.name}-{mode}"
 
 
@@ -149,7 +150,7 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
     bus.emit(
         "run_resumed" if resume else "run_start",
         kind=RUN_KIND, pid=os.getpid(), model=config.model.name, model_has_weights=config.model.has_weights,
-        device=str(device), schedule=str(schedule),
+        device=str(device), schedule=str(schedule), selection=str(config.selection),
         stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
         batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],
         num_patches=grid.num_patches, prefix_tokens=vit.num_prefix_tokens, width=vit.width,
@@ -222,6 +223,7 @@ def summarise(config: InversionConfig, run_dir: RunDir, inverter: Inverter) -> d
     return {
         "model": config.model.name,
         "schedule": str(schedule),
+        "selection": str(config.selection),
         "images": config.batches * config.batch_size,
         "batches": config.batches,
         "batch_size": config.batch_size,

@@ -31,6 +31,7 @@ from smi_engine.resources import MemoryProbe
 from smi_engine.rundir import RunDir
 from smi_engine.patches import PatchGrid
 from smi_engine.schedule import Schedule
+from smi_engine.selection import SelectionSpec, StopContext, build_selection, checked_choice, remaining_positions
 from smi_engine.sparse_image import SparseImage
 from smi_engine.sparse_vit import SparseViT
 
@@ -39,6 +40,12 @@ DEFAULT_LOSSES = (LossSpec("deepinversion"),)
 #: patches re-scored on the final image, as many as the seed counts: int((N + 1) * prod(1 - r)),
 #: its N + 1 counting the class token, so one more than were inverted at the seed's schedule.
 FINAL_MASKS = ("inverted", "rescored")
+#: The teacher's forward and backward under autocast; pixels and Adam state stay fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: On CUDA, iterations whose loss values are fetched together: one host sync per window, not
+#: per iteration (on CPU there is nothing to overlap, so every iteration reports at once).
+CUDA_EVENT_WINDOW = 16
+PHASES = ("forward", "backward", "optimizer", "reporting")
 
 
 @dataclass
@@ -60,6 +67,9 @@ class InversionConfig:
     attention: str = "fused"
     jitter_at_stops: bool = True  # False: the seed's un-augmented steps just before and at each stop
     final_mask: str = "inverted"
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    precision: str = "fp32"
+    compile: bool = False
     checkpoint_every: float = 60.0
     sinks: list[str] = field(default_factory=list)
 
@@ -68,6 +78,7 @@ class InversionConfig:
         data["model"] = self.model.to_dict()
         data["losses"] = [spec.to_dict() for spec in self.losses]
         data["betas"] = list(self.betas)
+        data["selection"] = self.selection.to_dict()
         return data
 
     @classmethod
@@ -76,6 +87,7 @@ class InversionConfig:
         fields["model"] = ModelSpec.from_dict(data["model"])
         fields["losses"] = [LossSpec.from_dict(d) for d in data.get("losses", [])]
         fields["betas"] = tuple(data.get("betas", (0.5, 0.99)))
+        fields["selection"] = SelectionSpec.from_dict(data.get("selection"))
         return cls(**fields)
 
     def validate(self) -> None:
@@ -91,6 +103,8 @@ class InversionConfig:
             raise SmiError("no loss to optimise: pass at least one --loss, e.g. --loss deepinversion")
         for spec in self.losses:
             spec.validate()
+        if self.precision not in PRECISIONS:
+            raise SmiError(f"unknown --precision {self.precision!r}: use {', '.join(PRECISIONS)}")
         if self.final_mask not in FINAL_MASKS:
             raise SmiError(f"unknown --final-mask {self.final_mask!r}: use {' or '.join(FINAL_MASKS)}")
 
@@ -150,11 +164,13 @@ def _adam(param: torch.Tensor, lr: float, betas) -> torch.optim.Adam:
 class _BatchState:
     """The mutable state of one batch; ``to_checkpoint`` captures all of it."""
 
-    def __init__(self, image: SparseImage, lr: float, betas: tuple[float, float]):
+    def __init__(self, image: SparseImage, lr: float, betas: tuple[float, float], dropped: torch.Tensor | None = None):
         self.image = image
+        # (B, N) patches that left the optimised set and the final image with it.
+        self.dropped = torch.zeros_like(image.store[..., 0], dtype=torch.bool) if dropped is None else dropped
         self.optimizer = _adam(image.param, lr, betas)
         self.iteration = 0
-        self.best_loss = math.inf
+        self.best_loss = torch.tensor(math.inf, device=image.param.device)  # on the device: no sync to compare
         self.best_param: torch.Tensor | None = None
         self.elapsed = 0.0
         self.stage_seconds: list[float] = []
@@ -173,7 +189,17 @@ class _BatchState:
                 "exp_avg": old["exp_avg"].gather(1, index),
                 "exp_avg_sq": old["exp_avg_sq"].gather(1, index),
             }
-        self.best_loss, self.best_param = math.inf, None  # losses over fewer tokens are not comparable
+        self.forget_best()  # losses over fewer tokens are not comparable
+
+    def forget_best(self) -> None:
+        self.best_loss, self.best_param = torch.full_like(self.best_loss, math.inf), None
+
+    def track_best(self, total: torch.Tensor) -> None:
+        """Remember the patches of the lowest loss so far, without leaving the device."""
+        total, param = total.detach().float(), self.image.param.detach()
+        better = total < self.best_loss
+        self.best_loss = torch.where(better, total, self.best_loss)
+        self.best_param = param.clone() if self.best_param is None else torch.where(better, param, self.best_param)
 
     def to_checkpoint(self) -> dict[str, Any]:
         adam = self.optimizer.state.get(self.image.param, {})
@@ -181,9 +207,10 @@ class _BatchState:
             "iteration": self.iteration,
             "store": self.image.store.cpu(),
             "kept": self.image.kept.cpu(),
+            "dropped": self.dropped.cpu(),
             "param": self.image.param.detach().cpu(),
             "adam": {k: v.cpu() for k, v in adam.items()},
-            "best_loss": self.best_loss,
+            "best_loss": float(self.best_loss),
             "best_param": None if self.best_param is None else self.best_param.cpu(),
             "elapsed": self.elapsed,
             "stage_seconds": list(self.stage_seconds),
@@ -193,11 +220,14 @@ class _BatchState:
     @classmethod
     def from_checkpoint(cls, data: dict[str, Any], grid: PatchGrid, device: torch.device, lr: float, betas) -> "_BatchState":
         image = SparseImage(grid, data["store"].to(device), data["kept"].to(device), data["param"].to(device))
-        state = cls(image, lr, betas)
+        # Checkpoints from before selection policies: every patch that left was dropped (smi).
+        dropped = data.get("dropped")
+        dropped = ~image.keep_mask().flatten(1) if dropped is None else dropped.to(device)
+        state = cls(image, lr, betas, dropped)
         if data["adam"]:
             state.optimizer.state[image.param] = {k: v.to(device) for k, v in data["adam"].items()}
         state.iteration = int(data["iteration"])
-        state.best_loss = float(data["best_loss"])
+        state.best_loss = torch.tensor(float(data["best_loss"]), device=device)
         state.best_param = None if data["best_param"] is None else data["best_param"].to(device)
         state.elapsed = float(data["elapsed"])
         state.stage_seconds = list(data["stage_seconds"])
@@ -221,14 +251,24 @@ class Inverter:
         config.validate()
         self.config, self.loaded, self.device = config, loaded, device
         self.vit = SparseViT(loaded.model, config.attention)
+        if config.compile:
+            self.vit.compile()
         self.grid = self.vit.grid
         self.schedule = Schedule.parse(config.schedule)
         self.schedule.validate(config.iterations, self.grid.num_patches)
         if not self.schedule.is_dense:
             self.vit.check_scorable()
         self.stops = {s.iteration: s.ratio for s in self.schedule.stops}
+        self.selection = build_selection(config.selection)
+        if config.final_mask == "rescored" and (self.selection.keeps_leaving or not self.selection.keeps_remaining):
+            raise SmiError(f"--final-mask rescored re-scores the patches inverted to the end; selection "
+                           f"{config.selection.name!r} keeps other patches in the image: use --final-mask inverted")
         parse_targets(config.targets, loaded.num_classes)
         self.losses = losses
+        trainers = [spec.name for spec, loss in losses if hasattr(loss, "after_backward")]
+        if config.precision == "fp16" and trainers:
+            raise SmiError(f"--precision fp16 scales the loss, and loss {trainers[0]!r} trains on its gradients after "
+                           "each backward: use --precision bf16")
         self.needs_attention_outputs = any("attention_outputs" in getattr(l, "requires", ()) for _, l in losses)
         self.bus = bus or EventBus()
         self.run_dir = run_dir
@@ -255,6 +295,11 @@ class Inverter:
         """A batch that advances one iteration per ``step()`` (``invert_batch`` runs it through)."""
         return BatchRun(self, batch, checkpoint)
 
+    def autocast(self):
+        """The teacher's forward at the run's precision (a no-op at fp32)."""
+        dtype = PRECISIONS[self.config.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def _stage(self, iteration: int) -> int:
         return sum(1 for s in self.schedule.stops if s.iteration <= iteration)
 
@@ -262,7 +307,8 @@ class Inverter:
                  param: torch.Tensor | None = None) -> LossState:
         param = image.param if param is None else param
         tokens, positions = image.tokens(jitter, param)
-        output = self.vit.forward(tokens, positions, attention_outputs=self.needs_attention_outputs)
+        with self.autocast():
+            output = self.vit.forward(tokens, positions, attention_outputs=self.needs_attention_outputs)
         return LossState(
             image=image, param=param, jitter=jitter, tokens=tokens, positions=positions, output=output,
             targets=targets, teacher=self.vit, normalizer=self.loaded.normalizer, iteration=it,
@@ -270,10 +316,13 @@ class Inverter:
         )
 
     def _loss(self, state: LossState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted terms and their sum; their finiteness is checked when the values reach
+        the host (``BatchRun``), so that the loop need not wait for the device here."""
         named: dict[str, torch.Tensor] = {}
         for spec, loss in self.losses:
             try:
-                result = loss(state)
+                with self.autocast():
+                    result = loss(state)
             except SmiError:
                 raise
             except Exception as exc:  # a plugin's bug: name the loss and its plugin, in one line
@@ -284,48 +333,66 @@ class Inverter:
                 named[key] = spec.weight * value
         if not named:
             raise SmiError("the losses returned no terms: check their weights")
-        total = torch.stack(list(named.values())).sum()
-        if not torch.isfinite(total):
-            bad = next(k for k, v in named.items() if not torch.isfinite(v))
-            raise SmiError(f"loss term {bad!r} became {named[bad].item()} at iteration {state.iteration}: lower --lr or that term's weight")
-        return total, named
+        named = {key: value.float() for key, value in named.items()}
+        return torch.stack(list(named.values())).sum(), named
 
-    def _stop(self, batch: int, it: int, state: _BatchState) -> None:
+    def _stop(self, batch: int, it: int, state: _BatchState, generator: torch.Generator) -> None:
         image = state.image
-        scores = self.vit.cls_attention(image.param.detach(), image.kept)
-        count = math.floor(image.kept.shape[1] * (1.0 - self.stops[it]))
-        state.shrink(scores.topk(count, dim=1).indices.sort(dim=1).values)
-        self.bus.emit("stop", batch=batch, iteration=it, ratio=self.stops[it], kept=count, kept_indices=image.kept.tolist())
-        self._preview(batch, it, image)
+        width = image.kept.shape[1]
+        count = math.floor(width * (1.0 - self.stops[it]))
+        stop = StopContext(iteration=it, ratio=self.stops[it], leaving=width - count, kept=image.kept, grid=self.grid,
+                           generator=generator, score=lambda: self._score(image.param.detach(), image.kept))
+        leaving = checked_choice(self.selection, self.config.selection.name, stop)
+        if not self.selection.keeps_leaving:
+            state.dropped.scatter_(1, image.kept.gather(1, leaving), True)
+        state.shrink(remaining_positions(leaving, width))
+        self.bus.emit("stop", batch=batch, iteration=it, ratio=self.stops[it], kept=count, kept_indices=image.kept.tolist(),
+                      in_image=self._in_image(state).flatten(1).sum(1).tolist())
+        self._preview(batch, it, state)
+
+    def _score(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.vit.cls_attention(patches, positions).float()
+
+    def _in_image(self, state: _BatchState) -> torch.Tensor:
+        """(B, rows, cols) the patches the final image will hold, as decided so far."""
+        present = ~state.dropped
+        if not self.selection.keeps_remaining:
+            present = present & ~state.image.keep_mask().flatten(1)
+        return present.view(-1, self.grid.rows, self.grid.cols)
 
     @property
     def final_kept(self) -> int:
         """Patches per image in the pool's keep mask."""
         n = self.grid.num_patches
         if self.config.final_mask == "inverted" or self.schedule.is_dense:
-            return self.schedule.kept_patches(n)[-1]
+            inverted = self.schedule.kept_patches(n)[-1]
+            return inverted * self.selection.keeps_remaining + (n - inverted) * self.selection.keeps_leaving
         remaining = math.prod(1.0 - stop.ratio for stop in self.schedule.stops)
         return max(1, min(n, int((n + 1) * remaining)))
 
     def _rescore(self, patches: torch.Tensor) -> torch.Tensor:
         """The seed's final mask: (B, K) cells of the top patches of the whole final image."""
         positions = torch.arange(self.grid.num_patches, device=patches.device).expand(len(patches), -1)
-        scores = self.vit.cls_attention(patches, positions)
+        scores = self._score(patches, positions)
         return scores.topk(self.final_kept, dim=1).indices.sort(dim=1).values
 
-    def _preview(self, batch: int, it: int, image: SparseImage, param: torch.Tensor | None = None) -> None:
+    def _preview(self, batch: int, it: int, state: _BatchState, param: torch.Tensor | None = None) -> None:
+        """A PNG of the batch, greying the patches that will not be in the final image."""
         if self.run_dir is None:
             return
         name = f"batch-{batch:05d}-it{it:05d}.png"
         with torch.no_grad():
-            pixels = image.images(param)
-        save_preview(self.run_dir.previews / name, pixels, image.keep_mask(), self.loaded.normalizer, self.grid)
+            pixels = state.image.images(param)
+        save_preview(self.run_dir.previews / name, pixels, self._in_image(state), self.loaded.normalizer, self.grid)
         self.bus.emit("preview", batch=batch, iteration=it, path=f"previews/{name}")
 
-    def _save_checkpoint(self, batch: int, state: _BatchState, generator: torch.Generator) -> None:
+    def _save_checkpoint(self, batch: int, state: _BatchState, generator: torch.Generator,
+                         scaler: torch.amp.GradScaler) -> None:
         if self.run_dir is None:
             return
         data = state.to_checkpoint()
+        data["grad_scaler"] = scaler.state_dict() if scaler.is_enabled() else None
         data["batch"] = batch
         data["generator"] = generator.get_state()
         data["losses"] = {spec.name: loss.state_dict() for spec, loss in self.losses if hasattr(loss, "state_dict")}
@@ -342,17 +409,18 @@ class Inverter:
                 end_batch = getattr(loss, "end_batch", None)
                 if end_batch is not None:
                     end_batch(final)
-            images, keep = final.images, image.keep_mask()
+            images, keep = final.images, self._in_image(state)
             if self.config.final_mask == "rescored" and not self.schedule.is_dense:
                 kept = self._rescore(image.patches(best))
                 keep = self.grid.mask_from_indices(kept)
                 patches = self.grid.patchify(images).gather(1, kept.unsqueeze(-1).expand(-1, -1, self.grid.patch_dim))
-                logits = self.vit.forward(patches, kept).logits
+                with self.autocast():
+                    logits = self.vit.forward(patches, kept).logits
             accuracy = float((logits.argmax(1) == targets).float().mean())
-        self._preview(batch, self.config.iterations, image, best)
+        self._preview(batch, self.config.iterations, state, best)
         return BatchResult(
             batch=batch, images=images.cpu(), labels=targets.cpu(), keep=keep.cpu(),
-            seconds=state.elapsed, best_loss=state.best_loss, losses=terms, teacher_accuracy=accuracy,
+            seconds=state.elapsed, best_loss=float(state.best_loss), losses=terms, teacher_accuracy=accuracy,
             stage_seconds=state.stage_seconds, stage_iterations=state.stage_iterations,
         )
 
@@ -366,6 +434,8 @@ class BatchRun:
         self.generator = batch_generator(cfg.seed, batch)
         self.targets = make_targets(cfg.targets, batch, cfg.batch_size, inv.loaded.num_classes, self.generator).to(inv.device)
         noise = torch.randn(cfg.batch_size, grid.channels, grid.height, grid.width, generator=self.generator)
+        # fp16 gradients of small pixel updates underflow without loss scaling; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(inv.device.type, enabled=cfg.precision == "fp16")
         if checkpoint is None:
             kept = torch.arange(grid.num_patches, device=inv.device).expand(cfg.batch_size, -1).clone()
             self.state = _BatchState(SparseImage(grid, grid.patchify(noise).to(inv.device), kept), cfg.lr, cfg.betas)
@@ -374,6 +444,8 @@ class BatchRun:
         else:
             self.state = _BatchState.from_checkpoint(checkpoint, grid, inv.device, cfg.lr, cfg.betas)
             self.generator.set_state(checkpoint["generator"])
+            if checkpoint.get("grad_scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(checkpoint["grad_scaler"])
             for spec, loss in inv.losses:
                 if hasattr(loss, "load_state_dict") and spec.name in checkpoint.get("losses", {}):
                     loss.load_state_dict(checkpoint["losses"][spec.name])
@@ -381,6 +453,14 @@ class BatchRun:
         self.last_saved = time.monotonic()
         self.terms: dict[str, float] = {}
         self.memory = MemoryProbe(inv.device)
+        self.window = CUDA_EVENT_WINDOW if inv.device.type == "cuda" else 1
+        self.pending: list[tuple[int, torch.Tensor, list[str]]] = []  # iterations whose values are on the device
+        self.window_started = 0.0
+        #: Seconds per stage and phase of the iterations run so far (forward with the losses and
+        #: any stop, backward, optimiser step with clamping, reporting) when ``profile`` is on;
+        #: CPU timings (on CUDA they would need a sync per phase, which changes what they measure).
+        self.profile = False
+        self.phase_seconds: list[dict[str, float]] = [dict.fromkeys(PHASES, 0.0) for _ in range(len(inv.schedule.stops) + 1)]
 
     @property
     def done(self) -> bool:
@@ -393,50 +473,88 @@ class BatchRun:
         inv, cfg, state = self.inverter, self.inverter.config, self.state
         it = state.iteration
         if inv.control.should_stop():
-            inv._save_checkpoint(self.batch, state, self.generator)
+            self._report()
+            inv._save_checkpoint(self.batch, state, self.generator, self.scaler)
             raise RunInterrupted(f"stopped at batch {self.batch}, iteration {it}", self.batch, it)
-        started = time.perf_counter()
+        if not self.pending:
+            self.window_started = time.perf_counter()
+        clock, stage = self.window_started, inv._stage(it)
         if it in inv.stops:
-            inv._stop(self.batch, it, state)
-        stage = inv._stage(it)
-        if len(state.stage_seconds) <= stage:
-            state.stage_seconds.append(0.0)
-            state.stage_iterations.append(0)
+            inv._stop(self.batch, it, state, self.generator)
         if cfg.jitter_at_stops or (it not in inv.stops and it + 1 not in inv.stops):
             jitter = Jitter.sample(inv.grid, cfg.jitter, cfg.flip, self.generator)
         else:  # the seed steps on the plain image just before and at each stop
             jitter = Jitter()
         total, named = inv._loss(inv._forward(self.batch, it, state.image, jitter, self.targets))
+        clock = self._lap(stage, "forward", clock)
         state.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         for _, loss in inv.losses:
             after = getattr(loss, "after_backward", None)
             if after is not None:
                 after()
-        values = torch.stack([total.detach(), *named.values()]).tolist()  # one device sync
-        if values[0] < state.best_loss and stage == len(inv.schedule.stops):
-            state.best_loss, state.best_param = values[0], state.image.param.detach().clone()
-        state.optimizer.step()
+        clock = self._lap(stage, "backward", clock)
+        if stage == len(inv.schedule.stops):
+            state.track_best(total)
+        self.scaler.step(state.optimizer)
+        self.scaler.update()
         with torch.no_grad():
             state.image.param.clamp_(inv.low, inv.high)
-        seconds = time.perf_counter() - started
-        state.elapsed += seconds
-        state.stage_seconds[-1] += seconds
-        state.stage_iterations[-1] += 1
+        self._lap(stage, "optimizer", clock)
+        self.pending.append((it, torch.stack([total.detach(), *named.values()]), list(named)))
         state.iteration += 1
-        self.terms = {"total": values[0], **dict(zip(named, values[1:]))}
-        kept, prefix = state.image.kept.shape[1], inv.vit.num_prefix_tokens
-        inv.bus.emit(
-            "iteration", batch=self.batch, iteration=it, losses=self.terms, kept=kept, tokens=kept + prefix,
-            seconds=seconds, images_per_s=cfg.batch_size / seconds, tokens_per_s=cfg.batch_size * (kept + prefix) / seconds,
-            **self.memory.read(),
-        )
-        if inv.run_dir is not None and 0 < cfg.checkpoint_every < time.monotonic() - self.last_saved:
-            inv._save_checkpoint(self.batch, state, self.generator)
+        checkpoint_due = inv.run_dir is not None and 0 < cfg.checkpoint_every < time.monotonic() - self.last_saved
+        if len(self.pending) >= self.window or self.done or state.iteration in inv.stops or checkpoint_due:
+            self._report()
+        if checkpoint_due:
+            inv._save_checkpoint(self.batch, state, self.generator, self.scaler)
             self.last_saved = time.monotonic()
         return not self.done
 
+    def _lap(self, stage: int, phase: str, since: float) -> float:
+        if not self.profile:
+            return since
+        now = time.perf_counter()
+        self.phase_seconds[stage][phase] += now - since
+        return now
+
+    def _report(self) -> None:
+        """Fetch the pending iterations' loss values in one transfer, check them, account their
+        time to the stage and emit their events."""
+        if not self.pending:
+            return
+        inv, cfg, state = self.inverter, self.inverter.config, self.state
+        rows = torch.stack([values for _, values, _ in self.pending]).tolist()  # the one device sync
+        ended = time.perf_counter()
+        seconds = (ended - self.window_started) / len(self.pending)
+        stage = inv._stage(self.pending[0][0])
+        while len(state.stage_seconds) <= stage:
+            state.stage_seconds.append(0.0)
+            state.stage_iterations.append(0)
+        kept, prefix = state.image.kept.shape[1], inv.vit.num_prefix_tokens
+        for (it, _, names), row in zip(self.pending, rows):
+            if not all(math.isfinite(v) for v in row):
+                bad = next(n for n, v in zip(names, row[1:]) if not math.isfinite(v))
+                raise SmiError(f"loss term {bad!r} became {row[1 + names.index(bad)]} at iteration {it}: "
+                               "lower --lr or that term's weight")
+            state.elapsed += seconds
+            state.stage_seconds[stage] += seconds
+            state.stage_iterations[stage] += 1
+            self.terms = {"total": row[0], **dict(zip(names, row[1:]))}
+            inv.bus.emit(
+                "iteration", batch=self.batch, iteration=it, losses=self.terms, kept=kept, tokens=kept + prefix,
+                seconds=seconds, images_per_s=cfg.batch_size / seconds,
+                tokens_per_s=cfg.batch_size * (kept + prefix) / seconds, **self.memory.read(),
+            )
+        self.pending.clear()
+        reporting = time.perf_counter() - ended  # part of the run's time, not of any one iteration's
+        state.elapsed += reporting
+        state.stage_seconds[stage] += reporting
+        if self.profile:
+            self.phase_seconds[stage]["reporting"] += reporting
+
     def finish(self) -> BatchResult:
+        self._report()
         started = time.perf_counter()
         result = self.inverter._finish(self.batch, self.state, self.targets, self.terms)
         result.seconds += time.perf_counter() - started

@@ -14,7 +14,6 @@ object also has:
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -170,21 +169,9 @@ def attach_options(specs: list[LossSpec], options: list[str]) -> list[LossSpec]:
 
 def build_loss(spec: LossSpec, factory: Callable[..., Any]) -> Any:
     """Call a registered factory with the spec's options; bad options become one-line errors."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        signature = None
-    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        known = [n for n, p in signature.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        unknown = sorted(set(spec.options) - set(known))
-        if unknown:
-            raise SmiError(f"loss {spec.name!r} has no option {unknown[0]!r}: its options are {', '.join(known) or 'none'}")
-    try:
-        return factory(**spec.options)
-    except SmiError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise SmiError(f"loss {spec.name!r} rejected its options ({exc}): check --loss-option {spec.name}.KEY=VALUE") from None
+    from smi_engine.plugins import call_factory
+
+    return call_factory(factory, spec.options, f"loss {spec.name!r}", f"--loss-option {spec.name}.KEY=VALUE")
 
 
 def as_terms(name: str, result: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

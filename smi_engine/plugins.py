@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ import pluggy
 from smi_engine import hookspecs
 from smi_engine.errors import SmiError
 
-BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.tasks",
-                   "smi_plugins.quant_schemes")
-KINDS = {"losses": "register_losses", "tasks": "register_tasks", "sinks": "register_event_sinks",
-         "schemes": "register_quant_schemes"}
-NOUNS = {"losses": "loss", "tasks": "task", "sinks": "event sink", "schemes": "quantisation scheme"}
+BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.selections",
+                   "smi_plugins.tasks", "smi_plugins.quant_schemes")
+KINDS = {"losses": "register_losses", "selections": "register_selections", "tasks": "register_tasks",
+         "sinks": "register_event_sinks", "schemes": "register_quant_schemes"}
+NOUNS = {"losses": "loss", "selections": "selection", "tasks": "task", "sinks": "event sink",
+         "schemes": "quantisation scheme"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,26 @@ class Registry:
 
 def warn(message: str) -> None:
     print(f"smi: warning: {message}", file=sys.stderr)
+
+
+def call_factory(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str) -> Any:
+    """``factory(**options)`` for a registered plugin object; unknown or rejected options become
+    one-line errors naming ``what`` and the option flag ``fix``."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        known = [n for n, p in signature.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise SmiError(f"{what} has no option {unknown[0]!r}: its options are {', '.join(known) or 'none'}")
+    try:
+        return factory(**options)
+    except SmiError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SmiError(f"{what} rejected its options ({exc}): check {fix}") from None
 
 
 def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> None:

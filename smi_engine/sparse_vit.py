@@ -67,6 +67,21 @@ class SparseViT:
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.width = int(proj.out_channels)
         self.set_attention_kernel(attention)
+        self._trunk = self._run_blocks
+
+    def compile(self) -> None:
+        """Run the block stack through ``torch.compile``: one static graph per token count, so
+        a schedule compiles once per stage (the views with attention capture stay eager)."""
+        stages = 1 + 8  # a stage per stop: allow more shapes than torch's default cache holds
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, stages)
+        self._trunk = torch.compile(self._run_blocks, dynamic=False)
+
+    def _run_blocks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        outputs = []
+        for block in self.model.blocks:
+            x = block(x)
+            outputs.append(x)
+        return outputs, self.model.forward_head(self.model.norm(x))
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -127,11 +142,11 @@ class SparseViT:
         """Logits (and per-block tokens) of the model fed only these patches at these positions."""
         out = SparseOutput(logits=torch.empty(0))
         x = self.embed(patches, positions)
-        with self._capture_attention_outputs(out.attention_outputs) if attention_outputs else contextlib.nullcontext():
-            for block in self.model.blocks:
-                x = block(x)
-                out.block_outputs.append(x)
-        out.logits = self.model.forward_head(self.model.norm(x))
+        if attention_outputs:
+            with self._capture_attention_outputs(out.attention_outputs):
+                out.block_outputs, out.logits = self._run_blocks(x)
+        else:
+            out.block_outputs, out.logits = self._trunk(x)
         return out
 
     def forward_images(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from smi_engine.bench import BenchConfig, run_benchmark
+from smi_engine.errors import SmiError
 from smi_engine.schedule import Schedule, speedup_bound
 
 from .conftest import FASHION_MNIST, assert_one_line_error, read_events, smi
@@ -70,16 +71,32 @@ def test_data_info_fashion_mnist():
     assert (info["train"], info["val"], info["image_shape"]) == (60000, 10000, [1, 28, 28])
 
 
-def test_benchmark_reports_per_stage_speed_and_the_bound():
+def test_benchmark_times_every_compared_run_per_stage_and_phase_against_the_bound():
     config = BenchConfig(model="vit_tiny_patch16_224", model_args={"img_size": 32, "patch_size": 4, "depth": 2},
-                         batch_size=2, iterations=12, schedule="2:0.5,4:0.5")
+                         batch_size=2, iterations=12, schedule="2:0.5,4:0.5", compare=["smi", "pri", "random@3:0.75"])
     result = run_benchmark(config)
-    assert result["bound"] == pytest.approx(speedup_bound(Schedule.parse("2:0.5,4:0.5"), 12, 64, 1, 192))
-    assert [s["kept"] for s in result["stages"]] == [64, 32, 16] and [s["iterations"] for s in result["stages"]] == [2, 2, 8]
-    assert result["speedup"] == pytest.approx(result["dense_seconds"] / result["sparse_seconds"])
-    assert result["efficiency"] == pytest.approx(result["speedup"] / result["bound"])
+    runs = result["runs"]
+    assert list(runs) == ["dense", "smi", "pri", "random@3:0.75"]
+    assert runs["smi"]["bound"] == pytest.approx(speedup_bound(Schedule.parse("2:0.5,4:0.5"), 12, 64, 1, 192))
+    assert runs["random@3:0.75"]["bound"] == pytest.approx(speedup_bound(Schedule.parse("3:0.75"), 12, 64, 1, 192))
+    for label in ("smi", "pri"):
+        assert [s["kept"] for s in runs[label]["stages"]] == [64, 32, 16]
+        assert [s["iterations"] for s in runs[label]["stages"]] == [2, 2, 8]
+    assert [s["kept"] for s in runs["random@3:0.75"]["stages"]] == [64, 16]
+    for run in runs.values():
+        assert run["speedup"] == pytest.approx(result["dense_seconds"] / run["seconds"])
+        assert run["efficiency"] == pytest.approx(run["speedup"] / run["bound"])
+        for stage in run["stages"]:  # the phases account for (nearly all of) each stage's time
+            assert sum(stage["phase_ms"].values()) == pytest.approx(stage["ms_per_iteration"], rel=0.25)
     memory = result["memory"]
-    assert memory["sparse"]["saved_for_backward_mb"] < memory["dense"]["saved_for_backward_mb"]
+    assert all(memory[label]["saved_for_backward_mb"] < memory["dense"]["saved_for_backward_mb"] for label in runs if label != "dense")
+
+
+def test_benchmark_refuses_a_dense_or_repeated_comparison():
+    for compare, message in ((["smi", "smi"], "same run twice"), (["pri@dense"], "no stops"), (["nope"], "unknown selection")):
+        with pytest.raises(SmiError, match=message):
+            run_benchmark(BenchConfig(model="vit_tiny_patch16_224", model_args={"img_size": 32, "patch_size": 4, "depth": 1},
+                                      batch_size=1, iterations=4, schedule="2:0.5", compare=compare, memory=False))
 
 
 @pytest.mark.slow
@@ -89,11 +106,11 @@ def test_demo_runs_end_to_end_and_reuses_its_teacher(tmp_path):
     proc = smi("demo", "--cache", cache, "--out", out, "--json", "--device", "cpu", timeout=1200, check=True)
     result = json.loads(proc.stdout)
     assert result["teacher_trained_now"] and result["teacher_top1"] > 50  # chance is 10%
-    dense, sparse = result["runs"]["dense"], result["runs"]["sparse"]
+    dense, sparse = result["runs"]["dense"], result["runs"]["smi"]
     assert (dense["kept_patches"], sparse["kept_patches"]) == (64, 14)
     # The pools are recognised by the teacher far above chance; speed is benchmarked, not asserted.
     assert dense["teacher_accuracy"] > 0.5 and sparse["teacher_accuracy"] > 0.5
-    assert (out / "sparse" / "summary.json").is_file() and (out / "dense" / "previews").is_dir()
+    assert (out / "smi" / "summary.json").is_file() and (out / "dense" / "previews").is_dir()
     human = smi("demo", "--cache", cache, "--out", tmp_path / "again", "--device", "cpu", check=True).stdout
     assert "trained now" not in human  # the cached teacher is reused
     assert "speedup" in human and "smi watch" in human

@@ -15,6 +15,7 @@ from smi_engine.inversion_run import run_inversion
 from smi_engine.losses import LossSpec
 from smi_engine.pool import blank_stopped, load_pool, shard_name
 from smi_engine.rundir import RunDir
+from smi_engine.selection import SelectionSpec
 
 from .conftest import read_events, tiny_spec, tree_snapshot
 
@@ -79,14 +80,17 @@ class _StopAfter:
             self.control.request_stop()
 
 
-@pytest.mark.parametrize("stop_at", [(0, 6), (1, 2)])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, stop_at):
+@pytest.mark.parametrize("stop_at, selection", [((0, 6), "smi"), ((1, 2), "smi"), ((0, 9), "pri"), ((0, 6), "random")])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, stop_at, selection):
+    """Resume restores every piece of state, including what a policy decided (pri keeps patches that
+    left; random draws from the batch's stream)."""
+    config = _config(selection=SelectionSpec(selection))
     reference = tmp_path / "reference"
-    run_inversion(_config(), reference, device="cpu")
+    run_inversion(config, reference, device="cpu")
     out = tmp_path / "interrupted"
     control = RunControl(RunDir(out))
     with pytest.raises(RunInterrupted):
-        run_inversion(_config(), out, device="cpu", sinks=[_StopAfter(control, *stop_at)], control=control)
+        run_inversion(config, out, device="cpu", sinks=[_StopAfter(control, *stop_at)], control=control)
     assert (out / "checkpoint.pt").is_file() and not (out / "summary.json").exists()
     assert read_events(out)[-1]["event"] == "run_interrupted"
     run_inversion(None, out, resume=True, device="cpu")

@@ -47,7 +47,7 @@ def test_stop_keeps_floor_of_remaining_ranked_by_last_block_cls_attention(tiny_l
         inverter.vit.forward(state.image.param, kept)
     hook.remove()
     scores = captured[-1].mean(1)[:, 0, 1:]  # class-token row, heads averaged, patches only
-    inverter._stop(0, 3, state)
+    inverter._stop(0, 3, state, torch.Generator())
     assert state.image.kept.shape == (4, math.floor(50 * 0.7))
     expected = kept.gather(1, scores.topk(35, dim=1).indices).sort(dim=1).values
     torch.testing.assert_close(state.image.kept, expected)
@@ -206,3 +206,71 @@ def test_the_seed_steps_on_the_plain_image_around_stops(tiny_loaded, jitter_at_s
         assert not plain >= {3, 4, 7, 8}  # random rolls everywhere (a zero roll may happen by chance)
     else:
         assert plain >= {3, 4, 7, 8} and len(plain - {3, 4, 7, 8}) < 4
+
+
+class _DtypeRecorder:
+    """A real loss object (a zero term) that records the dtype the teacher's logits came in."""
+
+    def __init__(self):
+        self.dtypes = []
+
+    def __call__(self, state):
+        self.dtypes.append(state.logits.dtype)
+        return state.logits.float().sum() * 0.0
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_reduced_precision_runs_the_teacher_in_it_and_keeps_pixels_and_adam_in_fp32(tiny_loaded, precision, dtype):
+    inverter = make_inverter(tiny_loaded, schedule="3:0.5", precision=precision, iterations=6)
+    recorder = _DtypeRecorder()
+    inverter.losses.append((type(inverter.losses[0][0])("recorder"), recorder))
+    run = inverter.start_batch(0)
+    while run.step():
+        pass
+    assert set(recorder.dtypes) == {dtype}
+    adam = run.state.optimizer.state[run.state.image.param]
+    assert run.state.image.param.dtype == adam["exp_avg"].dtype == adam["exp_avg_sq"].dtype == torch.float32
+    result = run.finish()
+    reference = make_inverter(tiny_loaded, schedule="3:0.5", iterations=6).invert_batch(0)
+    assert result.losses["total"] == pytest.approx(reference.losses["total"], rel=0.05)  # close to fp32, not equal
+    assert result.losses["total"] != reference.losses["total"]
+
+
+def test_reporting_a_window_of_iterations_at_once_changes_nothing_but_when(tiny_loaded):
+    """On CUDA the loss values of 16 iterations reach the host together (no sync per iteration):
+    the same events, values and best image as reporting every iteration; a non-finite term is
+    still named with its iteration."""
+    runs = {}
+    for window in (1, 4):
+        events = []
+        inverter = make_inverter(tiny_loaded, bus=EventBus([events.append]), schedule="3:0.5,6:0.5", iterations=11)
+        run = inverter.start_batch(0)
+        run.window = window
+        while run.step():
+            pass
+        runs[window] = run.finish(), [(e["iteration"], e["losses"], e["kept"]) for e in events if e["event"] == "iteration"]
+    (one, one_events), (four, four_events) = runs[1], runs[4]
+    assert one_events == four_events and [i for i, _, _ in four_events] == list(range(11))
+    assert torch.equal(one.images, four.images) and one.best_loss == four.best_loss
+    assert sum(one.stage_iterations) == sum(four.stage_iterations) == 11 and four.stage_iterations == [3, 3, 5]
+
+    class Explodes:
+        def __call__(self, state):
+            return state.logits.sum() * (math.inf if state.iteration == 5 else 0.0)
+
+    inverter = make_inverter(tiny_loaded, schedule="dense", iterations=8)
+    inverter.losses.append((type(inverter.losses[0][0])("explodes"), Explodes()))
+    run = inverter.start_batch(0)
+    run.window = 4
+    with pytest.raises(SmiError, match=r"loss term 'explodes' became (inf|nan) at iteration 5"):
+        while run.step():
+            pass
+
+
+@pytest.mark.slow
+def test_compiled_teacher_gives_the_eager_result(tiny_loaded):
+    """--compile: one graph per stage's token count, same maths as eager (to float tolerance)."""
+    eager = make_inverter(tiny_loaded, schedule="3:0.5", iterations=6).invert_batch(0)
+    compiled = make_inverter(tiny_loaded, schedule="3:0.5", iterations=6, compile=True).invert_batch(0)
+    assert torch.equal(eager.keep, compiled.keep)
+    torch.testing.assert_close(compiled.images, eager.images, rtol=1e-4, atol=1e-4)

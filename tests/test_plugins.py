@@ -3,12 +3,15 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pluggy
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from smi_engine import hookimpl
 from smi_engine.plugins import PluginInfo, _collect
@@ -23,9 +26,11 @@ TINY = ("--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS, "--m
 @pytest.fixture(scope="session")
 def plugin_env(tmp_path_factory) -> dict:
     """smi-example-plugin pip-installed (with its entry points) into a folder on PYTHONPATH."""
-    target = tmp_path_factory.mktemp("site")
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source") / "plugin"
+    # Built from a copy: parallel test workers would otherwise share the build folder.
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True, capture_output=True,
     )
     return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
@@ -40,6 +45,7 @@ def test_smi_plugins_lists_built_ins_and_third_parties(plugin_env):
     example = plugins["example"]
     assert (example["distribution"], example["version"]) == ("smi-example-plugin", "0.3.0")
     assert example["losses"] == ["brightness"] and example["sinks"] == ["iteration-counter"] and not example["builtin"]
+    assert example["selections"] == ["centre"] and plugins["selections"]["selections"] == ["smi", "pri", "random"]
     assert "needs a package that is not installed" in plugins["broken"]["error"]
     assert "'broken'" in proc.stderr and "continuing without it" in proc.stderr  # named, not a traceback
     table = smi("plugins", env=plugin_env, check=True).stdout
@@ -61,6 +67,19 @@ def test_a_third_party_loss_and_sink_run_inside_smi_invert(plugin_env, tmp_path)
     assert config["sinks"] == ["iteration-counter"]
 
 
+def test_a_third_party_selection_decides_which_patches_stay(plugin_env, tmp_path):
+    out = tmp_path / "run"
+    summary = json.loads(smi("invert", *TINY, "--iterations", "4", "--batch-size", "2", "--schedule", "2:0.75",
+                             "--selection", "centre", "--device", "cpu", "--out", out, "--json", env=plugin_env, check=True).stdout)
+    assert summary["selection"] == "centre" and summary["kept_patches"] == 16
+    keep = load_file(str(next((out / "pool").glob("*.safetensors"))))["keep"]
+    centre = torch.zeros(8, 8, dtype=torch.bool)
+    centre[2:6, 2:6] = True  # on the 8 x 8 grid, the 16 patches nearest the centre
+    assert torch.equal(keep, centre.expand(2, -1, -1))
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["selection"] == {"name": "centre", "options": {}}
+
+
 def test_readme_documents_the_example_plugin_exactly():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"```python\n# smi_example_plugin\.py[^\n]*\n(.*?)```", readme, re.S)
@@ -75,9 +94,9 @@ def test_a_plugin_can_add_a_command(plugin_env):
 
 def test_SMI_LOAD_PLUGINS_limits_third_party_plugins(plugin_env):
     only_example = json.loads(smi("plugins", "--json", env={**plugin_env, "SMI_LOAD_PLUGINS": "example"}, check=True).stdout)
-    assert {p["name"] for p in only_example} == {"deepinversion", "psaq", "cmi", "tasks", "quant_schemes", "example"}
+    assert {p["name"] for p in only_example} == {"deepinversion", "psaq", "cmi", "selections", "tasks", "quant_schemes", "example"}
     none = smi("plugins", "--json", env={**plugin_env, "SMI_LOAD_PLUGINS": ""}, check=True)
-    assert {p["name"] for p in json.loads(none.stdout)} == {"deepinversion", "psaq", "cmi", "tasks", "quant_schemes"}
+    assert {p["name"] for p in json.loads(none.stdout)} == {"deepinversion", "psaq", "cmi", "selections", "tasks", "quant_schemes"}
     assert none.stderr == ""
 
 

@@ -23,6 +23,19 @@ class Brightness:
         return {"gap": (pixels.mean() - self.target).abs()}   # logged as brightness.gap
 
 
+class CentreFirst:
+    """A selection policy: at each stop the patches farthest from the image centre leave, dropped."""
+
+    keeps_leaving = False                               # patches that leave are not in the final image
+    keeps_remaining = True                              # the patches inverted to the end are
+
+    def choose(self, stop):                             # stop: smi_engine.selection.StopContext
+        grid = stop.grid
+        rows, cols = stop.kept // grid.cols, stop.kept % grid.cols
+        distance = (rows - (grid.rows - 1) / 2) ** 2 + (cols - (grid.cols - 1) / 2) ** 2
+        return distance.topk(stop.leaving, dim=1).indices   # (B, leaving) positions in stop.kept
+
+
 class IterationCounter:
     """Counts iteration events and writes the count into the run directory when the run ends."""
 
@@ -40,6 +53,11 @@ class IterationCounter:
 @hookimpl
 def register_losses(register):
     register("brightness", Brightness)
+
+
+@hookimpl
+def register_selections(register):
+    register("centre", CentreFirst)
 
 
 @hookimpl
