@@ -1,18 +1,22 @@
 """Quality benchmark on Fashion-MNIST: does sparse inversion serve the data-free tasks as well as
-dense inversion, for less inversion time? The seed's downstream protocols, 3 seeds.
+dense inversion, for less inversion time? Every selection policy (smi, pri, random), the seed's
+downstream protocols, 3 seeds.
 
     python benchmarks/quality.py [--out benchmarks/results/fashion-mnist] [--device cpu] [--seeds 0 1 2]
+        [--schemes seed matmul repq]
 
 1. A teacher (ViT, all ten classes) and a student backbone of the same shape pretrained on
    classes 0-4 only (data disjoint from the task, standing in for the seed's ImageNet DeiT),
    both by `smi teacher train`.
 2. Per seed: pools of --batches x 64 images: noise (the starting Gaussian noise), dense
-   inversion, sparse inversion, and sparse inversion given the dense pool's time.
+   inversion, and for each selection policy (smi, pri, random at the seed's schedule scaled,
+   and pri at a steeper schedule) a pool of the same image budget and one given the dense
+   pool's inversion time (as many batches as fit).
 3. Quantisation (the seed's test_quant.py protocol: calibrate on one draw of 64 images, top-1
-   on the 10,000 test images), for every scheme (seed, matmul, repq), W/A in W8A8, W4A8,
-   W4A4, W4A3, W3A3, and calibration on noise, dense, sparse and real images. Run in-process
-   (180 settings per seed); each equals `smi quantize --scheme S --w-bit W --a-bit A --calib C
-   --calib-size 64 --seed SEED`.
+   on the 10,000 test images), for every scheme (seed, matmul, repq; --schemes), W/A in W8A8,
+   W4A8, W4A4, W4A3, W3A3, calibrated on noise, dense, smi and real images; W4A4 and W3A3 on
+   every pool. Run in-process; each equals `smi quantize --scheme S --w-bit W --a-bit A
+   --calib C --calib-size 64 --seed SEED`.
 4. Knowledge transfer by the seed's test_kt.py protocol: `smi distill --recipe seed` (linear
    probe of the pretrained student, SGD 0.1 constant, T 20, 1,000 rounds of one step on 32
    images drawn from the pool so far, flips), each pool revealed one inverted batch per round.
@@ -35,11 +39,14 @@ import time
 from pathlib import Path
 
 MODEL_ARGS = "img_size=32,patch_size=4,in_chans=1,embed_dim=64,depth=4,num_heads=4,mlp_ratio=2"
-SPARSE = "20:0.3,40:0.3,80:0.3,120:0.3"
+SPARSE = "20:0.3,40:0.3,80:0.3,120:0.3"  # the seed's 50,100,200,300 @ 0.3 for 4000 iterations, scaled to 400 (x2)
+STEEP = "10:0.5,20:0.5,40:0.5"  # 8 of 64 patches left to evolve after iteration 40
+SELECTIONS = {"smi": ("smi", SPARSE), "pri": ("pri", SPARSE), "random": ("random", SPARSE), "pri-steep": ("pri", STEEP)}
 BITS = ((8, 8), (4, 8), (4, 4), (4, 3), (3, 3))
+LOW_BITS = ((4, 4), (3, 3))  # the settings where the calibration data matters
 SCHEMES = ("seed", "matmul", "repq")
-SOURCES = ("noise", "dense", "sparse", "real")
-POOLS = ("noise", "dense", "sparse", "sparse-equal-time")
+SOURCES = ("noise", "dense", "smi", "real")  # the full scheme x W/A matrix
+POOLS = ("noise", "dense", *(f"{name}{suffix}" for name in SELECTIONS for suffix in ("", "-equal-time")))
 BATCH = 64
 
 
@@ -78,6 +85,7 @@ def main() -> dict:
     parser.add_argument("--batches", type=int, default=4, help="inverted batches of 64 per pool (equal image budget)")
     parser.add_argument("--rounds", type=int, default=1000, help="knowledge-transfer rounds (the seed: 1,000)")
     parser.add_argument("--val-every", type=int, default=100, help="validate the student every N rounds")
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, help="quantisation schemes")
     opts = parser.parse_args()
     out, data, device = opts.out, f"fashion-mnist:{opts.fashion}", ["--device", opts.device]
     out.mkdir(parents=True, exist_ok=True)
@@ -99,18 +107,23 @@ def main() -> dict:
         pools = {  # "noise": one step from the starting Gaussian noise, the no-inversion baseline
             "noise": ["--schedule", "dense", "--iterations", "1", "--batches", str(opts.batches)],
             "dense": ["--schedule", "dense", *iterations, "--batches", str(opts.batches)],
-            "sparse": ["--schedule", SPARSE, *iterations, "--batches", str(opts.batches)],
         }
-        for name, extra in pools.items():
+        for name, (selection, schedule) in SELECTIONS.items():
+            pools[name] = ["--schedule", schedule, "--selection", selection, *iterations, "--batches", str(opts.batches)]
+
+        def invert_pool(name: str, extra: list[str]) -> None:
             run(commands, invert + extra + ["--seed", str(seed), "--out", str(folder / name)], f"invert-{name}-{seed}",
                 folder / name / "summary.json")
-        # Equal inversion time: as many sparse batches as fit in the dense pool's time.
-        dense_time, sparse_time = summary(folder / "dense")["seconds"], summary(folder / "sparse")["seconds"]
-        equal_time = max(opts.batches, int(opts.batches * dense_time / sparse_time))
-        run(commands, invert + ["--schedule", SPARSE, *iterations, "--batches", str(equal_time), "--seed", str(seed),
-                                "--out", str(folder / "sparse-equal-time")],
-            f"invert-sparse-equal-time-{seed}", folder / "sparse-equal-time" / "summary.json")
-        quant[seed] = quantisation_matrix(folder, teacher, data, seed, opts.device)
+
+        for name, extra in pools.items():
+            invert_pool(name, extra)
+        # Equal inversion time: as many batches as fit in the dense pool's time.
+        dense_time = summary(folder / "dense")["seconds"]
+        for name, (selection, schedule) in SELECTIONS.items():
+            fitting = max(opts.batches, int(opts.batches * dense_time / summary(folder / name)["seconds"]))
+            invert_pool(f"{name}-equal-time", ["--schedule", schedule, "--selection", selection, *iterations,
+                                               "--batches", str(fitting)])
+        quant[seed] = quantisation_matrix(folder, teacher, data, seed, opts.device, opts.schemes)
         for name in POOLS:
             target = folder / f"kt-{name}"
             run(commands, ["distill", "--recipe", "seed", "--teacher", str(teacher), "--student", str(student),
@@ -119,14 +132,15 @@ def main() -> dict:
                            "--quiet", *device], f"distill-{name}-{seed}", target / "summary.json")
             kt[(seed, name)] = summary(target)
 
-    results = report(out, teacher, student, opts.seeds, quant, kt, commands)
+    results = report(out, teacher, student, opts.seeds, quant, kt, commands, opts.schemes)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy-vs-time.png'}")
     return results
 
 
-def quantisation_matrix(folder: Path, teacher: Path, data: str, seed: int, device: str) -> dict:
-    """Top-1 of every scheme x bit-width x calibration source, cached in quantize.json."""
+def quantisation_matrix(folder: Path, teacher: Path, data: str, seed: int, device: str, schemes: list[str]) -> dict:
+    """Top-1 of every scheme x bit-width x calibration source, and of W4A4/W3A3 calibrated on
+    every pool, cached in quantize.json."""
     target = folder / "quantize.json"
     if target.exists():
         return json.loads(target.read_text())
@@ -141,16 +155,19 @@ def quantisation_matrix(folder: Path, teacher: Path, data: str, seed: int, devic
     loaded = load_model(ModelSpec.from_dir(teacher), torch_device)
     val = list(loader(load_data(data).val, ModelInput.for_model(loaded.model, loaded.normalizer), 500))
     results = {"fp32_top1": evaluate(loaded.model, val, torch_device)["top1"]}
-    calib = {"noise": "noise", "dense": str(folder / "dense"), "sparse": str(folder / "sparse"), "real": f"real:{data}"}
-    for scheme in SCHEMES:
-        for w, a in BITS:
-            for source in SOURCES:
-                started = time.perf_counter()
-                job = QuantizeJob(loaded.spec, calib[source], data, QuantConfig(w, a, scheme=scheme), calib_size=BATCH, seed=seed)
-                qmodel, _ = calibrate(loaded, job, torch_device)
-                top1 = evaluate(qmodel, val, torch_device)["top1"]
-                results[f"{scheme}-w{w}a{a}-{source}"] = top1
-                print(f"seed {seed} {scheme} W{w}A{a} {source}: {top1:.2f}% ({time.perf_counter() - started:.1f} s)", flush=True)
+    # An equal-time pool calibrates exactly as its equal-budget twin: the same 64-image draw.
+    calib = {name: str(folder / name) for name in POOLS if name != "noise" and not name.endswith("-equal-time")}
+    calib.update({"noise": "noise", "real": f"real:{data}"})
+    settings = [(scheme, w, a, source) for scheme in schemes for w, a in BITS for source in SOURCES]
+    settings += [(scheme, w, a, source) for scheme in schemes for w, a in LOW_BITS for source in calib
+                 if source not in SOURCES]
+    for scheme, w, a, source in settings:
+        started = time.perf_counter()
+        job = QuantizeJob(loaded.spec, calib[source], data, QuantConfig(w, a, scheme=scheme), calib_size=BATCH, seed=seed)
+        qmodel, _ = calibrate(loaded, job, torch_device)
+        top1 = evaluate(qmodel, val, torch_device)["top1"]
+        results[f"{scheme}-w{w}a{a}-{source}"] = top1
+        print(f"seed {seed} {scheme} W{w}A{a} {source}: {top1:.2f}% ({time.perf_counter() - started:.1f} s)", flush=True)
     target.write_text(json.dumps(results, indent=2))
     return results
 
@@ -169,7 +186,8 @@ def counts(values: list[int]) -> str:
     return str(values[0]) if len(set(values)) == 1 else " / ".join(map(str, values))
 
 
-def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dict, kt: dict, commands: list[dict]) -> dict:
+def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dict, kt: dict, commands: list[dict],
+           schemes: list[str]) -> dict:
     pools = {(s, name): summary(out / f"seed-{s}" / name) for s in seeds for name in POOLS}
     teacher_summary, student_summary = summary(teacher), summary(student)
     fp32 = quant[seeds[0]]["fp32_top1"]
@@ -179,58 +197,69 @@ def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dic
         f"Student backbone: the same ViT trained on classes 0-4 only ({student_summary['top1']:.2f}% on their test images, "
         f"{student_summary['seconds'] / 60:.1f} min). Seeds {', '.join(map(str, seeds))}: mean ± std.",
         "",
-        "| pool | images | inversion time (s) | kept patches | teacher acc. on pool (%) |",
-        "|---|---:|---:|---:|---:|",
+        f"Selections at the schedule {SPARSE} (pri-steep: {STEEP}); `-equal-time`: as many batches as fit in the "
+        "dense pool's inversion time. Per pool: images, inversion time, patches in the final image, the teacher's "
+        "accuracy on the pool under its keep masks, quantised top-1 calibrated on it (repq: RepQ-ViT), and the "
+        "knowledge-transfer student's best top-1 (the seed's protocol, `smi distill --recipe seed`), on the 10,000 "
+        f"test images (fp32 teacher {fp32:.2f}%); `=`: an equal-time pool calibrates on the same 64 images as its "
+        "equal-budget twin:",
+        "",
+        "| pool | images | inversion time (s) | speedup vs dense | patches in image | teacher acc. on pool (%) | "
+        + " | ".join(f"{scheme} W{w}A{a}" for scheme in schemes for w, a in LOW_BITS) + " | KT student top-1 |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(schemes) * len(LOW_BITS) + 1),
     ]
+    dense_seconds = [pools[(s, "dense")]["seconds"] for s in seeds]
     for name in POOLS:
         runs = [pools[(s, name)] for s in seeds]
-        lines.append(f"| {name} | {counts([r['images'] for r in runs])} | {cell([r['seconds'] for r in runs])} | "
-                     f"{runs[0]['kept_patches']}/{runs[0]['num_patches']} | {cell([100 * r['teacher_accuracy'] for r in runs])} |")
+        speedup = "" if name == "noise" else cell([d / r["seconds"] for d, r in zip(dense_seconds, runs)]) + "x"
+        quantised = " | ".join("=" if name.endswith("-equal-time") else cell([quant[s][f"{scheme}-w{w}a{a}-{name}"] for s in seeds])
+                               for scheme in schemes for w, a in LOW_BITS)
+        lines.append(f"| {name} | {counts([r['images'] for r in runs])} | {cell([r['seconds'] for r in runs])} | {speedup} | "
+                     f"{runs[0]['kept_patches']}/{runs[0]['num_patches']} | {cell([100 * r['teacher_accuracy'] for r in runs])} | "
+                     f"{quantised} | {cell([kt[(s, name)]['best_top1'] for s in seeds])} |")
     lines += ["", f"Quantised top-1 (%) on the 10,000 test images (fp32 {fp32:.2f}%), {BATCH} calibration images:", "",
-              "| scheme | W/A | noise | dense inversion | sparse inversion | real images |", "|---|---|---:|---:|---:|---:|"]
-    for scheme in SCHEMES:
+              "| scheme | W/A | " + " | ".join(SOURCES) + " |", "|---|---|" + "---:|" * len(SOURCES)]
+    for scheme in schemes:
         for w, a in BITS:
             row = " | ".join(cell([quant[s][f"{scheme}-w{w}a{a}-{source}"] for s in seeds]) for source in SOURCES)
             lines.append(f"| {scheme} | W{w}A{a} | {row} |")
-    lines += ["", "Knowledge transfer, the seed's protocol (`smi distill --recipe seed`): best top-1 (%) of the linear-probed "
-              "student on the 10,000 test images:", "",
-              "| synthetic data | images | inversion time (s) | student top-1 |", "|---|---:|---:|---:|"]
-    for name in POOLS:
-        lines.append(f"| {name} | {counts([pools[(s, name)]['images'] for s in seeds])} | {cell([pools[(s, name)]['seconds'] for s in seeds])} | "
-                     f"{cell([kt[(s, name)]['best_top1'] for s in seeds])} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     results = {"teacher": teacher_summary, "student_backbone": {k: v for k, v in student_summary.items() if k != "history"},
                "pools": {f"{name}-seed{s}": p for (s, name), p in pools.items()}, "commands": commands,
                "quantize": {f"seed{s}": q for s, q in quant.items()},
                "distill": {f"{name}-seed{s}": {k: v for k, v in r.items() if k != "history"} for (s, name), r in kt.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(out, seeds, pools, quant, kt)
+    plot(out, seeds, pools, quant, kt, schemes)
     return results
 
 
-def plot(out: Path, seeds: list[int], pools: dict, quant: dict, kt: dict) -> None:
+def plot(out: Path, seeds: list[int], pools: dict, quant: dict, kt: dict, schemes: list[str]) -> None:
+    """Accuracy against inversion time: one panel per downstream result, every pool on each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"noise": "x", "dense": "s", "sparse": "o", "sparse-equal-time": "D"}
-    series = [("W4A4 repq", "tab:orange", lambda s, n: quant[s][f"repq-w4a4-{n}"], ("noise", "dense", "sparse")),
-              ("W3A3 repq", "tab:red", lambda s, n: quant[s][f"repq-w3a3-{n}"], ("noise", "dense", "sparse")),
-              ("W4A4 seed scheme", "tab:blue", lambda s, n: quant[s][f"seed-w4a4-{n}"], ("noise", "dense", "sparse")),
-              ("knowledge transfer", "tab:green", lambda s, n: kt[(s, n)]["best_top1"], POOLS)]
-    for label, colour, value, names in series:
-        for name in names:
+    colours = {"noise": "tab:gray", "dense": "black", "smi": "tab:blue", "pri": "tab:red", "random": "tab:green",
+               "pri-steep": "tab:purple"}
+    panels = [(f"{scheme} W{w}A{a}", lambda s, n, key=f"{scheme}-w{w}a{a}-": quant[s][key + n])
+              for scheme in schemes[-1:] for w, a in LOW_BITS]
+    panels.append(("knowledge transfer (seed protocol)", lambda s, n: kt[(s, n)]["best_top1"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), sharex=True)
+    for ax, (title, value) in zip(axes, panels):
+        for name in POOLS:
+            base = name.removesuffix("-equal-time")
             x = mean_std([pools[(s, name)]["seconds"] for s in seeds])
-            y = mean_std([value(s, name) for s in seeds])
-            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], marker=markers[name], color=colour, capsize=3,
-                        label=f"{label}, {name}")
-    ax.set_xlabel("inversion time of the synthetic data (s, 2 CPU cores)")
-    ax.set_ylabel("top-1 on Fashion-MNIST test (%)")
-    ax.set_title(f"Accuracy against inversion time (mean ± std over {len(seeds)} seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best", ncol=2)
+            y = mean_std([value(s, name if title.startswith("knowledge") else base) for s in seeds])
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], color=colours[base], capsize=3,
+                        marker="D" if name.endswith("-equal-time") else "o", label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("inversion time (s, 2 CPU cores)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 on Fashion-MNIST test (%)")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Accuracy against inversion time, every selection (mean ± std, {len(seeds)} seeds; diamonds: "
+                 "equal time to dense)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "accuracy-vs-time.png", dpi=120)
 

@@ -4,11 +4,12 @@ An event is a JSON-able dict with at least ``event`` (its kind), ``time`` (Unix 
 ``rank``. The engine emits; sinks (the JSON-lines file, a progress bar, the dashboard, plugin
 loggers) consume. Kinds emitted by inversion:
 
-``run_start``       config, model, device, grid, schedule, kept_per_stage, speedup_bound, ...
+``run_start``       config, model, device, grid, schedule, selection, kept_per_stage, speedup_bound, ...
 ``batch_start``     batch, targets
 ``iteration``       batch, iteration, losses {name: value, ..., total}, kept, tokens,
                     seconds, images_per_s, tokens_per_s
-``stop``            batch, iteration, ratio, kept, kept_indices (per image, grid indices)
+``stop``            batch, iteration, ratio, kept, kept_indices (per image, grid indices still
+                    optimised), in_image (per image, patches the final image will hold)
 ``preview``         batch, iteration, path (PNG, relative to the run directory)
 ``batch_end``       batch, seconds, shard, kept, best_loss, teacher_accuracy, losses
 ``run_end``         summary

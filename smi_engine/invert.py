@@ -4,9 +4,10 @@ The optimised variable is the set of patches still being inverted, ``(B, K, C*ph
 patches already stopped sit frozen in a full ``store``. Each iteration materialises the image,
 jitters/flips it, feeds the teacher only the kept patches (embedded one by one, position
 embeddings remapped through the jitter) and steps Adam on the kept patches alone. At a stop,
-an un-augmented forward scores the kept patches by the last block's CLS attention and the
-lowest ``ratio`` of them are dropped for good, optimiser state included. Dense inversion is
-the same loop with an empty schedule.
+the selection policy (``smi_engine.selection``) picks ``ratio`` of the kept patches to leave the
+optimised set for good, optimiser state included: SMI's rule drops the least attended by the last
+block's CLS attention, Patch Rebirth freezes the most attended in the image. Dense inversion is
+the same loop with an empty schedule. Loss values reach the host once per reporting window.
 """
 
 from __future__ import annotations

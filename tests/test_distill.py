@@ -13,8 +13,9 @@ from smi_engine.files import write_json
 from smi_engine.invert import InversionConfig
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.pool import load_pool, write_shard
+from smi_engine.selection import SelectionSpec
 
-from .conftest import DIGITS_ARGS, read_events, smi
+from .conftest import DIGITS_ARGS, assert_one_line_error, read_events, smi
 
 STUDENT = ModelSpec("vit_tiny_patch16_224", {**DIGITS_ARGS, "depth": 1}, mean=(0.5,), std=(0.5,))
 
@@ -72,14 +73,24 @@ def test_transfer_teaches_the_student_and_keeps_the_best(tmp_path, digits_teache
 
 def test_synthesize_inverts_fresh_batches_every_epoch(tmp_path, digits_teacher):
     teacher = ModelSpec.from_dir(digits_teacher)
-    synth = InversionConfig(model=teacher, schedule="3:0.5", iterations=6, batch_size=8, flip=False)
+    synth = InversionConfig(model=teacher, schedule="3:0.5", iterations=6, batch_size=8, flip=False,
+                            selection=SelectionSpec("pri"))
     config = DistillConfig(teacher, STUDENT, "digits", synthesize=synth, synth_batches=2, epochs=2, batch_size=8, limit=64)
     summary = run_distillation(config, tmp_path / "kt", torch.device("cpu"))
     assert summary["synthetic_images"] == 32
     assert len(list((tmp_path / "kt" / "pool").iterdir())) == 4
+    assert bool(load_pool(tmp_path / "kt").keep.all())  # Patch Rebirth keeps the detached patches in the image
     kinds = [e["event"] for e in read_events(tmp_path / "kt")]
     assert kinds.count("batch_start") == 4 and kinds.count("stop") == 4 and kinds.count("epoch_end") == 2
     assert kinds[-1] == "run_end"
+
+
+def test_distill_refuses_an_unknown_selection_before_writing(tmp_path, digits_teacher):
+    out = tmp_path / "kt"
+    proc = smi("distill", "--teacher", digits_teacher, "--student", digits_teacher, "--data", "digits", "--synthesize",
+               "--schedule", "3:0.5", "--iterations", "6", "--selection", "nope", "--device", "cpu", "--out", out)
+    assert_one_line_error(proc, "unknown selection 'nope'")
+    assert not out.exists()
 
 
 def test_linear_probe_trains_only_the_head(digits_teacher):
