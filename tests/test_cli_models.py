@@ -92,6 +92,16 @@ def test_benchmark_times_every_compared_run_per_stage_and_phase_against_the_boun
     assert all(memory[label]["saved_for_backward_mb"] < memory["dense"]["saved_for_backward_mb"] for label in runs if label != "dense")
 
 
+def test_bench_command_prints_every_run_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = smi("bench", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4,depth=1",
+               "--batch-size", "1", "--iterations", "6", "--schedule", "2:0.5", "--compare", "pri", "--compare",
+               "random@3:0.75", "--no-memory", "--out", out, check=True)
+    for text in ("dense", "pri (2:0.5)", "random@3:0.75 (3:0.75)", "of the bound", "fwd"):
+        assert text in proc.stdout
+    assert list(json.loads(out.read_text())["runs"]) == ["dense", "pri", "random@3:0.75"]
+
+
 def test_benchmark_refuses_a_dense_or_repeated_comparison():
     for compare, message in ((["smi", "smi"], "same run twice"), (["pri@dense"], "no stops"), (["nope"], "unknown selection")):
         with pytest.raises(SmiError, match=message):
