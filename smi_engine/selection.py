@@ -15,8 +15,7 @@ an object with
                      (Patch Rebirth), or are dropped from it (SMI)
 ``keeps_remaining``  bool: the patches still optimised at the end are in the final image
 
-and optionally ``describe() -> str`` (one line for summaries). The built-ins ``smi``, ``pri``
-and ``random`` (``smi_plugins.selections``) use this same hook.
+The built-ins ``smi``, ``pri`` and ``random`` (``smi_plugins.selections``) use this same hook.
 """
 
 from __future__ import annotations

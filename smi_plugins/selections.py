@@ -22,8 +22,8 @@ from smi_engine.selection import StopContext
 class RankedSelection:
     """Patches leave by a per-patch score: the lowest (``lowest=True``) or highest first."""
 
-    def __init__(self, name: str, rule: str, lowest: bool, keep_leaving, keep_remaining):
-        self.rule, self.lowest = rule, lowest
+    def __init__(self, name: str, lowest: bool, keep_leaving, keep_remaining):
+        self.lowest = lowest
         self.keeps_leaving = flag_value(f"--selection-option {name}.keep_leaving", keep_leaving)
         self.keeps_remaining = flag_value(f"--selection-option {name}.keep_remaining", keep_remaining)
 
@@ -33,27 +33,24 @@ class RankedSelection:
     def choose(self, stop: StopContext) -> torch.Tensor:
         return self.scores(stop).topk(stop.leaving, dim=1, largest=not self.lowest).indices
 
-    def describe(self) -> str:
-        leaving = "kept in the image" if self.keeps_leaving else "dropped"
-        remaining = "" if self.keeps_remaining else "; the patches optimised to the end are dropped"
-        return f"{self.rule} leave ({leaving}){remaining}"
-
 
 class RandomSelection(RankedSelection):
+    """Patches leave in a random order drawn from the batch's own stream."""
+
     def scores(self, stop: StopContext) -> torch.Tensor:
         return stop.random_scores()
 
 
 def smi(keep_leaving: bool = False, keep_remaining: bool = True) -> RankedSelection:
-    return RankedSelection("smi", "least attended", True, keep_leaving, keep_remaining)
+    return RankedSelection("smi", True, keep_leaving, keep_remaining)
 
 
 def pri(keep_leaving: bool = True, keep_remaining: bool = True) -> RankedSelection:
-    return RankedSelection("pri", "most attended", False, keep_leaving, keep_remaining)
+    return RankedSelection("pri", False, keep_leaving, keep_remaining)
 
 
 def random(keep_leaving: bool = False, keep_remaining: bool = True) -> RandomSelection:
-    return RandomSelection("random", "random patches", True, keep_leaving, keep_remaining)
+    return RandomSelection("random", True, keep_leaving, keep_remaining)
 
 
 @hookimpl
