@@ -31,7 +31,7 @@ from smi_engine.plugins import get_registry
 from smi_engine.pool import shard_batches, write_shard
 from smi_engine.rundir import RunDir
 from smi_engine.runlock import RunLock
-from smi_engine.schedule import speedup_bound
+from smi_engine.schedule import Schedule, speedup_bound
 
 RUN_KIND = "invert"
 
@@ -56,8 +56,7 @@ def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any]) -
 
 def default_out_dir(config: InversionConfig) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dense = config.schedule.strip().lower() in ("dense", "")
-    mode = "dense" if dense else ("sparse" if config.selection.name == "smi" else config.selection.name)
+    mode = "dense" if Schedule.parse(config.schedule).is_dense else ("sparse" if config.selection.name == "smi" else config.selection.name)
     return Path("runs") / f"{stamp}-{config.model.name}-{mode}"
 
 

@@ -252,11 +252,11 @@ class Inverter:
         config.validate()
         self.config, self.loaded, self.device = config, loaded, device
         self.vit = SparseViT(loaded.model, config.attention)
-        if config.compile:
-            self.vit.compile()
         self.grid = self.vit.grid
         self.schedule = Schedule.parse(config.schedule)
         self.schedule.validate(config.iterations, self.grid.num_patches)
+        if config.compile:  # per stage a training graph, and the no-grad final pass
+            self.vit.compile(graphs=2 * (len(self.schedule.stops) + 1))
         if not self.schedule.is_dense:
             self.vit.check_scorable()
         self.stops = {s.iteration: s.ratio for s in self.schedule.stops}
@@ -535,8 +535,10 @@ class BatchRun:
         kept, prefix = state.image.kept.shape[1], inv.vit.num_prefix_tokens
         for (it, _, names), row in zip(self.pending, rows):
             if not all(math.isfinite(v) for v in row):
-                bad = next(n for n, v in zip(names, row[1:]) if not math.isfinite(v))
-                raise SmiError(f"loss term {bad!r} became {row[1 + names.index(bad)]} at iteration {it}: "
+                values = dict(zip(names, row[1:]))
+                # Finite terms can still overflow their sum: then the total is what to name.
+                bad = next((n for n, v in values.items() if not math.isfinite(v)), "total")
+                raise SmiError(f"loss term {bad!r} became {values.get(bad, row[0])} at iteration {it}: "
                                "lower --lr or that term's weight")
             state.elapsed += seconds
             state.stage_seconds[stage] += seconds

@@ -69,11 +69,11 @@ class SparseViT:
         self.set_attention_kernel(attention)
         self._trunk = self._run_blocks
 
-    def compile(self) -> None:
+    def compile(self, graphs: int) -> None:
         """Run the block stack through ``torch.compile``: one static graph per token count, so
-        a schedule compiles once per stage (the views with attention capture stay eager)."""
-        stages = 1 + 8  # a stage per stop: allow more shapes than torch's default cache holds
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, stages)
+        a schedule compiles once per stage (the views with attention capture stay eager);
+        ``graphs`` is how many the run needs, which torch's default cache may not hold."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, graphs)
         self._trunk = torch.compile(self._run_blocks, dynamic=False)
 
     def _run_blocks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -274,3 +274,14 @@ def test_compiled_teacher_gives_the_eager_result(tiny_loaded):
     compiled = make_inverter(tiny_loaded, schedule="3:0.5", iterations=6, compile=True).invert_batch(0)
     assert torch.equal(eager.keep, compiled.keep)
     torch.testing.assert_close(compiled.images, eager.images, rtol=1e-4, atol=1e-4)
+
+
+def test_finite_terms_whose_sum_overflows_name_the_total(tiny_loaded):
+    class Huge:
+        def __call__(self, state):
+            return {"a": state.logits.sum() * 0.0 + 3e38, "b": state.logits.sum() * 0.0 + 3e38}
+
+    inverter = make_inverter(tiny_loaded, schedule="dense", iterations=2)
+    inverter.losses[:] = [(type(inverter.losses[0][0])("huge"), Huge())]
+    with pytest.raises(SmiError, match=r"loss term 'total' became inf at iteration 0"):
+        inverter.invert_batch(0)
