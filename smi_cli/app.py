@@ -1,4 +1,8 @@
-"""The ``smi`` Typer application: one module per command (group), plugins may add more."""
+"""The ``smi`` Typer application: one module per command (group), plugins may add more.
+
+Command modules import torch and timm inside their functions only, so ``smi --help``,
+``smi --version`` and shell completion start in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,18 @@ from importlib.metadata import version
 import typer
 from rich.markup import escape
 
-from smi_cli import bench, data, demo, distill, evaluate, invert, plugins, quantize, task, teacher, watch
+from smi_cli import bench, data, demo, distill, evaluate, invert, plugins, quantize, runs, task, teacher, watch
 from smi_cli.console import describe_failure, fail
+from smi_cli.help import new_app
 from smi_engine.errors import SmiError
 
-app = typer.Typer(
+app = new_app(
     name="smi",
     help="Sparse Model Inversion of Vision Transformers: synthesise data from a trained ViT, fast, "
-    "then quantize or distill it without real data.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    "then quantize or distill it without real data.\n\n\b\nStart here:\n"
+    "  smi demo            dense vs sparse inversion of a small ViT\n"
+    "  smi invert --help   invert your own timm ViT\n"
+    "  smi runs            every run under ./runs, with its status",
 )
 
 
@@ -36,7 +41,7 @@ def root(
     """Sparse Model Inversion toolkit."""
 
 
-for module in (invert, quantize, distill, evaluate, watch, task, plugins, bench, demo):
+for module in (invert, quantize, distill, evaluate, runs, watch, task, plugins, bench, demo):
     module.register(app)
 app.add_typer(teacher.app, name="teacher")
 app.add_typer(data.app, name="data")
@@ -45,9 +50,9 @@ app.add_typer(data.app, name="data")
 def _register_plugin_commands() -> None:
     """Each plugin's commands, one plugin at a time: a broken one is skipped with a warning,
     like its other hooks, and never takes `smi` (or `smi --help`) down with it."""
-    from smi_engine.plugins import get_registry, warn
+    from smi_engine.plugins import command_hooks, warn
 
-    for impl in get_registry().manager.hook.register_commands.get_hookimpls():
+    for impl in command_hooks().get_hookimpls():
         try:
             impl.function(cli=app)
         except Exception as exc:
@@ -66,7 +71,7 @@ def main() -> None:
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         _register_plugin_commands()
-        code = app(standalone_mode=False)
+        code = app(prog_name="smi", standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError as exc:  # `smi` or a group alone: its help
         typer.echo(exc.ctx.get_help() if exc.ctx else "")
         raise SystemExit(2) from None

@@ -6,16 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from smi_cli import options as o
-from smi_cli.console import print_json, stderr
-from smi_engine.bench import DENSE, BenchConfig, run_benchmark
-from smi_engine.files import check_writable, write_json
-from smi_engine.invert import PHASES
-from smi_engine.models import parse_model_args
+from smi_cli.console import print_json, show, stderr, stdout
+from smi_cli.help import command
 
 
 def bench(
@@ -31,26 +25,34 @@ def bench(
     compile: o.Compile = False,
     device: o.Device = "cpu",
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Also measure the memory of a steady-state iteration per run.")] = True,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the full results as JSON here.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the full results as JSON to this file.", show_default=False)] = None,
+    quiet: o.Quiet = False,
+    json_output: o.Json = False,
 ) -> None:
-    """Time dense inversion against sparse runs side by side: per stage and phase, end to end, against the FLOP bound.
+    """Time dense inversion against sparse runs, side by side.
 
-    SMI and Patch Rebirth at the seed's schedule, and PRI at a steeper one:
-    smi bench --compare smi --compare pri --compare pri@20:0.5,40:0.5,80:0.5
+    Per stage and phase, end to end, and against the token-FLOP bound.
+
+    \b
+    Example: SMI and Patch Rebirth at the seed's schedule, and PRI at a steeper one
+      smi bench --compare smi --compare pri --compare pri@20:0.5,40:0.5,80:0.5
     """
+    from smi_engine.bench import BenchConfig, run_benchmark
+    from smi_engine.files import check_writable, write_json
+    from smi_engine.models import parse_model_args
+
     config = BenchConfig(model=model, model_args=parse_model_args(model_args), batch_size=batch_size,
                          iterations=iterations, schedule=schedule, compare=list(compare or ["smi"]), repeats=repeats,
                          device=device, attention=attention, precision=precision, compile=compile, memory=memory)
     config.validate()
     if out is not None:
         check_writable(out, "--out", folder=False)
-    result = run_benchmark(config, progress=lambda m: stderr.print(f"[dim]{m}[/]"))
+    result = run_benchmark(config, progress=(lambda m: None) if quiet else (lambda m: stderr.print(f"[dim]{m}[/]", soft_wrap=True)))
     if out is not None:
         write_json(out, result)
     if json_output:
         print_json(result)
-    else:
+    elif not quiet:
         print_report(result)
 
 
@@ -61,8 +63,14 @@ CAPTION = ("one row per stage; speedup: dense iteration time / this stage's; FLO
 
 
 def print_report(result: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from smi_engine.bench import DENSE
+    from smi_engine.invert import PHASES
+
     cfg = result["config"]
-    console = Console()
+    console = stdout
     profiled = result["runs"][DENSE]["stages"][0]["phase_ms"] is not None
     table = Table(title=f"{cfg['model']} · batch {cfg['batch_size']} · {cfg['iterations']} iterations · "
                         f"{result['device']} ({result['threads']} threads) · {cfg['precision']}"
@@ -81,7 +89,7 @@ def print_report(result: dict) -> None:
             if profiled:
                 cells += [f"{stage['phase_ms'][phase]:.1f}" for phase in PHASES]
             table.add_row(*cells, end_section=index == len(run["stages"]) - 1)
-    console.print(table)
+    show(table)
     for label, run in result["runs"].items():
         if label == DENSE:
             console.print(f"dense: {result['dense_seconds']:.1f} s end to end")
@@ -98,4 +106,4 @@ def print_report(result: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
+    command(app, "bench")(bench)

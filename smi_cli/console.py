@@ -1,4 +1,8 @@
-"""Where output goes: results on stdout, progress and messages on stderr."""
+"""Where output goes: results on stdout, progress and messages on stderr.
+
+In a terminal, rich formats to its width. Into a file or a pipe (nohup, SLURM, CI logs) every
+line is written whole: never wrapped or padded to 80 columns, no escape codes.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,39 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 
-stderr = Console(stderr=True, highlight=False)
+
+def _console(to_stderr: bool) -> Console:
+    console = Console(stderr=to_stderr, highlight=False)
+    if console.is_terminal:
+        return console
+    return Console(stderr=to_stderr, highlight=False, soft_wrap=True, width=10_000)
+
+
+stderr = _console(True)
+stdout = _console(False)
+
+
+def show(renderable: RenderableType, console: Console = stdout) -> None:
+    """Print a table or text; off a terminal without the padding rich adds to fill columns."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().strip("\n").splitlines()))
+    console.file.flush()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """The one exit for user errors: a single red line on stderr."""
     stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
     raise SystemExit(code)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True, markup=True)
 
 
 def print_json(data: Any) -> None:

@@ -8,37 +8,53 @@ from typing import Annotated
 
 import typer
 
+from smi_cli import options as o
 from smi_cli.console import print_json
-from smi_engine.data import load_data
+from smi_cli.help import command, new_app
 from smi_engine.errors import SmiError
 
-app = typer.Typer(help="Datasets for teachers, evaluation and calibration.", no_args_is_help=True)
+app = new_app(help="Datasets for teachers, evaluation and calibration.")
 FETCHABLE = ("cifar10", "cifar100", "fashion-mnist")
 
 
-@app.command("info")
+@command(app, "info")
 def info(
-    spec: Annotated[str, typer.Argument(help="digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR.")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    spec: Annotated[str, typer.Argument(help="digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR.", metavar="SPEC", show_default=False)],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing: the exit status says whether SPEC loads.")] = False,
+    json_output: o.Json = False,
 ) -> None:
-    """Split sizes, classes and image shape of a dataset."""
+    """Split sizes, classes and image shape of a dataset.
+
+    \b
+    Examples:
+      smi data info digits
+      smi data info fashion-mnist:/usr/share/datasets/fashion-mnist --json
+    """
+    from smi_engine.data import load_data
+
     splits = load_data(spec)
     image, _ = splits.val[0]
     result = {"data": spec, "train": len(splits.train), "val": len(splits.val), "classes": list(splits.classes),
               "image_shape": list(image.shape)}
     if json_output:
         print_json(result)
-    else:
+    elif not quiet:
         typer.echo(f"{spec}: {result['train']} train / {result['val']} val images, {len(splits.classes)} classes, "
                    f"images {tuple(image.shape)}; classes {', '.join(splits.classes[:10])}{' ...' if len(splits.classes) > 10 else ''}")
 
 
-@app.command("fetch")
+@command(app, "fetch")
 def fetch(
-    name: Annotated[str, typer.Argument(help="cifar10, cifar100 or fashion-mnist.")],
-    root: Annotated[Path, typer.Argument(help="Folder to download into.")],
+    name: Annotated[str, typer.Argument(help="cifar10, cifar100 or fashion-mnist.", metavar="NAME", show_default=False)],
+    root: Annotated[Path, typer.Argument(help="Folder to download into.", metavar="ROOT", show_default=False)],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
-    """Download a public dataset with torchvision (needs the network), then use it offline."""
+    """Download a public dataset with torchvision (needs the network), then use it offline.
+
+    \b
+    Example:
+      smi data fetch cifar10 ~/data/cifar10    # then: --data cifar10:~/data/cifar10
+    """
     if name not in FETCHABLE:
         raise SmiError(f"cannot fetch {name!r}: fetchable datasets are {', '.join(FETCHABLE)}")
     from torchvision import datasets
@@ -59,4 +75,5 @@ def fetch(
             shutil.rmtree(root, ignore_errors=True)
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise SmiError(f"download of {name} failed ({reason}): check the network, or copy the files into {root}") from None
-    typer.echo(f"fetched; use --data {location}")
+    if not quiet:
+        typer.echo(f"fetched; use --data {location}")

@@ -7,19 +7,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from smi_cli import options as o
-from smi_cli.console import print_json, stderr
-from smi_cli.progress import InversionProgress
-from smi_engine import demo as recipe
-from smi_engine.device import resolve_device
-from smi_engine.events import EventBus
-from smi_engine.inversion_run import run_inversion
-from smi_engine.files import check_writable
-from smi_engine.models import read_card
-from smi_engine.selection import SelectionSpec, build_selection
+from smi_cli.console import print_json, show, stderr, stdout
+from smi_cli.help import command
+from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
 
 
 def demo(
@@ -29,34 +21,45 @@ def demo(
     selection: Annotated[Optional[list[str]], typer.Option("--selection", help="Sparse runs to compare with dense, one per selection policy, repeatable (default: smi), e.g. --selection smi --selection pri.")] = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    json_output: o.Json = False,
+    progress_every: o.ProgressEvery = DEFAULT_EVERY,
 ) -> None:
-    """Train (once) a small ViT on scikit-learn's digits, invert it dense and sparse, compare.
+    """Dense vs sparse inversion of a small ViT, end to end.
 
-    Dense against SMI and Patch Rebirth: smi demo --selection smi --selection pri
+    Trains (once, cached) a small ViT on scikit-learn's digits, inverts it dense and sparse
+    and compares them.
+
+    \b
+    Examples:
+      smi demo
+      smi demo --selection smi --selection pri    # dense against SMI and Patch Rebirth
     """
+    from smi_engine import demo as recipe
+    from smi_engine.device import resolve_device
+    from smi_engine.events import EventBus
+    from smi_engine.files import check_writable
+    from smi_engine.inversion_run import run_inversion
+    from smi_engine.models import read_card
+    from smi_engine.selection import SelectionSpec, build_selection
+
     selections = [SelectionSpec.parse(name) for name in dict.fromkeys(selection or ["smi"])]
     out = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-demo"
     check_writable(out, "--out")
     folder = recipe.teacher_dir(cache)
     check_writable(folder, "--cache")
     torch_device = resolve_device(device)
+    display = open_display(stderr, quiet, progress_every)
     if not quiet:
-        stderr.print(f"teacher: {folder}")
-    bus = EventBus([] if quiet else [_TrainingLog()])
-    folder, trained = recipe.ensure_teacher(folder, torch_device, retrain, bus)
-    accuracy = read_card(folder).get("accuracy", {}).get("top1")
+        stderr.print(f"teacher: {folder}", soft_wrap=True)
     summaries = {}
-    configs = recipe.inversion_configs(folder, selections=selections)
-    for config in configs.values():
-        build_selection(config.selection)  # an unknown name fails before any run starts
-    for mode, config in configs.items():
-        sinks = [] if quiet else [InversionProgress(stderr, label=f"{mode:6s}")]
-        if sinks:
-            with sinks[0]:
-                summaries[mode] = run_inversion(config, out / mode, device=device, sinks=sinks)
-        else:
-            summaries[mode] = run_inversion(config, out / mode, device=device)
+    with display:
+        folder, trained = recipe.ensure_teacher(folder, torch_device, retrain, EventBus([TrainingProgress(display, "teacher")]))
+        configs = recipe.inversion_configs(folder, selections=selections)
+        for config in configs.values():
+            build_selection(config.selection)  # an unknown name fails before any run starts
+        for mode, config in configs.items():
+            summaries[mode] = run_inversion(config, out / mode, device=device, sinks=[InversionProgress(display, mode)])
+    accuracy = read_card(folder).get("accuracy", {}).get("top1")
     result = {
         "teacher": str(folder), "teacher_trained_now": trained, "teacher_top1": accuracy,
         "speedups": {mode: summaries["dense"]["seconds"] / s["seconds"] for mode, s in summaries.items()},
@@ -64,15 +67,8 @@ def demo(
     }
     if json_output:
         print_json(result)
-    else:
+    elif not quiet:
         _print_comparison(result)
-
-
-class _TrainingLog:
-    def __call__(self, event: dict) -> None:
-        if event["event"] == "epoch_end":
-            stderr.print(f"training the demo teacher: epoch {event['epoch'] + 1}/{event['epochs']}  "
-                         f"val top-1 {event['val_top1']:.1f}%  ({event['seconds']:.1f} s)")
 
 
 # Short headers: three runs side by side still fit 80 columns (the title names the methods).
@@ -80,6 +76,8 @@ TITLES = {"dense": "dense", "smi": "SMI", "pri": "PRI", "random": "random"}
 
 
 def _print_comparison(result: dict) -> None:
+    from rich.table import Table
+
     runs = result["runs"]
     table = Table(title="smi demo: dense inversion (DeepInversion) vs sparse (SMI; PRI: Patch Rebirth) of a digits ViT")
     table.add_column("", no_wrap=True)
@@ -99,14 +97,14 @@ def _print_comparison(result: dict) -> None:
     ]
     for label, cell in rows:
         table.add_row(label, *(cell(mode, summary) for mode, summary in runs.items()))
-    console = Console()
+    console = stdout
     teacher = f"{result['teacher_top1']:.1f}% val top-1" if result["teacher_top1"] is not None else "cached"
     console.print(f"teacher: {result['teacher']} ({teacher}{', trained now' if result['teacher_trained_now'] else ''})")
-    console.print(table)
+    show(table)
     for mode, summary in runs.items():
         console.print(f"{mode:6s} run {summary['run_dir']}  preview {summary['preview']}", soft_wrap=True)
     console.print("open the dashboard: [bold]smi watch " + " ".join(s["run_dir"] for s in list(runs.values())[:2]) + "[/]", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+    command(app, "demo")(demo)

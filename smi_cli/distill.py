@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,67 +10,75 @@ import typer
 
 from smi_cli import options as o
 from smi_cli.console import fail, print_json, stderr
-from smi_cli.progress import InversionProgress
-from smi_cli.signals import stop_on_signals
-from smi_engine.control import RunControl, RunInterrupted
-from smi_engine import distributed
+from smi_cli.help import command
+from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
 from smi_engine.errors import SmiError
-from smi_engine.distill import resolve_recipe
-from smi_engine.invert import InversionConfig
-from smi_engine.losses import LossSpec, attach_options
-from smi_engine.models import ModelSpec, parse_model_args
-from smi_engine.plugins import get_registry
-from smi_engine.rundir import RunDir
-from smi_engine.selection import SelectionSpec
-from smi_engine.tasks import TaskContext
 
-STUDENT, SYNTH, ROUNDS = "Student", "Synthesis (with --synthesize)", "Training rounds"
 
 
 def distill(
     data: Annotated[str, typer.Option("--data", help="Real validation data, e.g. fashion-mnist.")],
-    student: Annotated[str, typer.Option("--student", help="Student: a timm model name, or a model folder.", rich_help_panel=STUDENT)],
+    student: Annotated[str, typer.Option("--student", help="Student: a timm model name, or a model folder.")],
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
-    recipe: Annotated[str, typer.Option(help="Named defaults: default, or seed (the seed's test_kt.py: linear probe, SGD 0.1 constant, T 20, 1,000 rounds of one synthesised batch of 100 and one step on 32 drawn images). Options given explicitly win.", rich_help_panel=ROUNDS)] = "default",
-    student_args: Annotated[Optional[str], typer.Option("--student-args", help="timm kwargs of the student.", rich_help_panel=STUDENT)] = None,
-    student_pretrained: Annotated[bool, typer.Option("--student-pretrained", help="Start the student from timm's pretrained weights.", rich_help_panel=STUDENT)] = False,
-    student_checkpoint: Annotated[Optional[Path], typer.Option("--student-checkpoint", help="Start the student from this state_dict.", rich_help_panel=STUDENT)] = None,
-    linear_probe: Annotated[Optional[bool], typer.Option("--linear-probe/--full-training", help="Train only a new classifier head on the frozen student (the seed's setting), or every weight.", rich_help_panel=STUDENT, show_default=False)] = None,
+    recipe: Annotated[str, typer.Option(help="Named defaults: default, or seed (the seed's test_kt.py: linear probe, SGD 0.1 constant, T 20, 1,000 rounds of one synthesised batch of 100 and one step on 32 drawn images). Options given explicitly win.")] = "default",
+    student_args: Annotated[Optional[str], typer.Option("--student-args", help="timm kwargs of the student.")] = None,
+    student_pretrained: Annotated[bool, typer.Option("--student-pretrained", help="Start the student from timm's pretrained weights.")] = False,
+    student_checkpoint: Annotated[Optional[Path], typer.Option("--student-checkpoint", help="Start the student from this state_dict.")] = None,
+    linear_probe: Annotated[Optional[bool], typer.Option("--linear-probe/--full-training", help="Train only a new classifier head on the frozen student (the seed's setting), or every weight.", show_default=False)] = None,
     pool: Annotated[Optional[list[str]], typer.Option("--pool", help="A run directory of `smi invert` to learn from, repeatable.")] = None,
-    grow: Annotated[Optional[int], typer.Option("--grow", help="Reveal the --pool images N per round, as if synthesised then (the seed recipe: one inverted batch per round).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    grow: Annotated[Optional[int], typer.Option("--grow", help="Reveal the --pool images N per round, as if synthesised then (the seed recipe: one inverted batch per round).", show_default=False)] = None,
     synthesize: Annotated[bool, typer.Option("--synthesize", help="Invert fresh batches every round (settings below).")] = False,
-    schedule: Annotated[str, typer.Option(help="Stopping schedule for --synthesize.", rich_help_panel=SYNTH)] = "dense",
-    selection: Annotated[str, typer.Option("--selection", help="Selection policy for --synthesize: smi, pri, random or a plugin's.", rich_help_panel=SYNTH)] = "smi",
-    selection_option: Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection, repeatable.", rich_help_panel=SYNTH)] = None,
-    iterations: Annotated[int, typer.Option(help="Inversion iterations per batch.", rich_help_panel=SYNTH)] = 4000,
-    synth_batch_size: Annotated[Optional[int], typer.Option(help="Images per synthesised batch (default: 32; seed recipe 100).", rich_help_panel=SYNTH, show_default=False)] = None,
-    synth_batches: Annotated[Optional[int], typer.Option(help="Batches synthesised per round (default: 1).", rich_help_panel=SYNTH, show_default=False)] = None,
-    inversion_lr: Annotated[float, typer.Option("--inversion-lr", help="Adam learning rate on the pixels.", rich_help_panel=SYNTH)] = 0.25,
-    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="Inversion losses NAME[:WEIGHT].", rich_help_panel=SYNTH)] = None,
-    loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE.", rich_help_panel=SYNTH)] = None,
+    schedule: Annotated[str, typer.Option(help="Stopping schedule for --synthesize.")] = "dense",
+    selection: Annotated[str, typer.Option("--selection", help="Selection policy for --synthesize: smi, pri, random or a plugin's.")] = "smi",
+    selection_option: Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection, repeatable.")] = None,
+    iterations: Annotated[int, typer.Option(help="Inversion iterations per batch.")] = 4000,
+    synth_batch_size: Annotated[Optional[int], typer.Option(help="Images per synthesised batch (default: 32; seed recipe 100).", show_default=False)] = None,
+    synth_batches: Annotated[Optional[int], typer.Option(help="Batches synthesised per round (default: 1).", show_default=False)] = None,
+    inversion_lr: Annotated[float, typer.Option("--inversion-lr", help="Adam learning rate on the pixels.")] = 0.25,
+    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="Inversion losses NAME[:WEIGHT].")] = None,
+    loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE.")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random flips (in inversion and of the training images) (default: on).", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", "--rounds", help="Rounds of training (default: 10; seed recipe 1000).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    steps_per_round: Annotated[Optional[int], typer.Option(help="Steps per round, each on --batch-size images drawn from all synthetic data so far (default: one pass over it; seed recipe 1).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per training step (default: 64; seed recipe 32).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd (momentum 0.9) (default: adamw; seed recipe sgd).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Student learning rate (default: 1e-3; seed recipe 0.1).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option(help="cosine (over the rounds) or constant (default: cosine; seed recipe constant).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: 1e-4).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Softening temperature T of the KL loss (default: 20, the seed's).", rich_help_panel=ROUNDS, show_default=False)] = None,
-    val_every: Annotated[Optional[int], typer.Option(help="Validate every N rounds (and after the last) (default: 1).", rich_help_panel=ROUNDS, show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", "--rounds", help="Rounds of training (default: 10; seed recipe 1000).", show_default=False)] = None,
+    steps_per_round: Annotated[Optional[int], typer.Option(help="Steps per round, each on --batch-size images drawn from all synthetic data so far (default: one pass over it; seed recipe 1).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per training step (default: 64; seed recipe 32).", show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd (momentum 0.9) (default: adamw; seed recipe sgd).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Student learning rate (default: 1e-3; seed recipe 0.1).", show_default=False)] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="cosine (over the rounds) or constant (default: cosine; seed recipe constant).", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default: 1e-4).", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Softening temperature T of the KL loss (default: 20, the seed's).", show_default=False)] = None,
+    val_every: Annotated[Optional[int], typer.Option(help="Validate every N rounds (and after the last) (default: 1).", show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="Validate on at most N images (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-distill).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/TIME-distill).", show_default=False)] = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    json_output: o.Json = False,
+    progress_every: o.ProgressEvery = DEFAULT_EVERY,
 ) -> None:
-    """Teach a student the teacher's outputs on synthetic images only; validate on real data.
+    """Train a student from the teacher on synthetic images.
 
-    The seed's protocol on a pre-inverted pool (replayed one batch per round):
-    smi distill --recipe seed --teacher runs/teacher --student runs/student-0-4 --pool runs/sparse --data fashion-mnist
+    The student learns the teacher's outputs on synthetic images only; real data is used for
+    validation alone.
+
+    \b
+    Example: the seed's protocol on a pre-inverted pool (replayed one batch per round)
+      smi distill --recipe seed --teacher runs/teacher --student runs/student-0-4 \\
+        --pool runs/sparse --data fashion-mnist
     """
+    from smi_cli.signals import stop_on_signals
+    from smi_engine import distributed
+    from smi_engine.control import RunControl, RunInterrupted
+    from smi_engine.distill import resolve_recipe
+    from smi_engine.invert import InversionConfig
+    from smi_engine.losses import LossSpec, attach_options
+    from smi_engine.models import ModelSpec, parse_model_args
+    from smi_engine.plugins import get_registry
+    from smi_engine.rundir import RunDir
+    from smi_engine.selection import SelectionSpec
+    from smi_engine.tasks import TaskContext
+
+    display = open_display(stderr, quiet, progress_every)
     teacher_spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher)
     if Path(student).is_dir():
         student_spec = ModelSpec.from_dir(student)
@@ -99,10 +106,10 @@ def distill(
         out = out or placement.agree(Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-distill")
         control = RunControl(RunDir(out))
         quiet = quiet or not placement.is_main
-        progress = None if quiet or not synthesize else InversionProgress(stderr, label="synthesising")
-        sinks = [] if quiet else [_EpochLog()] + ([progress] if progress else [])
+        sinks = [] if quiet else [TrainingProgress(display, "train", "round")] + (
+            [InversionProgress(display, "synthesise")] if synthesize else [])
         task = get_registry().get("tasks", "kt").factory()
-        with stop_on_signals(control, stderr), progress or contextlib.nullcontext():
+        with stop_on_signals(control, stderr), display:
             summary = task.run(options, TaskContext(torch_device, out, sinks, control, placement))
     except RunInterrupted as exc:
         fail(f"{exc}; the best student so far is in {out / 'student'}", code=130)
@@ -117,12 +124,5 @@ def distill(
                    f"{summary['synthetic_images']} synthetic images -> {summary['student_dir']}")
 
 
-class _EpochLog:
-    def __call__(self, event: dict) -> None:
-        if event["event"] == "epoch_end":
-            stderr.print(f"round {event['epoch'] + 1}/{event['epochs']}: kt loss {event['kt_loss']:.4f}  "
-                         f"val top-1 {event['val_top1']:.2f}% (best {event['best_top1']:.2f}%)")
-
-
 def register(app: typer.Typer) -> None:
-    app.command("distill")(distill)
+    command(app, "distill")(distill)

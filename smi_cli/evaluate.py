@@ -6,14 +6,10 @@ from typing import Annotated
 
 import typer
 
-from smi_engine.checks import at_least
-
 from smi_cli import options as o
-from smi_cli.console import print_json
-from smi_engine.data import ModelInput, load_data, loader
-from smi_engine.device import resolve_device
-from smi_engine.evaluate import evaluate as run_evaluate
-from smi_engine.models import load_model
+from smi_cli.console import print_json, stderr
+from smi_cli.help import command
+from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
 
 
 def evaluate(
@@ -23,25 +19,40 @@ def evaluate(
     limit: Annotated[int, typer.Option(help="Evaluate at most N images (0: all).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     device: o.Device = "auto",
-    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    quiet: o.Quiet = False,
+    json_output: o.Json = False,
+    progress_every: o.ProgressEvery = DEFAULT_EVERY,
 ) -> None:
-    """Accuracy of a model on the validation split of real data.
+    """Accuracy of a model on real validation data.
 
-    Example: smi eval --teacher runs/teacher --data fashion-mnist
+    \b
+    Examples:
+      smi eval --teacher runs/teacher --data fashion-mnist
+      smi eval --teacher runs/w4a4 --data fashion-mnist --limit 1000 --json
     """
+    from smi_engine.checks import at_least
+    from smi_engine.data import ModelInput, load_data, loader
+    from smi_engine.device import resolve_device
+    from smi_engine.evaluate import evaluate as run_evaluate
+    from smi_engine.models import load_model
+
     at_least("--limit", limit, 0, 1000)
     at_least("--batch-size", batch_size, 1, 256)
+    display = open_display(stderr, quiet, progress_every)
     torch_device = resolve_device(device)
     loaded = load_model(o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), torch_device)
     splits = load_data(data)
     batches = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), batch_size)
-    metrics = run_evaluate(loaded.model, batches, torch_device, limit or None)
+    phases = PhaseProgress(display)
+    with display:
+        metrics = run_evaluate(loaded.model, batches, torch_device, limit or None,
+                               lambda done, total: phases.advance("eval", done, total))
     result = {"model": loaded.spec.name, "data": data, **metrics}
     if json_output:
         print_json(result)
-    else:
+    elif not quiet:
         typer.echo(f"{loaded.spec.name} on {data}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    command(app, "eval")(evaluate)

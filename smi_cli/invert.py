@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import fail, print_json, stderr
-from smi_cli.progress import InversionProgress
-from smi_cli.signals import stop_on_signals
-from smi_engine import distributed
-from smi_engine.control import RunControl, RunInterrupted
+from smi_cli.console import fail, print_json, show, stderr, stdout, warn
+from smi_cli.help import command
+from smi_cli.progress import DEFAULT_EVERY, InversionProgress, open_display
 from smi_engine.errors import SmiError
-from smi_engine.invert import InversionConfig
-from smi_engine.inversion_run import InversionRun, default_out_dir
-from smi_engine.losses import LossSpec, attach_options
-from smi_engine.rundir import RunDir
 from smi_engine.schedule import SEED_SCHEDULE_TEXT
-from smi_engine.selection import SelectionSpec
 
 # Options that define the run; with --resume they come from config.json instead.
 CONFIG_OPTIONS = (
@@ -28,41 +20,61 @@ CONFIG_OPTIONS = (
     "batch_size", "batches", "lr", "targets", "seed", "loss", "loss_option", "attention", "jitter", "flip",
     "jitter_at_stops", "final_mask", "selection", "selection_option", "precision", "compile", "checkpoint_every", "sink",
 )
-RUN = "Run"
 
 
 def invert(
     ctx: typer.Context,
     model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None, teacher: o.Teacher = None,
-    schedule: Annotated[str, typer.Option(help=f"'dense', or stops ITERATION:RATIO,... (ratio of the remaining patches), e.g. {SEED_SCHEDULE_TEXT}.", rich_help_panel=RUN)] = "dense",
-    iterations: Annotated[int, typer.Option(help="Optimisation steps per batch.", rich_help_panel=RUN)] = 4000,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=RUN)] = 32,
-    batches: Annotated[int, typer.Option(help="How many batches to synthesise.", rich_help_panel=RUN)] = 1,
-    lr: Annotated[float, typer.Option(help="Adam learning rate on the pixels.", rich_help_panel=RUN)] = 0.25,
-    targets: Annotated[str, typer.Option(help="balanced (cycle through classes), random, or class indices 3,5,7.", rich_help_panel=RUN)] = "balanced",
-    seed: Annotated[int, typer.Option(help="Random seed (each batch derives its own stream).", rich_help_panel=RUN)] = 0,
-    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="NAME[:WEIGHT], repeatable (see `smi plugins`). Default: deepinversion.", rich_help_panel=RUN)] = None,
-    loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE for a loss's factory, repeatable.", rich_help_panel=RUN)] = None,
-    attention: Annotated[str, typer.Option(help="Attention kernel: fused (scaled_dot_product_attention) or explicit.", rich_help_panel=RUN)] = "fused",
-    jitter: Annotated[float, typer.Option(help="Random roll, as a fraction of the image size.", rich_help_panel=RUN)] = 0.125,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=RUN)] = True,
-    jitter_at_stops: Annotated[bool, typer.Option("--jitter-at-stops/--no-jitter-at-stops", help="Jitter and flip on every step, or (the seed's) step on the plain image just before and at each stop.", rich_help_panel=RUN)] = True,
-    final_mask: Annotated[str, typer.Option(help="The pool's keep mask: inverted (the patches inverted to the end) or rescored (the seed's: top patches of the final image by CLS attention, int((N+1)*prod(1-r)) of them).", rich_help_panel=RUN)] = "inverted",
+    schedule: Annotated[str, typer.Option(help=f"'dense', or stops ITERATION:RATIO,... (ratio of the remaining patches), e.g. {SEED_SCHEDULE_TEXT}.")] = "dense",
+    iterations: Annotated[int, typer.Option(help="Optimisation steps per batch.")] = 4000,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    batches: Annotated[int, typer.Option(help="How many batches to synthesise.")] = 1,
+    lr: Annotated[float, typer.Option(help="Adam learning rate on the pixels.")] = 0.25,
+    targets: Annotated[str, typer.Option(help="balanced (cycle through classes), random, or class indices 3,5,7.")] = "balanced",
+    seed: Annotated[int, typer.Option(help="Random seed (each batch derives its own stream).")] = 0,
+    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="NAME[:WEIGHT], repeatable (see `smi plugins`). Default: deepinversion.")] = None,
+    loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE for a loss's factory, repeatable.")] = None,
+    attention: Annotated[str, typer.Option(help="Attention kernel: fused (scaled_dot_product_attention) or explicit.")] = "fused",
+    jitter: Annotated[float, typer.Option(help="Random roll, as a fraction of the image size.")] = 0.125,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
+    jitter_at_stops: Annotated[bool, typer.Option("--jitter-at-stops/--no-jitter-at-stops", help="Jitter and flip on every step, or (the seed's) step on the plain image just before and at each stop.")] = True,
+    final_mask: Annotated[str, typer.Option(help="The pool's keep mask: inverted (the patches inverted to the end) or rescored (the seed's: top patches of the final image by CLS attention, int((N+1)*prod(1-r)) of them).")] = "inverted",
     selection: o.Selection = "smi",
     selection_option: o.SelectionOption = None,
     precision: o.Precision = "fp32",
     compile: o.Compile = False,
-    checkpoint_every: Annotated[float, typer.Option(help="Seconds between resume checkpoints (0: only when stopped).", rich_help_panel=RUN)] = 60.0,
-    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this plugin sink, repeatable.", rich_help_panel=RUN)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<time>-<model>-<dense|sparse>).")] = None,
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between resume checkpoints (0: only when stopped).")] = 60.0,
+    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this sink, repeatable: tensorboard (built in; pip install 'smi-toolkit[tensorboard]') or a plugin's.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/TIME-MODEL-dense or -sparse).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out.")] = False,
     device: o.Device = "auto",
-    quiet: o.Quiet = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     tui: Annotated[bool, typer.Option("--tui", help="Run with the live dashboard in this terminal.")] = False,
+    quiet: o.Quiet = False,
+    json_output: o.Json = False,
+    progress_every: o.ProgressEvery = DEFAULT_EVERY,
 ) -> None:
-    """Invert a ViT: optimise images towards target classes, stopping uninformative patches."""
+    """Synthesise images from a frozen ViT, dense or sparse.
+
+    Optimises images towards target classes; with --schedule, stops inverting the least
+    informative patches as it goes, so later iterations are cheaper.
+
+    \b
+    Examples:
+      smi invert --teacher runs/teacher --schedule 20:0.3,40:0.3,80:0.3 \\
+        --iterations 400 --batch-size 64 --out runs/sparse
+      smi invert --resume --out runs/sparse
+    """
+    from smi_cli.signals import stop_on_signals
+    from smi_engine import distributed
+    from smi_engine.control import RunControl, RunInterrupted
+    from smi_engine.invert import InversionConfig
+    from smi_engine.inversion_run import InversionRun, default_out_dir
+    from smi_engine.losses import LossSpec, attach_options
+    from smi_engine.rundir import RunDir
+    from smi_engine.selection import SelectionSpec
+
+    display = open_display(stderr, quiet or tui, progress_every)
     if resume:
         if out is None:
             raise SmiError("--resume needs --out RUN_DIR: the run to continue")
@@ -92,11 +104,10 @@ def invert(
             summary = _run_with_dashboard(config, out, resume, torch_device, control)
         else:
             with stop_on_signals(control, stderr):
-                progress = None if quiet else InversionProgress(stderr)
-                sinks = [] if quiet else [warn_random_weights, progress]
+                sinks = [] if quiet else [warn_random_weights, InversionProgress(display)]
                 run = InversionRun.prepare(config, out, resume=resume, device=torch_device, sinks=sinks,
                                            control=control, placement=placement)
-                with progress or contextlib.nullcontext():
+                with display:
                     summary = run.run()
     except RunInterrupted as exc:
         fail(f"{exc}; continue with: smi invert --resume --out {out}", code=130)
@@ -108,9 +119,11 @@ def invert(
         print_summary(summary)
 
 
-def _run_with_dashboard(config, out: Path, resume: bool, device, control: RunControl) -> dict:
+def _run_with_dashboard(config, out: Path, resume: bool, device, control) -> dict:
     """The job in a worker thread, the dashboard in front; bad requests fail before it opens."""
     from smi_cli.dashboard.app import Dashboard
+    from smi_engine.control import RunInterrupted
+    from smi_engine.inversion_run import InversionRun
 
     run = InversionRun.prepare(config, out, resume=resume, device=device, control=control)
     result: dict = {}
@@ -128,12 +141,11 @@ def _run_with_dashboard(config, out: Path, resume: bool, device, control: RunCon
 
 def warn_random_weights(event: dict) -> None:
     if event["event"] == "run_start" and not event["model_has_weights"]:
-        stderr.print(f"[yellow]warning:[/] {event['model']} has random weights (no --pretrained, --checkpoint or "
-                     "--teacher): fine for timing, but the images will not look like data")
+        warn(f"{event['model']} has random weights (no --pretrained, --checkpoint or --teacher): fine for timing, "
+             "but the images will not look like data")
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -152,9 +164,9 @@ def print_summary(summary: dict) -> None:
         ("preview", summary["preview"]),
     ):
         table.add_row(key, value)
-    Console().print(f"[bold green]done[/] {summary['run_dir']}")
-    Console().print(table)
+    stdout.print(f"[bold green]done[/] {summary['run_dir']}")
+    show(table)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("invert")(invert)
+    command(app, "invert")(invert)

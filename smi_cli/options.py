@@ -1,33 +1,49 @@
-"""Options shared by several commands, and turning them into engine objects."""
+"""Options shared by several commands, and turning them into engine objects.
+
+Nothing here imports torch: ``smi --help`` and shell completion load every command's options.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from smi_engine.errors import SmiError
-from smi_engine.models import ModelSpec, parse_floats, parse_model_args
 
-MODEL_PANEL = "Model"
+if TYPE_CHECKING:
+    from smi_engine.models import ModelSpec
 
-Model = Annotated[Optional[str], typer.Option("--model", help="timm model name, e.g. deit_tiny_patch16_224.", rich_help_panel=MODEL_PANEL)]
-ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="timm keyword arguments, e.g. img_size=32,patch_size=4,num_classes=10.", rich_help_panel=MODEL_PANEL)]
-Pretrained = Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights (needs the network).", rich_help_panel=MODEL_PANEL)]
-Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="A plain state_dict (.safetensors, .pth, .pt, .bin).", rich_help_panel=MODEL_PANEL)]
-Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5 or 0.485,0.456,0.406 (default: timm's data config).", rich_help_panel=MODEL_PANEL)]
-Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std per channel (default: timm's data config).", rich_help_panel=MODEL_PANEL)]
-Teacher = Annotated[Optional[Path], typer.Option("--teacher", help="A model folder from `smi teacher train` (instead of --model ...).", rich_help_panel=MODEL_PANEL)]
+Model = Annotated[Optional[str], typer.Option("--model", help="timm model name, e.g. deit_tiny_patch16_224.")]
+ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="timm keyword arguments, e.g. img_size=32,patch_size=4,num_classes=10.")]
+Pretrained = Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights (needs the network).")]
+Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="A plain state_dict (.safetensors, .pth, .pt, .bin).")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5 or 0.485,0.456,0.406 (default: timm's data config).")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std per channel (default: timm's data config).")]
+Teacher = Annotated[Optional[Path], typer.Option("--teacher", help="A model folder from `smi teacher train` (instead of --model ...).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+
+# Output: the same three flags on every command.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on the terminal (errors still show).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress stays on stderr).")]
+ProgressEvery = Annotated[float, typer.Option(
+    "--progress-every", envvar="SMI_PROGRESS_EVERY", metavar="SECONDS",
+    help="When stderr is not a terminal (a log file, nohup, SLURM): seconds between plain progress lines.")]
+
+Selection = Annotated[str, typer.Option("--selection", help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).")]
+SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.")]
+Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).")]
 
 
 def model_spec(
     model: str | None, model_args: str | None, pretrained: bool, checkpoint: Path | None,
     mean: str | None, std: str | None, teacher: Path | None, role: str = "--model",
-) -> ModelSpec:
+) -> "ModelSpec":
     """One ModelSpec from either a model folder or the raw --model/... options."""
+    from smi_engine.models import ModelSpec, parse_floats, parse_model_args
+
     if teacher is not None:
         if model or model_args or checkpoint or pretrained:
             raise SmiError("--teacher already names the model: drop --model/--model-args/--checkpoint/--pretrained")
@@ -41,8 +57,3 @@ def model_spec(
         checkpoint=str(checkpoint) if checkpoint else None, mean=parse_floats(mean), std=parse_floats(std),
     )
 
-RUN_PANEL = "Run"
-Selection = Annotated[str, typer.Option("--selection", help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).", rich_help_panel=RUN_PANEL)]
-SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.", rich_help_panel=RUN_PANEL)]
-Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).", rich_help_panel=RUN_PANEL)]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).", rich_help_panel=RUN_PANEL)]

@@ -5,15 +5,29 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from smi_cli.console import print_json
-from smi_engine.plugins import KINDS, get_registry
+from smi_cli import options as o
+from smi_cli.console import print_json, show
+from smi_cli.help import command
 
 
-def plugins(json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
-    """List installed plugins (built-ins included) and the losses, tasks, sinks and quantisation schemes they add."""
+def plugins(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the plugins that failed, one line each.")] = False,
+    json_output: o.Json = False,
+) -> None:
+    """List plugins and what each one registers.
+
+    Built-ins included: losses, selections, tasks, event sinks and quantisation schemes.
+
+    \b
+    Examples:
+      smi plugins
+      SMI_LOAD_PLUGINS= smi plugins --json    # the built-ins only
+    """
+    from rich.table import Table
+
+    from smi_engine.plugins import KINDS, get_registry
+
     infos = list(get_registry().plugins.values())
     if json_output:
         print_json([
@@ -22,6 +36,11 @@ def plugins(json_output: Annotated[bool, typer.Option("--json", help="Print as J
             for i in infos
         ])
         return
+    if quiet:
+        for i in infos:
+            if i.error:
+                typer.echo(f"{i.name}: {i.error}")
+        return
     table = Table(title="smi plugins")
     for column in ("plugin", "distribution", *KINDS, "status"):
         table.add_column(column, overflow="fold")  # wrap, never cut a name a user has to type
@@ -29,8 +48,8 @@ def plugins(json_output: Annotated[bool, typer.Option("--json", help="Print as J
         status = f"[red]{i.error}[/]" if i.error else ("built-in" if i.builtin else "ok")
         table.add_row(i.name, f"{i.distribution or '?'} {i.version or ''}".strip(),
                       *(", ".join(i.registers[kind]) for kind in KINDS), status)
-    Console().print(table)
+    show(table)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("plugins")(plugins)
+    command(app, "plugins")(plugins)

@@ -8,30 +8,43 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json
-from smi_engine.device import resolve_device
+from smi_cli.console import print_json, stderr
+from smi_cli.help import command
+from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, TrainingProgress, open_display
 from smi_engine.errors import SmiError
-from smi_engine.models import parse_model_args
-from smi_engine.plugins import get_registry
-from smi_engine.tasks import TaskContext
 
 
 def task(
-    name: Annotated[str, typer.Argument(help="A task from `smi plugins`, e.g. quantize or kt.")],
+    name: Annotated[str, typer.Argument(help="A task from `smi plugins`, e.g. quantize or kt.", metavar="NAME", show_default=False)],
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="KEY=VALUE for the task, repeatable.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory, for tasks that write one.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory, for tasks that write one.", show_default=False)] = None,
     device: o.Device = "auto",
+    quiet: o.Quiet = False,
+    progress_every: o.ProgressEvery = DEFAULT_EVERY,
 ) -> None:
-    """Run a downstream task by name with KEY=VALUE options; prints its result as JSON.
+    """Run a downstream task by name (plugins' too).
 
-    Example: smi task quantize -o teacher_dir=runs/teacher -o calib=runs/sparse -o data=fashion-mnist -o w_bit=4
+    Options are KEY=VALUE; the result is printed as JSON on stdout.
+
+    \b
+    Example:
+      smi task quantize -o teacher_dir=runs/teacher -o calib=runs/sparse \\
+        -o data=fashion-mnist -o w_bit=4
     """
+    from smi_engine.device import resolve_device
+    from smi_engine.models import parse_model_args
+    from smi_engine.plugins import get_registry
+    from smi_engine.tasks import TaskContext
+
+    display = open_display(stderr, quiet, progress_every)
     registration = get_registry().get("tasks", name)
     options = {}
     for item in option or []:
         options.update(parse_model_args(item))
+    sinks = [PhaseProgress(display), TrainingProgress(display, name)]
     try:
-        result = registration.factory().run(options, TaskContext(resolve_device(device), out))
+        with display:
+            result = registration.factory().run(options, TaskContext(resolve_device(device), out, sinks))
     except SmiError:
         raise
     except Exception as exc:  # a plugin's bug: name the task and its plugin, in one line
@@ -41,4 +54,4 @@ def task(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("task")(task)
+    command(app, "task")(task)

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from smi_cli import options as o
 from smi_cli.console import fail, print_json, stderr
-from smi_cli.signals import stop_on_signals
-from smi_engine.control import RunControl, RunInterrupted
-from smi_engine.data import load_data
-from smi_engine.device import resolve_device
-from smi_engine.errors import SmiError
-from smi_engine.events import EventBus, JsonlSink
-from smi_engine.files import write_json
-from smi_engine.models import ModelSpec, load_model, save_model
-from smi_engine.rundir import RunDir
-from smi_engine.runlock import RunLock
-from smi_engine.teacher import TrainConfig, train_classifier
+from smi_cli.help import command, new_app
+from smi_cli.progress import DEFAULT_EVERY, TrainingProgress, open_display
 
-app = typer.Typer(help="Teacher models: train or fine-tune a classifier on real data.", no_args_is_help=True)
+app = new_app(help="Teacher models: train or fine-tune a classifier on real data.")
 
 
-@app.command("train")
+@command(app, "train")
 def train(
     data: Annotated[str, typer.Option("--data", help="digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for model.safetensors, smi-model.json and the training log.")],
@@ -43,12 +35,27 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    json_output: o.Json = False,
+    progress_every: o.ProgressEvery = DEFAULT_EVERY,
 ) -> None:
-    """Train a timm classifier on real data and save it as a model folder for --teacher.
+    """Train a timm classifier on real data.
 
-    Example: smi teacher train --data fashion-mnist --model vit_tiny_patch16_224 --model-args img_size=32,patch_size=4,in_chans=1 --out runs/teacher
+    Saves a model folder that --teacher DIR loads.
+
+    \b
+    Example:
+      smi teacher train --data fashion-mnist --model vit_tiny_patch16_224 \\
+        --model-args img_size=32,patch_size=4,in_chans=1 --out runs/teacher
     """
+    from smi_engine.data import load_data
+    from smi_engine.device import resolve_device
+    from smi_engine.errors import SmiError
+    from smi_engine.models import ModelSpec, load_model
+    from smi_engine.rundir import RunDir
+    from smi_engine.runlock import RunLock
+    from smi_engine.teacher import TrainConfig
+
+    display = open_display(stderr, quiet, progress_every)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          label_smoothing=label_smoothing, flip=flip, shift=shift, seed=seed, limit=limit or None)
     config.validate()
@@ -69,57 +76,35 @@ def train(
     with RunLock(out):
         run_dir.create({"config": {"model": spec.to_dict(), "data": data, "train": config.to_dict()},
                         "created": dt.datetime.now().isoformat(timespec="seconds")}, "teacher")
-        _train(run_dir, loaded, spec, splits, config, data, epochs, torch_device, quiet, json_output)
+        _train(run_dir, loaded, spec, splits, config, data, epochs, torch_device, display, quiet, json_output)
 
 
-def _train(run_dir: RunDir, loaded, spec: ModelSpec, splits, config: TrainConfig, data: str, epochs: int, torch_device,
-           quiet: bool, json_output: bool) -> None:
+def _train(run_dir, loaded, spec, splits, config, data: str, epochs: int, torch_device, display, quiet: bool,
+           json_output: bool) -> None:
+    from smi_cli.signals import stop_on_signals
+    from smi_engine.control import RunControl, RunInterrupted
+    from smi_engine.events import EventBus, JsonlSink
+    from smi_engine.files import write_json
+    from smi_engine.models import save_model
+    from smi_engine.teacher import train_classifier
+
     out = run_dir.path
     control = RunControl(run_dir)
-    bus = EventBus([JsonlSink(run_dir.events)])
-    bus.emit("run_start", kind="teacher", model=spec.name, data=data, epochs=epochs, device=str(torch_device))
+    bus = EventBus([JsonlSink(run_dir.events), TrainingProgress(display, "train", "epoch")])
+    bus.emit("run_start", kind="teacher", pid=os.getpid(), host=socket.gethostname(), model=spec.name, data=data,
+             epochs=epochs, device=str(torch_device))
     try:
-        with stop_on_signals(control, stderr), _progress(quiet, bus, epochs):
+        with stop_on_signals(control, stderr), display:
             metrics = train_classifier(loaded, splits, config, torch_device, bus, control)
     except RunInterrupted as exc:
         bus.emit("run_interrupted", message=str(exc))
         fail(f"{exc}; nothing saved (training restarts from scratch)", code=130)
     save_model(out, loaded, {"data": data, "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
-    summary = {"model_dir": str(out), "data": data, **metrics}
+    summary = {"model_dir": str(out), "model": spec.name, "data": data, **metrics}
     write_json(run_dir.summary, summary)
     bus.emit("run_end", summary=summary)
     bus.close()
     if json_output:
         print_json(summary)
     elif not quiet:
-        stderr.print(f"[bold green]saved[/] {out}  val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['seconds']:.0f} s)")
-
-
-class _progress:
-    """Epoch/step progress bar on stderr, fed by training events."""
-
-    def __init__(self, quiet: bool, bus: EventBus, epochs: int):
-        self.quiet, self.epochs = quiet, epochs
-        self.bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                            TimeRemainingColumn(), console=stderr)
-        self.task = None
-        if not quiet:
-            bus.subscribe(self)
-
-    def __enter__(self):
-        if not self.quiet:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if not self.quiet:
-            self.bar.stop()
-
-    def __call__(self, event: dict) -> None:
-        if event["event"] == "train_step":
-            if self.task is None:
-                self.task = self.bar.add_task("train", total=self.epochs * event["steps"], info="")
-            self.bar.update(self.task, completed=event["epoch"] * event["steps"] + event["step"] + 1,
-                            info=f"epoch {event['epoch'] + 1}/{self.epochs} · loss {event['loss']:.3f}")
-        elif event["event"] == "epoch_end":
-            self.bar.console.print(f"epoch {event['epoch'] + 1}/{self.epochs}: val top-1 {event['val_top1']:.2f}% top-5 {event['val_top5']:.2f}%")
+        stderr.print(f"[bold green]saved[/] {out}  val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['seconds']:.0f} s)", soft_wrap=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from smi_engine.rundir import RunDir
 
@@ -30,6 +30,8 @@ class RunControl:
         self._running = threading.Event()
         self._running.set()
         self.saving = False
+        #: Told "paused" and "unpaused" (the run emits them as events, so watchers see a pause).
+        self.listeners: list[Callable[[str], None]] = []
 
     @contextlib.contextmanager
     def saving_state(self) -> Iterator[None]:
@@ -46,9 +48,15 @@ class RunControl:
 
     def pause(self) -> None:
         self._running.clear()
+        self._tell("paused")
 
     def resume(self) -> None:
         self._running.set()
+        self._tell("unpaused")
+
+    def _tell(self, change: str) -> None:
+        for listener in self.listeners:
+            listener(change)
 
     @property
     def paused(self) -> bool:

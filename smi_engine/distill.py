@@ -14,6 +14,8 @@ synthesising).
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -38,6 +40,7 @@ from smi_engine.invert import InversionConfig, Inverter
 from smi_engine.inversion_run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.pool import Pool, load_pool, write_shard
+from smi_engine.resources import MemoryProbe
 from smi_engine.rundir import RunDir
 from smi_engine.runlock import RunLock
 
@@ -245,8 +248,25 @@ class SyntheticData:
     def available(self, round_index: int) -> Pool:
         if self.grow is None:
             return self.pool
-        n = min(self.fixed_images, (round_index + 1) * self.grow)
+        n = self.revealed(round_index)
         return Pool(self.pool.images[:n], self.pool.labels[:n], self.pool.keep[:n])
+
+    def revealed(self, round_index: int) -> int:
+        """Images of the fixed pools the student may see in this round."""
+        return self.fixed_images if self.grow is None else min(self.fixed_images, (round_index + 1) * self.grow)
+
+    def planned_steps(self, config: "DistillConfig", world_size: int) -> int:
+        """Training steps this rank takes over all rounds (the true total for progress displays):
+        one pass over what is available each round, as ``_epoch_batches`` shares it, or the fixed
+        ``steps_per_round``."""
+        if config.steps_per_round is not None:
+            return config.epochs * config.steps_per_round
+        made = config.synth_batches * config.synthesize.batch_size if config.synthesize is not None else 0
+        total = 0
+        for round_index in range(config.epochs):
+            size = self.revealed(round_index) + (round_index + 1) * made
+            total += max(-(-size // config.batch_size) // world_size, 1)
+        return total
 
 
 def _renormalized(pool: Pool, source: Normalizer, target: Normalizer) -> Pool:
@@ -270,9 +290,14 @@ def _optimizer_and_schedule(config: DistillConfig, student: LoadedModel):
 
 def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement) -> dict[str, Any]:
     data = SyntheticData(fixed, teacher.normalizer, config.grow)
-    bus.emit("run_start", kind=RUN_KIND, teacher=config.teacher.name, student=config.student.name, epochs=config.epochs,
-             device=str(device), data=config.data, synthesize=synthesis is not None, world_size=placement.world_size,
-             pool_images=data.fixed_images, steps_per_round=config.steps_per_round, grow=config.grow)
+    total_steps = data.planned_steps(config, placement.world_size)
+    synthesis_plan = None if synthesis is None else {"batches": config.epochs * config.synth_batches,
+                                                     "iterations": config.synthesize.iterations}
+    bus.emit("run_start", kind=RUN_KIND, pid=os.getpid(), host=socket.gethostname(), teacher=config.teacher.name,
+             student=config.student.name, epochs=config.epochs, device=str(device), data=config.data,
+             synthesize=synthesis is not None, synthesis=synthesis_plan, world_size=placement.world_size,
+             pool_images=data.fixed_images, steps_per_round=config.steps_per_round, grow=config.grow,
+             total_steps=total_steps)
     teacher_feed = ModelFeeder(teacher.model, teacher.normalizer)
     student_forward = _Fed(ModelFeeder(student.model, student.normalizer))
     if placement.distributed:
@@ -284,7 +309,8 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
     generator = torch.Generator().manual_seed(config.seed)
     synthesized = 0
     best, history, started = -1.0, [], time.perf_counter()
-    total, seen, since = 0.0, 0, time.perf_counter()
+    total, seen, since, done_steps = 0.0, 0, time.perf_counter(), 0
+    probe = MemoryProbe(device)
     for epoch in range(config.epochs):
         if synthesis is not None:
             for _ in range(config.synth_batches):
@@ -297,7 +323,7 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
                    else _drawn_batches(pool, config.batch_size, config.steps_per_round, generator, placement))
         for step, rows in enumerate(batches):
             if control.should_stop():
-                raise RunInterrupted(f"stopped in round {epoch}", epoch, step)
+                raise RunInterrupted(f"stopped in round {epoch + 1}", epoch, step)
             batch = _batch(pool, rows, config.flip, generator)
             batch.images = batch.images.to(device)
             with torch.no_grad():
@@ -308,7 +334,9 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
             optimizer.step()
             total += float(loss.detach()) * len(batch.images)
             seen += len(batch.images)
-            bus.emit("train_step", epoch=epoch, step=step, loss=float(loss.detach()))
+            done_steps += 1
+            bus.emit("train_step", epoch=epoch, epochs=config.epochs, step=step, done_steps=done_steps,
+                     total_steps=total_steps, loss=float(loss.detach()), **probe.read())
         scheduler.step()
         if (epoch + 1) % config.val_every and epoch + 1 < config.epochs:
             continue

@@ -13,8 +13,12 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     limit: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Accuracy (in %) of ``forward`` over (images, labels) batches, at most ``limit`` images."""
+    """Accuracy (in %) of ``forward`` over (images, labels) batches, at most ``limit`` images;
+    ``on_batch(images seen, images in all)`` after each batch, for progress displays."""
+    total = len(getattr(batches, "dataset", ()))
+    total = min(total, limit) if limit is not None and total else (total or limit or 0)
     seen = correct1 = correct5 = 0
     for images, labels in batches:
         if limit is not None and seen >= limit:
@@ -27,6 +31,8 @@ def evaluate(
         correct1 += int((top[:, 0] == labels).sum())
         correct5 += int((top == labels[:, None]).any(1).sum())
         seen += labels.shape[0]
+        if on_batch is not None:
+            on_batch(seen, max(total, seen))
     if seen == 0:
         return {"top1": 0.0, "top5": 0.0, "images": 0}
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen}

@@ -4,18 +4,24 @@ An event is a JSON-able dict with at least ``event`` (its kind), ``time`` (Unix 
 ``rank``. The engine emits; sinks (the JSON-lines file, a progress bar, the dashboard, plugin
 loggers) consume. Kinds emitted by inversion:
 
-``run_start``       config, model, device, grid, schedule, selection, kept_per_stage, speedup_bound, ...
-``batch_start``     batch, targets
+``run_start``       pid, host (who writes the run, for liveness), config, model, device, grid,
+                    schedule, selection, kept_per_stage, speedup_bound, ...
+``batch_start``     batch, targets, and the batch's cost shape: iterations, num_patches,
+                    stop_iterations, kept_per_stage, prefix_tokens, width
 ``iteration``       batch, iteration, losses {name: value, ..., total}, kept, tokens,
-                    seconds, images_per_s, tokens_per_s
+                    seconds, images_per_s, tokens_per_s; rss_mb, cuda_peak_mb and ``gpu``
+                    {utilization, memory_used_mb, memory_total_mb, temperature_c} (NVML) when read
 ``stop``            batch, iteration, ratio, kept, kept_indices (per image, grid indices still
                     optimised), in_image (per image, patches the final image will hold)
 ``preview``         batch, iteration, path (PNG, relative to the run directory)
 ``batch_end``       batch, seconds, shard, kept, best_loss, teacher_accuracy, losses
+``paused``          the run waits (paused from an in-process dashboard); ``unpaused`` when it goes on
 ``run_end``         summary
 ``run_interrupted`` batch, iteration, message
 ``run_error``       message
-Distillation adds ``epoch`` and ``epoch_end``; see ``smi_engine.distill``.
+Distillation and teacher training add ``train_step`` (epoch, epochs, step, done_steps,
+total_steps, loss) and ``epoch_end``; quantisation adds ``progress`` (phase, done, total),
+``calibrated`` and ``quantized``; see ``smi_engine.distill`` and ``smi_engine.quantization.job``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -89,8 +90,9 @@ class InversionRun:
         torch_device = device if isinstance(device, torch.device) else resolve_device(device)
         loaded = load_model(config.model, torch_device)
         bus = EventBus(sinks, rank=placement.rank)
-        inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir,
-                            control or RunControl(run_dir))
+        control = control or RunControl(run_dir)
+        control.listeners.append(lambda change: bus.emit(change))
+        inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir, control)
         plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
         # Refusals come before the lock file is touched, so a refused start or resume writes nothing.
         if not resume and placement.is_main:
@@ -148,7 +150,7 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
     pending = [b for b in range(config.batches) if b not in done and placement.owns(b)]
     bus.emit(
         "run_resumed" if resume else "run_start",
-        kind=RUN_KIND, pid=os.getpid(), model=config.model.name, model_has_weights=config.model.has_weights,
+        kind=RUN_KIND, pid=os.getpid(), host=socket.gethostname(), model=config.model.name, model_has_weights=config.model.has_weights,
         device=str(device), schedule=str(schedule), selection=str(config.selection),
         stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
         batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],

@@ -441,7 +441,9 @@ class BatchRun:
             kept = torch.arange(grid.num_patches, device=inv.device).expand(cfg.batch_size, -1).clone()
             self.state = _BatchState(SparseImage(grid, grid.patchify(noise).to(inv.device), kept), cfg.lr, cfg.betas)
             inv.bus.emit("batch_start", batch=batch, iterations=cfg.iterations, num_patches=grid.num_patches,
-                         targets=self.targets.tolist())
+                         stop_iterations=[s.iteration for s in inv.schedule.stops],
+                         kept_per_stage=inv.schedule.kept_patches(grid.num_patches),
+                         prefix_tokens=inv.vit.num_prefix_tokens, width=inv.vit.width, targets=self.targets.tolist())
         else:
             self.state = _BatchState.from_checkpoint(checkpoint, grid, inv.device, cfg.lr, cfg.betas)
             self.generator.set_state(checkpoint["generator"])
@@ -476,7 +478,7 @@ class BatchRun:
         if inv.control.should_stop():
             self._report()
             inv._save_checkpoint(self.batch, state, self.generator, self.scaler)
-            raise RunInterrupted(f"stopped at batch {self.batch}, iteration {it}", self.batch, it)
+            raise RunInterrupted(f"stopped at batch {self.batch + 1}, iteration {it}", self.batch, it)  # 1-based, as shown
         if not self.pending:
             self.window_started = time.perf_counter()
         clock, stage = self.window_started, inv._stage(it)

@@ -20,7 +20,7 @@ from smi_engine import hookspecs
 from smi_engine.errors import SmiError
 
 BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.selections",
-                   "smi_plugins.tasks", "smi_plugins.quant_schemes")
+                   "smi_plugins.tasks", "smi_plugins.quant_schemes", "smi_plugins.tensorboard")
 KINDS = {"losses": "register_losses", "selections": "register_selections", "tasks": "register_tasks",
          "sinks": "register_event_sinks", "schemes": "register_quant_schemes"}
 NOUNS = {"losses": "loss", "selections": "selection", "tasks": "task", "sinks": "event sink",
@@ -87,19 +87,48 @@ def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> None
         name = module_name.rpartition(".")[2]
         manager.register(importlib.import_module(module_name), name=name)
         plugins[name] = PluginInfo(name, "smi-toolkit", _version("smi-toolkit"), builtin=True)
+    for info, module in third_party_plugins():  # a fresh info: the registry fills in what it registers
+        plugins[info.name] = PluginInfo(info.name, info.distribution, info.version, builtin=False, error=info.error)
+        if module is not None:
+            manager.register(module, name=info.name)
+
+
+_THIRD_PARTY: list[tuple[PluginInfo, Any]] | None = None
+
+
+def third_party_plugins() -> list[tuple[PluginInfo, Any]]:
+    """The entry points of group ``smi`` (as ``SMI_LOAD_PLUGINS`` allows), each loaded once per
+    process: (its info, its module, or None when it failed to load, with a warning)."""
+    global _THIRD_PARTY
+    if _THIRD_PARTY is not None:
+        return _THIRD_PARTY
     allowed = os.environ.get("SMI_LOAD_PLUGINS")
     allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    _THIRD_PARTY = []
     for entry_point in importlib.metadata.entry_points(group="smi"):
         if allowed_names is not None and entry_point.name not in allowed_names:
             continue
         dist = entry_point.dist.name if entry_point.dist else None
         info = PluginInfo(entry_point.name, dist, entry_point.dist.version if entry_point.dist else None, builtin=False)
-        plugins[entry_point.name] = info
         try:
-            manager.register(entry_point.load(), name=entry_point.name)
+            module = entry_point.load()
         except Exception as exc:  # a broken plugin must not break the toolkit
             info.error = f"failed to load: {type(exc).__name__}: {exc}"
             warn(f"plugin {entry_point.name!r} ({dist}) {info.error}; continuing without it")
+            module = None
+        _THIRD_PARTY.append((info, module))
+    return _THIRD_PARTY
+
+
+def command_hooks() -> pluggy.HookCaller:
+    """``register_commands`` of the third-party plugins alone: the built-ins add no commands, and
+    loading them (torch, timm) would slow down ``smi --help`` and shell completion."""
+    manager = pluggy.PluginManager("smi")
+    manager.add_hookspecs(hookspecs)
+    for info, module in third_party_plugins():
+        if module is not None:
+            manager.register(module, name=info.name)
+    return manager.hook.register_commands
 
 
 def _version(dist: str) -> str | None:

@@ -1,4 +1,5 @@
-"""The running process's memory, cheap enough to report with every event."""
+"""The running process's memory (and its GPU's state, through NVML), cheap enough to report
+with every event."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import time
 
 import torch
 
+from smi_engine.gpu import monitor_for
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class MemoryProbe:
-    """Resident set size and CUDA peak in MB, re-read at most once per ``every`` seconds."""
+    """Resident set size and CUDA peak in MB, and the GPU's utilisation, memory and temperature
+    (``gpu``, where NVML can read them), re-read at most once per ``every`` seconds."""
 
     def __init__(self, device: torch.device, every: float = 1.0):
         self.cuda = device.type == "cuda"
+        self.gpu = monitor_for(str(device)) if self.cuda else None
         self.every, self.next_read = every, 0.0
         self.value: dict[str, float] = {}
 
@@ -26,6 +31,9 @@ class MemoryProbe:
             self.value = {"rss_mb": _rss_mb()}
             if self.cuda:
                 self.value["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            reading = self.gpu.read() if self.gpu is not None else None
+            if reading is not None:
+                self.value["gpu"] = reading
         return self.value
 
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, read_json, unreadable_reason, write_json
 from smi_engine.runlock import LOCK_NAME, in_use, is_locked
@@ -110,6 +108,8 @@ class RunDir:
 
     # -- checkpoint ---------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any], rank: int = 0) -> None:
+        import torch  # here, not at the top: listing and watching runs must not wait for torch
+
         with atomic_path(self.checkpoint(rank)) as tmp:
             torch.save(state, tmp)
 
@@ -117,6 +117,8 @@ class RunDir:
         path = self.checkpoint(rank)
         if not path.is_file():
             return None
+        import torch
+
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a torn or foreign file

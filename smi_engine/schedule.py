@@ -132,3 +132,28 @@ def kept_at(schedule: Schedule, num_patches: int, iteration: int) -> int:
     counts = schedule.kept_patches(num_patches)
     passed = sum(1 for s in schedule.stops if s.iteration <= iteration)
     return counts[passed]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Token FLOPs of the iterations of one batch under a schedule: the unit in which ETAs are
+    projected (a sparse run's later iterations are cheaper than its first ones)."""
+
+    starts: tuple[int, ...]  # first iteration of each stage
+    costs: tuple[float, ...]  # block FLOPs of one iteration in each stage
+    iterations: int
+
+    @classmethod
+    def of(cls, stop_iterations: list[int], kept_per_stage: list[int], prefix_tokens: int, width: int,
+           iterations: int) -> "CostModel":
+        return cls((0, *stop_iterations), tuple(block_flops(k + prefix_tokens, width) for k in kept_per_stage),
+                   iterations)
+
+    def cost(self, start: int, end: int) -> float:
+        """Cost of iterations ``start`` (inclusive) to ``end`` (exclusive) of a batch."""
+        bounds = (*self.starts[1:], self.iterations)
+        return sum(c * max(0, min(end, b) - max(start, a)) for a, b, c in zip(self.starts, bounds, self.costs))
+
+    @property
+    def batch_cost(self) -> float:
+        return self.cost(0, self.iterations)

@@ -19,6 +19,7 @@ from smi_engine.data import DataSplits, ModelInput, loader
 from smi_engine.evaluate import evaluate
 from smi_engine.events import EventBus
 from smi_engine.models import LoadedModel
+from smi_engine.resources import MemoryProbe
 
 
 @dataclass
@@ -94,13 +95,14 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(config.seed)
     history = []
+    probe = MemoryProbe(device)
     started = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
         epoch_loss, seen, epoch_started = 0.0, 0, time.perf_counter()
         for step, (images, labels) in enumerate(train_batches):
             if control.should_stop():
-                raise RunInterrupted(f"stopped in epoch {epoch}", epoch, step)
+                raise RunInterrupted(f"stopped in epoch {epoch + 1}", epoch, step)
             images = augment(images, config.flip, config.shift, generator).to(device)
             labels = labels.to(device)
             loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
@@ -110,7 +112,8 @@ def train_classifier(
             scheduler.step()
             epoch_loss += float(loss.detach()) * labels.shape[0]
             seen += labels.shape[0]
-            bus.emit("train_step", epoch=epoch, step=step, steps=steps_per_epoch, loss=float(loss.detach()))
+            bus.emit("train_step", epoch=epoch, epochs=config.epochs, step=step, steps=steps_per_epoch,
+                     done_steps=epoch * steps_per_epoch + step + 1, loss=float(loss.detach()), **probe.read())
         model.eval()
         metrics = evaluate(model, val_batches, device)
         record = {

@@ -27,9 +27,9 @@ class QuantizeTask:
             calib_size=o.integer("calib_size", 32), batch_size=o.integer("batch_size", 64),
             limit=o.integer("limit") or None, seed=o.integer("seed", 0),
         )
-        save = Path(o.text("save")) if o.has("save") else None
+        out = context.out or (Path(o.text("out")) if o.has("out") else None)
         o.check_unknown()
-        return run_quantization(job, context.device, context.bus(), save)
+        return run_quantization(job, context.device, context.bus(), out)
 
 
 class KnowledgeTransferTask:

@@ -24,7 +24,7 @@ def _numeric_cases(teacher: Path, out: Path) -> list[tuple[list[str], str, tuple
     """(command line before the option, option, the values it must refuse) for every command."""
     distill = ["distill", "--teacher", str(teacher), "--student", str(teacher), "--pool", str(teacher), "--data", "digits",
                "--out", str(out)]
-    quantize = ["quantize", "--teacher", str(teacher), "--calib", "noise", "--data", "digits", "--save", str(out)]
+    quantize = ["quantize", "--teacher", str(teacher), "--calib", "noise", "--data", "digits", "--out", str(out)]
     teacher_train = ["teacher", "train", "--data", "digits", *TINY[:6], "--out", str(out)]
     return [
         *((["invert", *TINY, "--out", str(out)], o, BAD) for o in ("--iterations", "--batch-size", "--batches", "--lr")),
@@ -180,7 +180,7 @@ def test_unwritable_output_paths_are_refused_before_any_work(tmp_path, digits_te
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert_one_line_error(smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits",
-                              "--save", blocker / "q"), "--save", "cannot be written")
+                              "--out", blocker / "q"), "--out", "cannot be written")
     assert_one_line_error(smi("demo", "--out", blocker, "--cache", tmp_path / "cache"), "--out", "is a file")
     assert not (tmp_path / "cache").exists()
 

@@ -25,7 +25,7 @@ from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.events import read_events
 from smi_engine.rundir import RunDir
 
-from .conftest import TINY_MODEL_ARGS, smi
+from .conftest import TINY_MODEL_ARGS, assert_one_line_error, smi
 
 RECORDED = Path(__file__).parent / "data" / "recorded-sparse"
 SIZE = (140, 44)
@@ -66,7 +66,7 @@ def test_state_folds_the_recorded_run():
     assert state.finished and state.status == "finished" and state.batches_done == 2
     assert state.done_iterations == state.total_iterations == 24
     assert len(state.losses.series["deepinversion.ce"]) == 24
-    assert state.speedup_so_far > 1.0 and state.speedup_now > state.speedup_so_far
+    assert 0.0 < state.flops_fraction < 1.0 and state.seconds_per_iteration > 0 and state.eta_seconds is None
     assert state.preview == "previews/batch-00001-it00012.png"
 
 
@@ -79,7 +79,7 @@ def test_dashboard_follows_a_growing_file_with_a_half_written_line(recorded):
     async def steps(app, pilot):
         retention = app.query_one(PatchRetention)
         assert "44/64 patches kept (69%) in batch 1" in plain(retention)
-        assert "running".upper() in plain(app.query_one(RunHeader))
+        assert "RUNNING" in plain(app.query_one(RunHeader))
         with open(recorded / "events.jsonl", "a") as handle:
             handle.write("".join(events[first_stop + 1 : second_stop + 1]))
             handle.write(events[second_stop + 1][:25])  # half a line: the writer is mid-way
@@ -95,7 +95,8 @@ def test_dashboard_follows_a_growing_file_with_a_half_written_line(recorded):
         assert "ETA" in plain(app.query_one(Throughput)) and "done" in plain(app.query_one(Throughput))
         assert "deepinversion.ce" in plain(app.query_one(LossChart))
 
-    run_app(Dashboard([recorded], ["invert"]), steps)
+    recorded_at = json.loads(events[first_stop])["time"]  # the clock of the recording, not of today
+    run_app(Dashboard([recorded], ["invert"], clock=lambda: recorded_at), steps)
 
 
 def test_a_finished_recording_larger_than_a_read_chunk_is_read_to_its_end(recorded):
@@ -122,16 +123,38 @@ def test_keys_screenshot_stop_request_help_and_quit(recorded):
         await pilot.pause(0.1)
         shots = list(recorded.glob("screenshot-*.svg"))
         assert len(shots) == 1 and "retention" in shots[0].read_text()  # SVG text: spaces are &#160;
-        await pilot.press("x")
-        assert isinstance(app.screen, Confirm)
-        await pilot.press("y")
-        assert RunDir(recorded).pending_request() == "stop"
+        await pilot.press("x")  # the run is finished: it says so, asks nothing and writes nothing
+        assert not isinstance(app.screen, Confirm) and not RunDir(recorded).control.exists()
         await pilot.press("p")  # nothing to pause in a watched run: it says so and carries on
         await pilot.press("q")
         await pilot.pause(0.1)
         assert not app.is_running
 
     run_app(Dashboard([recorded], ["invert"], follow=False), steps)
+
+
+def unfinished_copy(recorded: Path, target: Path) -> Path:
+    """The recorded run as it was before its last batch ended (no run_end, no summary)."""
+    shutil.copytree(recorded, target)
+    (target / "summary.json").unlink()
+    lines = (target / "events.jsonl").read_text().splitlines(keepends=True)
+    last_batch = max(i for i, line in enumerate(lines) if '"batch_end"' in line)
+    (target / "events.jsonl").write_text("".join(lines[:last_batch]))
+    return target
+
+
+def test_x_asks_a_running_run_to_stop(recorded, tmp_path):
+    run = unfinished_copy(recorded, tmp_path / "unfinished")
+
+    async def steps(app, pilot):
+        header = plain(app.query_one(RunHeader))
+        assert "RUNNING" in header and "random weights" in header  # visible under --tui too
+        await pilot.press("x")
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("y")
+        assert RunDir(run).pending_request() == "stop"
+
+    run_app(Dashboard([run], ["invert"], follow=False), steps)
 
 
 def test_a_failed_run_shows_its_error(recorded):
@@ -153,35 +176,54 @@ def test_two_runs_side_by_side_compare_throughput(recorded, tmp_path):
     for event in read_events(other / "events.jsonl"):  # the same run, twice as slow per iteration
         if event["event"] == "iteration":
             event["seconds"] *= 2
+            event["losses"] = {name: 2 * value for name, value in event["losses"].items()}
         lines.append(json.dumps(event))
     (other / "events.jsonl").write_text("\n".join(lines) + "\n")
 
     async def steps(app, pilot):
         assert len(app.views) == 2
         text = plain(app.query_one("#compare"))
-        assert "recorded-sparse is 2.00x faster per iteration" in text
+        assert "recorded-sparse is 2.00x faster than other" in text  # wall-clock, as the demo table
+        charts = [plain(chart) for chart in app.query(LossChart)]
+        axes = [re.findall(r"axis ([\d.e-]+)-([\d.e+-]+)\)", chart) for chart in charts]
+        assert axes[0] == axes[1] and len(axes[0]) == 3  # one scale per term for both runs
+        low, high = (float(v) for v in axes[0][0])
+        assert high > 2 * low  # it spans the doubled run too
 
     run_app(Dashboard([recorded, other], ["invert", "invert"], follow=False), steps)
 
 
-def test_distill_runs_show_epochs_and_validation(tmp_path):
-    run = tmp_path / "kt"
-    RunDir(run).create({"config": {}}, "distill")
-    events = [{"event": "run_start", "time": 0.0, "rank": 0, "kind": "distill", "teacher": "t", "student": "s", "epochs": 3, "device": "cpu"}]
-    events += [{"event": "epoch_end", "time": float(i), "rank": 0, "epoch": i, "epochs": 3, "kt_loss": 2.0 / (i + 1),
-                "val_top1": 40.0 + 10 * i, "val_top5": 90.0, "best_top1": 40.0 + 10 * i} for i in range(3)]
-    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+def _training_run(folder: Path, kind: str) -> Path:
+    RunDir(folder).create({"config": {}}, kind)
+    events = [{"event": "run_start", "time": 0.0, "rank": 0, "kind": kind, "teacher": "t", "student": "s", "model": "m",
+               "epochs": 3, "device": "cpu", "total_steps": 6}]
+    for i in range(3):
+        events += [{"event": "train_step", "time": i + 0.5 * s, "rank": 0, "epoch": i, "epochs": 3, "step": s, "steps": 2,
+                    "done_steps": 2 * i + s + 1, "loss": 2.0 / (i + 1)} for s in range(2)]
+        events.append({"event": "epoch_end", "time": i + 1.0, "rank": 0, "epoch": i, "epochs": 3, "kt_loss": 2.0 / (i + 1),
+                       "val_top1": 40.0 + 10 * i, "val_top5": 90.0, "best_top1": 40.0 + 10 * i})
+    (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return folder
+
+
+@pytest.mark.parametrize("kind, title, unit", [("distill", "Knowledge transfer", "round"), ("teacher", "Teacher training", "epoch")])
+def test_training_runs_get_training_panels(tmp_path, kind, title, unit):
+    run = _training_run(tmp_path / kind, kind)
 
     async def steps(app, pilot):
-        training = plain(app.query_one(Training))
-        assert "epoch 3/3" in training and "validation top-1 60.00% (best 60.00%)" in training
-        assert "kt_loss" in plain(app.query_one(LossChart))
-        assert "t -> s" in plain(app.query_one(RunHeader))
+        training = app.query_one(Training)
+        text = plain(training)
+        assert training.border_title == title and f"{unit} 3/3 · step 6/6" in text
+        assert "validation top-1 60.00% (best 60.00%)" in text and "100%" in text and "0%" in text
+        assert "loss" in plain(app.query_one(LossChart)) and not app.query(PatchRetention)
+        assert "steps/s" in plain(app.query_one(Throughput))
+        assert ("t -> s" if kind == "distill" else "m") in plain(app.query_one(RunHeader))
 
-    run_app(Dashboard([run], ["distill"], follow=False), steps)
+    run_app(Dashboard([run], [kind], follow=False), steps)
 
 
-def test_in_process_pause_and_quit_asks_before_stopping(recorded):
+def test_in_process_pause_and_quit_asks_before_stopping(recorded, tmp_path):
+    run = unfinished_copy(recorded, tmp_path / "unfinished")
     control = RunControl()
 
     def job():  # stands in for the engine: runs until asked to stop, honouring pauses
@@ -191,7 +233,9 @@ def test_in_process_pause_and_quit_asks_before_stopping(recorded):
 
     async def steps(app, pilot):
         await pilot.press("p")
-        assert control.paused and app.sub_title == "PAUSED"
+        await pilot.pause(0.2)
+        assert control.paused and app.sub_title == "PAUSED" and "PAUSED" in plain(app.query_one(RunHeader))
+        assert "paused" in plain(app.query_one(Throughput))  # no frozen ETA
         await pilot.press("p")
         assert not control.paused
         await pilot.press("q")
@@ -203,7 +247,7 @@ def test_in_process_pause_and_quit_asks_before_stopping(recorded):
         await pilot.pause(0.5)
         assert control.stop_requested and app.job_interrupted
 
-    run_app(Dashboard([recorded], ["invert"], control=control, job=job, follow=False), steps)
+    run_app(Dashboard([run], ["invert"], control=control, job=job, follow=False), steps)
 
 
 def test_main_screen_snapshot(snap_compare, recorded):
@@ -224,9 +268,9 @@ def test_watch_refuses_missing_and_foreign_folders(tmp_path):
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
 
 
-def test_watch_stop_writes_the_control_file(recorded):
-    proc = smi("watch", recorded, "--stop", check=True)
-    assert "asked" in proc.stdout and RunDir(recorded).pending_request() == "stop"
+def test_watch_stop_refuses_a_finished_run_and_writes_nothing(recorded):
+    assert_one_line_error(smi("watch", recorded, "--stop"), "is finished", "nothing to stop")
+    assert not RunDir(recorded).control.exists()
 
 
 ANSI = re.compile(r"\x1b(\[[0-9;?<>=$]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[()][0-9A-Za-z]|[=>78])")

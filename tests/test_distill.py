@@ -80,9 +80,16 @@ def test_synthesize_inverts_fresh_batches_every_epoch(tmp_path, digits_teacher):
     assert summary["synthetic_images"] == 32
     assert len(list((tmp_path / "kt" / "pool").iterdir())) == 4
     assert bool(load_pool(tmp_path / "kt").keep.all())  # Patch Rebirth keeps the detached patches in the image
-    kinds = [e["event"] for e in read_events(tmp_path / "kt")]
+    events = read_events(tmp_path / "kt")
+    kinds = [e["event"] for e in events]
     assert kinds.count("batch_start") == 4 and kinds.count("stop") == 4 and kinds.count("epoch_end") == 2
     assert kinds[-1] == "run_end"
+    # progress totals are known from the start: every batch to invert, every training step
+    start = events[0]
+    steps = [e for e in events if e["event"] == "train_step"]
+    assert start["synthesis"] == {"batches": 4, "iterations": 6}
+    assert start["total_steps"] == len(steps) == 2 + 4  # one pass over 16, then over 32 images, 8 at a time
+    assert [e["done_steps"] for e in steps] == list(range(1, 7)) and {e["total_steps"] for e in steps} == {6}
 
 
 def test_distill_refuses_an_unknown_selection_before_writing(tmp_path, digits_teacher):
@@ -142,7 +149,7 @@ def test_rounds_draw_steps_from_a_growing_pool(tmp_path, digits_teacher, real_po
     assert [h["images"] for h in history] == [2 * 2 * 16, 2 * 2 * 16, 2 * 16]
     assert all(h["lr"] == 0.1 for h in history)
     steps = [e for e in read_events(tmp_path / "kt") if e["event"] == "train_step"]
-    assert len(steps) == 5 * 2
+    assert len(steps) == 5 * 2 == steps[-1]["total_steps"] == steps[-1]["done_steps"]
     cosine = run_distillation(DistillConfig(config.teacher, STUDENT, "digits", pools=[str(real_pool)], epochs=3,
                                             steps_per_round=1, batch_size=16, lr=0.1, limit=32), tmp_path / "cos",
                               torch.device("cpu"))

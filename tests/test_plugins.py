@@ -94,9 +94,9 @@ def test_a_plugin_can_add_a_command(plugin_env):
 
 def test_SMI_LOAD_PLUGINS_limits_third_party_plugins(plugin_env):
     only_example = json.loads(smi("plugins", "--json", env={**plugin_env, "SMI_LOAD_PLUGINS": "example"}, check=True).stdout)
-    assert {p["name"] for p in only_example} == {"deepinversion", "psaq", "cmi", "selections", "tasks", "quant_schemes", "example"}
+    assert {p["name"] for p in only_example} == {"deepinversion", "psaq", "cmi", "selections", "tasks", "quant_schemes", "tensorboard", "example"}
     none = smi("plugins", "--json", env={**plugin_env, "SMI_LOAD_PLUGINS": ""}, check=True)
-    assert {p["name"] for p in json.loads(none.stdout)} == {"deepinversion", "psaq", "cmi", "selections", "tasks", "quant_schemes"}
+    assert {p["name"] for p in json.loads(none.stdout)} == {"deepinversion", "psaq", "cmi", "selections", "tasks", "quant_schemes", "tensorboard"}
     assert none.stderr == ""
 
 

@@ -10,7 +10,7 @@ from smi_engine.errors import SmiError
 from smi_engine.inversion_run import run_inversion
 from smi_engine.invert import InversionConfig
 from smi_engine.models import ModelSpec, load_model
-from smi_engine.quantization import QuantConfig, finish_calibration, quantize_model, quantizers
+from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
 from smi_engine.quantization.job import QuantizeJob, run_quantization
 from smi_engine.quantization.matmul import QuantAttention, QuantLinear
 from smi_engine.quantization.quantizers import ActivationQuantizer, quantize_activation, quantize_weight
@@ -119,7 +119,7 @@ def test_quantize_job_calibrates_on_a_sparse_pool_and_reloads(tmp_path, digits_t
     run_inversion(InversionConfig(ModelSpec.from_dir(digits_teacher), schedule="5:0.5", iterations=10, batch_size=16,
                                   checkpoint_every=0, flip=False), pool, device="cpu")
     job = QuantizeJob(ModelSpec.from_dir(digits_teacher), str(pool), "digits", QuantConfig(8, 8, "minmax"), calib_size=16)
-    result = run_quantization(job, torch.device("cpu"), save=tmp_path / "q")
+    result = run_quantization(job, torch.device("cpu"), out=tmp_path / "q")
     assert result["calib_images"] == 16 and result["calib_kept_fraction"] == pytest.approx(0.5)
     assert abs(result["top1"] - result["fp32_top1"]) < 5 and result["fp32_top1"] > 50  # W8A8 keeps what fp32 knows
     reloaded = load_model(ModelSpec.from_dir(tmp_path / "q"))
@@ -132,14 +132,23 @@ def test_quantize_job_calibrates_on_a_sparse_pool_and_reloads(tmp_path, digits_t
         run_quantization(QuantizeJob(job.model, str(tmp_path / "nowhere"), "digits"), torch.device("cpu"))
 
 
-def test_quantize_cli_writes_the_json_it_promises(tmp_path, digits_teacher):
-    out = tmp_path / "w4a8.json"
+def test_quantize_cli_prints_json_and_keeps_a_run_directory(tmp_path, digits_teacher):
+    out = tmp_path / "w4a8"
     proc = smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits", "--w-bit", "4",
-               "--a-bit", "8", "--calibrator", "percentile", "--json", out, "--device", "cpu", check=True)
-    result = json.loads(out.read_text())
+               "--a-bit", "8", "--calibrator", "percentile", "--out", out, "--json", "--device", "cpu", check=True)
+    result = json.loads(proc.stdout)
     assert {"top1", "top5", "fp32_top1", "fp32_top5", "w_bit", "a_bit", "calib"} <= set(result)
     assert (result["w_bit"], result["a_bit"], result["calib"]) == (4, 8, "noise")
-    assert "W4A8" in proc.stdout and "fp32 top-1" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["top1"] == result["top1"]
+    # progress with true totals, as plain lines (stderr is a pipe here): calibration, then both evaluations
+    phases = [line.split(" ")[0:2] for line in proc.stderr.splitlines()]
+    assert ["calibrate", "32/32"] in phases and ["eval", "fp32"] in phases and ["eval", "W4A8"] in phases
+    listed = json.loads(smi("runs", tmp_path, "--json", check=True).stdout)
+    assert [(r["kind"], r["status"], r["schedule"]) for r in listed] == [("quantize", "finished", "matmul W4A8")]
+    assert listed[0]["result"]["top1"] == result["top1"]
+    text = smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits", "--limit", "64",
+               "--device", "cpu", check=True)
+    assert "W8A8" in text.stdout and "fp32 top-1" in text.stdout
     generic = smi("task", "quantize", "-o", f"teacher_dir={digits_teacher}", "-o", "calib=real:digits", "-o", "data=digits",
                   "-o", "limit=64", "--device", "cpu", check=True)
     assert json.loads(generic.stdout)["eval_images"] == 64

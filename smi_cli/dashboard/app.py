@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +22,16 @@ from textual.widgets import Footer, Static
 from smi_cli.dashboard.follower import EventFollower
 from smi_cli.dashboard.messages import EngineFinished, EventsArrived
 from smi_cli.dashboard.state import RunState
-from smi_cli.dashboard.widgets import LossChart, Panel, PatchRetention, Preview, Problem, RunHeader, Throughput, Training
+from smi_cli.dashboard.widgets import (
+    LossChart, Panel, PatchRetention, Preview, Problem, RunHeader, Throughput, Training, loss_series,
+)
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.files import write_bytes
+from smi_engine.liveness import Liveness
 from smi_engine.rundir import RunDir
 
 FRAME_SECONDS = 0.1
+LIVENESS_SECONDS = 1.0  # how often a run is checked for being dead or stalled
 KEYS = (
     ("q", "quit (a watched run goes on; a run in this process asks first)"),
     ("p", "pause / resume a run in this process"),
@@ -37,30 +42,42 @@ KEYS = (
 
 
 class RunView(Vertical):
-    """Every panel of one run."""
+    """Every panel of one run: inversion panels, or training panels for distill and teacher runs."""
 
     def __init__(self, run_dir: Path, kind: str, index: int):
         super().__init__(classes="run")
         self.run_dir, self.kind, self.index = run_dir, kind, index
         self.state = RunState(kind=kind)
+        self.liveness = Liveness("running")
         self.dirty = True
 
     def compose(self) -> ComposeResult:
         yield RunHeader(classes="header")
         yield Problem(classes="problem")
         with Grid(classes="panels"):
-            yield Training(classes="main") if self.kind in ("distill", "teacher") else PatchRetention(classes="main")
+            if self.kind == "invert":
+                yield PatchRetention(classes="main")
             yield LossChart()
             yield Throughput()
-            yield Preview()
+            if self.kind != "invert":
+                yield Training(classes="main wide" if self.kind == "teacher" else "main")
+            if self.kind != "teacher":  # a teacher's training makes no images
+                yield Preview()
 
     def apply(self, events: list[dict]) -> None:
         for event in events:
             self.state.apply(event)
         self.dirty = True
 
-    def repaint(self) -> None:
+    def check_liveness(self, now: float) -> None:
+        liveness = self.state.liveness(self.run_dir, now)
+        if liveness != self.liveness:
+            self.liveness, self.dirty = liveness, True
+
+    def repaint(self, scale: dict[str, tuple[float, float]]) -> None:
         self.query_one(Problem).display = bool(self.state.error or self.state.interrupted)
+        self.query_one(RunHeader).liveness = self.liveness
+        self.query_one(LossChart).scale = scale
         for panel in self.query(Panel):
             panel.show(self.state, self.run_dir)
         self.dirty = False
@@ -106,8 +123,10 @@ class Dashboard(App):
     ]
 
     def __init__(self, run_dirs: list[Path], kinds: list[str], control: RunControl | None = None,
-                 job: Callable[[], None] | None = None, follow: bool = True):
+                 job: Callable[[], None] | None = None, follow: bool = True, clock: Callable[[], float] | None = None):
         super().__init__()
+        # A finished recording is judged at its last event; a followed run against the wall clock.
+        self.clock = clock or (time.time if follow else None)
         self.run_dirs, self.kinds = run_dirs, kinds
         self.control, self.job = control, job  # an in-process run, when started by `smi invert --tui`
         self.follow = follow
@@ -138,6 +157,8 @@ class Dashboard(App):
             self.job_thread = threading.Thread(target=self._run_job, name="smi job", daemon=True)
             self.job_thread.start()
         self.set_interval(FRAME_SECONDS, self.repaint)
+        self.set_interval(LIVENESS_SECONDS, self.check_liveness)
+        self.check_liveness()
         self.repaint()
 
     def _run_job(self) -> None:
@@ -164,21 +185,35 @@ class Dashboard(App):
     def views(self) -> list[RunView]:
         return list(self.query(RunView))
 
+    def check_liveness(self, views: list[RunView] | None = None) -> None:
+        for view in self.views if views is None else views:
+            view.check_liveness(self.clock() if self.clock else (view.state.latest or 0.0))
+
     def repaint(self) -> None:
-        for view in self.views:
-            if view.dirty:
-                view.repaint()
+        views = self.views
+        if not any(view.dirty for view in views):
+            return
+        self.check_liveness([view for view in views if view.dirty])  # new events may have ended the run
+        scale = shared_scale([loss_series(view.state) for view in views]) if len(views) > 1 else {}
+        for view in views:
+            view.repaint(scale)
         if len(self.run_dirs) > 1:
             self.query_one("#compare", Static).update(self._comparison())
 
     def _comparison(self) -> Text:
-        a, b = (view.state for view in self.views[:2])
-        text = Text("throughput: ", "bold")
-        text.append(f"{self.run_dirs[0].name} {a.iteration_rate:.2f} it/s · {self.run_dirs[1].name} {b.iteration_rate:.2f} it/s")
-        if a.iteration_rate and b.iteration_rate:
-            faster = max(a.iteration_rate, b.iteration_rate) / min(a.iteration_rate, b.iteration_rate)
-            winner = self.run_dirs[0].name if a.iteration_rate > b.iteration_rate else self.run_dirs[1].name
-            text.append(f"  →  {winner} is {faster:.2f}x faster per iteration", "bold green")
+        """Wall-clock seconds per iteration so far, run against run: the same basis as the demo
+        table's speedup (which is this ratio over whole runs)."""
+        views = self.views
+        text = Text("wall-clock per iteration so far: ", "bold")
+        timed = [(view.run_dir.name, view.state.seconds_per_iteration) for view in views]
+        text.append(" · ".join(f"{name} {'-' if t is None else f'{1000 * t:.1f} ms'}" for name, t in timed))
+        known = [(name, t) for name, t in timed if t]
+        if len(known) > 1:
+            (fast, fastest), (slow, slowest) = min(known, key=lambda k: k[1]), max(known, key=lambda k: k[1])
+            if slowest > fastest:
+                text.append(f"  →  {fast} is {slowest / fastest:.2f}x faster than {slow}", "bold green")
+            else:
+                text.append("  →  the same speed", "bold")
         return text
 
     # -- keys -----------------------------------------------------------------------------------
@@ -206,6 +241,9 @@ class Dashboard(App):
             self.control.pause()
             self.notify("paused: p resumes")
         self.sub_title = "PAUSED" if self.control.paused else ""
+        for view in self.views:  # at once; the run's paused/unpaused events follow through its log
+            view.state.paused, view.dirty = self.control.paused, True
+        self.check_liveness()
 
     def action_screenshot(self) -> None:
         path = self.run_dirs[0] / f"screenshot-{dt.datetime.now():%Y%m%d-%H%M%S}.svg"
@@ -213,14 +251,21 @@ class Dashboard(App):
         self.notify(f"saved {path}")
 
     def action_stop_run(self) -> None:
+        live = [view for view in self.views if not view.liveness.ended]
+        if not live:  # nothing to ask: say so, and write nothing into a finished or dead run
+            self.notify(" · ".join(f"{v.run_dir.name} is {v.liveness.status}"
+                                   + (f" ({v.liveness.reason})" if v.liveness.reason else "") for v in self.views)
+                        + ": nothing to stop", severity="warning")
+            return
+
         def answered(stop: bool | None) -> None:
             if not stop:
                 return
             if self.control is not None:
                 self.control.request_stop()
             else:
-                for run_dir in self.run_dirs:
-                    RunDir(run_dir).request("stop")
+                for view in live:
+                    RunDir(view.run_dir).request("stop")
             self.notify("asked the run to stop; it saves a checkpoint first")
 
         self.push_screen(Confirm("Ask the run to stop cleanly?"), answered)
@@ -231,3 +276,15 @@ class Dashboard(App):
     def on_unmount(self) -> None:
         for follower in self.followers:
             follower.stop()
+
+
+def shared_scale(runs: list[dict[str, list[float]]]) -> dict[str, tuple[float, float]]:
+    """One (low, high) per loss term over every run that has it: side by side, equal heights mean equal losses."""
+    scale: dict[str, tuple[float, float]] = {}
+    for series in runs:
+        for name, values in series.items():
+            finite = [v for v in values if v == v and abs(v) != float("inf")]
+            if finite:
+                low, high = scale.get(name, (min(finite), max(finite)))
+                scale[name] = (min(low, *finite), max(high, *finite))
+    return scale

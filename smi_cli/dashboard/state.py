@@ -6,10 +6,13 @@ the events themselves, so a recorded run always renders the same.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from smi_engine.schedule import block_flops
+from smi_engine.liveness import Liveness, assess
+from smi_engine.schedule import CostModel, block_flops
 
 SPEED_SMOOTHING = 0.2  # weight of the newest iteration in the throughput averages
 
@@ -26,7 +29,9 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "stop": {"batch": int, "kept": int, "kept_indices": list},
     "preview": {"path": str},
     "epoch_end": {"epoch": int, "epochs": int, "val_top1": _NUMBER},
+    "train_step": {"epoch": int, "step": int, "loss": _NUMBER},
 }
+RECENT_EVENTS = 64  # event times kept to measure a run's usual interval between events
 
 
 def well_formed(event: dict[str, Any]) -> bool:
@@ -59,7 +64,11 @@ class RunState:
     kind: str = "invert"
     model: str = "?"
     device: str = "?"
+    pid: int | None = None
+    host: str | None = None
+    model_has_weights: bool = True
     schedule: str = ""
+    selection: str = ""
     stops: list[tuple[int, float]] = field(default_factory=list)
     iterations: int = 0
     batches: int = 0
@@ -77,16 +86,21 @@ class RunState:
     kept: int = 0
     keep: list[list[int]] = field(default_factory=list)  # kept grid indices per image of the current batch
     losses: LossHistory = field(default_factory=LossHistory)
+    paused: bool = False
     # speed (per rank, summed for the header)
     iterations_per_s: dict[int, float] = field(default_factory=dict)
     images_per_s: dict[int, float] = field(default_factory=dict)
     tokens_per_s: dict[int, float] = field(default_factory=dict)
+    cost: CostModel | None = None
     dense_cost: float = 0.0  # cost-model FLOPs of the iterations done, had nothing been stopped
     actual_cost: float = 0.0
+    iteration_seconds: float = 0.0  # wall-clock seconds of the iterations done (all ranks)
     started: float | None = None
     latest: float | None = None
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))  # times of the latest events
     rss_mb: float | None = None
     cuda_peak_mb: float | None = None
+    gpu: dict[str, float] | None = None  # NVML: utilisation %, memory used/total MB, temperature
     # outcome
     preview: str | None = None  # path of the newest preview PNG, relative to the run directory
     preview_version: int = 0
@@ -95,8 +109,13 @@ class RunState:
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     # training runs (distill, teacher)
-    epoch: int = -1
+    epoch: int = -1  # the last validated
+    current_epoch: int = -1  # the one training now
     epochs: int = 0
+    done_steps: int = 0
+    total_steps: int = 0
+    train_loss: list[float] = field(default_factory=list)
+    val_epochs: list[int] = field(default_factory=list)
     val_top1: list[float] = field(default_factory=list)
     events: int = 0
     damaged: int = 0  # lines of events.jsonl that were not events, and events missing their fields
@@ -112,6 +131,7 @@ class RunState:
         if event.get("time") is not None:
             self.started = event["time"] if self.started is None else self.started
             self.latest = event["time"]
+            self.recent.append(event["time"])
         if handler is not None:
             try:
                 handler(event)
@@ -122,18 +142,25 @@ class RunState:
         self.kind = e.get("kind", self.kind)
         self.model = e.get("model") or e.get("student") or self.model
         self.device = e.get("device", self.device)
+        self.pid, self.host = e.get("pid"), e.get("host")
+        self.model_has_weights = e.get("model_has_weights", True)
         if self.kind == "invert":
             self.schedule, self.stops = e["schedule"], [tuple(s) for s in e["stops"]]
+            self.selection = e.get("selection", "")
             self.iterations, self.batches, self.batch_size = e["iterations"], e["batches"], e["batch_size"]
             self.grid, self.num_patches = tuple(e["grid"]), e["num_patches"]
             self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
             self.world_size = e.get("world_size", 1)
             self.kept = self.num_patches
+            if isinstance(e.get("kept_per_stage"), list):
+                self.cost = CostModel.of([s[0] for s in self.stops], e["kept_per_stage"], self.prefix_tokens,
+                                         self.width, self.iterations)
         else:
             self.epochs = e.get("epochs", 0)
+            self.total_steps = e.get("total_steps") or self.total_steps
             if self.kind == "distill":
                 self.model = f"{e.get('teacher')} -> {e.get('student')}"
-        self.finished, self.error, self.interrupted = False, None, None
+        self.finished, self.error, self.interrupted, self.paused = False, None, None, False
 
     _on_run_resumed = _on_run_start
 
@@ -141,6 +168,10 @@ class RunState:
         self.batch, self.iteration = e["batch"], -1
         if "iterations" in e:  # batches made on demand (distill --synthesize) carry their own shape
             self.iterations, self.num_patches = e["iterations"], e.get("num_patches", self.num_patches)
+        if isinstance(e.get("kept_per_stage"), list):
+            self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
+            self.cost = CostModel.of(e["stop_iterations"], e["kept_per_stage"], self.prefix_tokens, self.width,
+                                     self.iterations)
         self.kept = self.num_patches
         self.keep = []
 
@@ -152,6 +183,8 @@ class RunState:
         self.batch, self.iteration, self.kept = e["batch"], e["iteration"], e["kept"]
         self.open_batches[rank] = e["iteration"] + 1
         self.losses.add(e["losses"])
+        self.paused = False
+        self.iteration_seconds += e["seconds"]
         rate = 1.0 / max(e["seconds"], 1e-9)
         for store, value in ((self.iterations_per_s, rate), (self.images_per_s, e["images_per_s"]),
                              (self.tokens_per_s, e["tokens_per_s"])):
@@ -161,6 +194,21 @@ class RunState:
             self.actual_cost += block_flops(e["tokens"], self.width)
         self.rss_mb = e.get("rss_mb", self.rss_mb)
         self.cuda_peak_mb = e.get("cuda_peak_mb", self.cuda_peak_mb)
+        self.gpu = e.get("gpu", self.gpu)
+
+    def _on_paused(self, e: dict) -> None:
+        self.paused = True
+
+    def _on_unpaused(self, e: dict) -> None:
+        self.paused = False
+
+    def _on_train_step(self, e: dict) -> None:
+        self.current_epoch = e["epoch"]
+        self.epochs = e.get("epochs", self.epochs)
+        self.done_steps = e.get("done_steps", self.done_steps + 1)
+        self.total_steps = e.get("total_steps") or self.total_steps or e.get("steps", 0) * self.epochs
+        self.train_loss.append(e["loss"])
+        self.gpu = e.get("gpu", self.gpu)
 
     def _on_stop(self, e: dict) -> None:
         self.batch, self.kept, self.keep = e["batch"], e["kept"], e["kept_indices"]
@@ -174,7 +222,9 @@ class RunState:
 
     def _on_epoch_end(self, e: dict) -> None:
         self.epoch, self.epochs = e["epoch"], e["epochs"]
+        self.current_epoch = max(self.current_epoch, e["epoch"])
         self.losses.add({k: e[k] for k in ("kt_loss", "train_loss") if k in e})
+        self.val_epochs.append(e["epoch"] + 1)
         self.val_top1.append(e["val_top1"])
 
     def _on_run_end(self, e: dict) -> None:
@@ -187,6 +237,10 @@ class RunState:
         self.error = e.get("message", "failed")
 
     # -- derived ------------------------------------------------------------------------------
+    @property
+    def is_training(self) -> bool:
+        return self.kind in ("distill", "teacher")
+
     @property
     def total_iterations(self) -> int:
         return self.iterations * max(self.batches, 1)
@@ -201,29 +255,54 @@ class RunState:
 
     @property
     def eta_seconds(self) -> float | None:
-        if self.finished or not self.iteration_rate or not self.total_iterations:
+        """The average speed so far over the remaining work: for an inversion, the schedule's
+        remaining cost (its later iterations are cheaper); for training, the remaining steps."""
+        if self.finished or self.paused:
             return None
-        return max(self.total_iterations - self.done_iterations, 0) / self.iteration_rate
+        if self.is_training:
+            if not self.done_steps or not self.total_steps:
+                return None
+            return self.elapsed / self.done_steps * max(self.total_steps - self.done_steps, 0)
+        if self.cost is None or not self.actual_cost or not self.iteration_seconds:
+            return None
+        in_open = sum(self.cost.cost(done, self.iterations) for done in self.open_batches.values())
+        unstarted = max(self.batches - self.batches_done - len(self.open_batches), 0)
+        remaining = in_open + unstarted * self.cost.batch_cost
+        done = self.cost.batch_cost * self.batches_done + sum(self.cost.cost(0, d) for d in self.open_batches.values())
+        return self.iteration_seconds / max(done, 1e-9) * remaining / max(self.world_size, 1)
 
     @property
     def elapsed(self) -> float:
         return 0.0 if self.started is None or self.latest is None else self.latest - self.started
 
     @property
-    def speedup_so_far(self) -> float | None:
-        """How much faster than the same iterations without stopping (cost model)."""
-        return self.dense_cost / self.actual_cost if self.actual_cost else None
+    def seconds_per_iteration(self) -> float | None:
+        """Wall-clock seconds per iteration so far: the basis of every speedup shown."""
+        done = self.done_iterations
+        return self.iteration_seconds / done if done and self.iteration_seconds else None
 
     @property
-    def speedup_now(self) -> float | None:
-        if not self.width or not self.kept:
+    def flops_fraction(self) -> float | None:
+        """Token FLOPs of the iterations done as a fraction of the same iterations dense (cost model)."""
+        return self.actual_cost / self.dense_cost if self.dense_cost else None
+
+    @property
+    def recent_interval(self) -> float | None:
+        """Mean seconds between the latest events."""
+        if len(self.recent) < 2:
             return None
-        return block_flops(self.num_patches + self.prefix_tokens, self.width) / block_flops(self.kept + self.prefix_tokens, self.width)
+        return (self.recent[-1] - self.recent[0]) / (len(self.recent) - 1)
 
     @property
     def status(self) -> str:
+        """How the run ended, or "running": from the events alone (see ``liveness`` for the rest)."""
         if self.error:
             return "failed"
         if self.interrupted:
             return "interrupted"
         return "finished" if self.finished else "running"
+
+    def liveness(self, run_dir: Path, now: float) -> Liveness:
+        """The status with what the events cannot say: paused, stalled or dead."""
+        ended = None if self.status == "running" else self.status
+        return assess(run_dir, ended, self.pid, self.host, self.latest, self.recent_interval, self.paused, now)

@@ -11,17 +11,12 @@ from textual.widgets import Static
 
 from smi_cli.dashboard.drawing import bar_chart, half_blocks
 from smi_cli.dashboard.state import RunState
+from smi_cli.progress import duration
+from smi_engine.liveness import Liveness
 from smi_engine.preview import split_tiles
 
 COLOURS = ("cyan", "magenta", "yellow", "green", "blue", "red")
 KEPT, STOPPED = "█", "·"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class Panel(Static):
@@ -45,28 +40,52 @@ class Panel(Static):
         raise NotImplementedError
 
 
+STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
+                 "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red"}
+
+
 class RunHeader(Panel):
+    """Three lines, whatever the run, so that runs side by side stay aligned: who and how it
+    stands; where it is; what it runs on."""
+
+    liveness: Liveness | None = None  # set by the view: needs the clock and the run's lock
+
     def render_state(self, state: RunState, run_dir: Path) -> Text:
-        status = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow"}[state.status]
+        live = self.liveness or Liveness(state.status)
         text = Text()
         text.append(f"{run_dir.name}  ", "bold")
-        text.append(state.status.upper(), status)
+        text.append(live.status.upper(), STATUS_STYLES.get(live.status, ""))
+        if live.reason:
+            text.append(f" ({live.reason})", STATUS_STYLES.get(live.status, ""))
         text.append(f"  {state.model} · {state.device}")
-        if state.kind == "invert":
-            text.append(f" · schedule {state.schedule or 'dense'}")
-            text.append(f"\niteration {max(state.iteration + 1, 0)}/{state.iterations} · batch {state.batch + 1}/{state.batches}")
+        if not state.model_has_weights:
+            text.append("  random weights: the images will not look like data", "bold yellow")
+        text.append("\n")
+        if state.is_training:
+            unit = "round" if state.kind == "distill" else "epoch"
+            text.append(f"{unit} {max(state.current_epoch + 1, 0)}/{state.epochs} · step {state.done_steps}/{state.total_steps or '?'}")
+        else:
+            text.append(f"batch {min(state.batch + 1, max(state.batches, 1))}/{state.batches} · "
+                        f"iteration {max(state.iteration + 1, 0)}/{state.iterations} · schedule {state.schedule or 'dense'}")
+            if state.selection and state.schedule not in ("", "dense"):
+                text.append(f" · selection {state.selection}")
             if state.world_size > 1:
                 text.append(f" · {state.world_size} ranks")
-        else:
-            text.append(f"\nepoch {state.epoch + 1}/{state.epochs}")
-        memory = [f"RSS {state.rss_mb:.0f} MB"] if state.rss_mb is not None else []
+        text.append("\n")
+        resources = [f"RSS {state.rss_mb:.0f} MB"] if state.rss_mb is not None else []
         if state.cuda_peak_mb is not None:
-            memory.append(f"CUDA peak {state.cuda_peak_mb:.0f} MB")
-        if memory:
-            text.append(" · " + " · ".join(memory))
+            resources.append(f"CUDA peak {state.cuda_peak_mb:.0f} MB")
+        if state.gpu:
+            resources.append(gpu_text(state.gpu))
+        text.append(" · ".join(resources) or "resources: -", "dim")
         if state.damaged:
-            text.append(f"\n{state.damaged} damaged event line(s) skipped", "yellow")
+            text.append(f" · {state.damaged} damaged event line(s) skipped", "yellow")
         return text
+
+
+def gpu_text(gpu: dict) -> str:
+    return (f"GPU {gpu['utilization']:.0f}% · {gpu['memory_used_mb'] / 1024:.1f}/{gpu['memory_total_mb'] / 1024:.0f} GB"
+            f" · {gpu['temperature_c']:.0f}°C")
 
 
 class PatchRetention(Panel):
@@ -80,11 +99,13 @@ class PatchRetention(Panel):
         if not rows:
             return Text("waiting for the run to start…", "dim")
         text.append(f"{state.kept}/{state.num_patches}", "bold")
-        text.append(f" patches kept ({100 * state.kept / max(state.num_patches, 1):.0f}%) in batch {state.batch + 1}\n")
+        text.append(f" patches kept ({100 * state.kept / max(state.num_patches, 1):.0f}%) in batch {state.batch + 1}/{state.batches}\n")
         text.append_text(self._timeline(state))
         grids = state.keep or [list(range(state.num_patches))]
         fit = max(1, ((self.size.width or 60) + 2) // (cols + 2))
         shown = grids[: fit * max(1, ((self.size.height or 20) - 3) // (rows + 1))]
+        # On the border, which no cut can hide: how many of the batch's images are drawn.
+        self.border_subtitle = f"{len(shown)} of {len(grids)} images drawn" if len(shown) < len(grids) else ""
         for start in range(0, len(shown), fit):
             text.append("\n")
             sets = [set(g) for g in shown[start:start + fit]]
@@ -96,8 +117,6 @@ class PatchRetention(Panel):
                         on = r * cols + c in kept
                         text.append(KEPT if on else STOPPED, "green" if on else "grey37")
                 text.append("\n")
-        if len(shown) < len(grids):
-            text.append(f"(+{len(grids) - len(shown)} more images)", "dim")
         return text
 
     def _timeline(self, state: RunState) -> Text:
@@ -113,14 +132,15 @@ class PatchRetention(Panel):
 
 
 class LossChart(Panel):
-    """A live line chart per loss term."""
+    """A live line chart per loss term. Side by side, the app sets one scale per term for all runs."""
 
     TITLE = "Loss"
+    scale: dict[str, tuple[float, float]] = {}
 
     def render_state(self, state: RunState, run_dir: Path) -> Text:
-        series = state.losses.series
+        series = loss_series(state)
         if not series:
-            return Text("no iterations yet", "dim")
+            return Text("no steps yet" if state.is_training else "no iterations yet", "dim")
         names = [n for n in series if n != "total"] + (["total"] if "total" in series else [])
         width = max(10, self.size.width or 60)
         chart_rows = max(1, ((self.size.height or 20) - len(names)) // len(names))
@@ -128,33 +148,42 @@ class LossChart(Panel):
         for index, name in enumerate(names):
             values = series[name]
             colour = COLOURS[index % len(COLOURS)]
+            low, high = self.scale.get(name, (min(values), max(values)))
             text.append(f"{name}", f"bold {colour}")
-            text.append(f"  {values[-1]:.4g}  (min {min(values):.4g}, max {max(values):.4g})\n", "dim")
-            for line in bar_chart(values, width, chart_rows):
+            text.append(f"  {values[-1]:.4g}  (axis {low:.4g}-{high:.4g})\n", "dim")
+            for line in bar_chart(values, width, chart_rows, low=low, high=high):
                 text.append(line + "\n", colour)
         return text
+
+
+def loss_series(state: RunState) -> dict[str, list[float]]:
+    """The loss series a run's chart draws: inversion terms, or the training loss per step."""
+    if state.is_training:
+        return {"train loss" if state.kind == "teacher" else "kt loss": state.train_loss} if state.train_loss else {}
+    return state.losses.series
 
 
 class Throughput(Panel):
     TITLE = "Throughput"
 
     def render_state(self, state: RunState, run_dir: Path) -> Table:
-        table = Table.grid(padding=(0, 2))
+        table = Table.grid(padding=(0, 1))
         table.add_column(style="bold", no_wrap=True)
-        table.add_column()
-        images = sum(state.images_per_s.values())
-        tokens = sum(state.tokens_per_s.values())
-        now, so_far = state.speedup_now, state.speedup_so_far
-        rows = [
-            ("images/s", f"{images:,.1f}"),
-            ("tokens/s", f"{tokens:,.0f}"),
-            ("iterations/s", f"{state.iteration_rate:,.2f}"),
-            ("elapsed", _duration(state.elapsed)),
-            ("ETA", _duration(state.eta_seconds) if not state.finished else "done"),
-            # dense-equivalent: how much faster than this run would be without stopping (cost model)
-            ("speedup vs dense", "-" if so_far is None else f"{now:.2f}x now · {so_far:.2f}x so far"),
-        ]
-        for key, value in rows:
+        table.add_column(no_wrap=True, overflow="ellipsis")
+        eta = "done" if state.finished else ("paused" if state.paused else duration(state.eta_seconds))
+        if state.is_training:
+            rate = state.done_steps / state.elapsed if state.elapsed else 0.0
+            rows = [("steps/s", f"{rate:,.2f}"), ("steps", f"{state.done_steps}/{state.total_steps or '?'}")]
+        else:
+            flops = state.flops_fraction
+            rows = [
+                ("images/s", f"{sum(state.images_per_s.values()):,.1f}"),
+                ("tokens/s", f"{sum(state.tokens_per_s.values()):,.0f}"),
+                ("iterations/s", f"{state.iteration_rate:,.2f}"),
+                # the cost model, not a speedup: speedups are measured in wall-clock time only
+                ("token FLOPs", "-" if flops is None else f"{100 * flops:.0f}% of dense so far"),
+            ]
+        for key, value in [*rows, ("elapsed", duration(state.elapsed)), ("ETA", eta)]:
             table.add_row(key, value)
         return table
 
@@ -206,19 +235,30 @@ class Preview(Panel):
 
 
 class Training(Panel):
-    """Epochs of a distillation (or teacher) run: validation accuracy per epoch."""
+    """Rounds of a distillation, or epochs of a teacher's training: validation top-1 per
+    validation, on a 0-100 % axis."""
 
-    TITLE = "Knowledge transfer"
+    def on_mount(self) -> None:
+        self.border_title = "Training"
 
     def render_state(self, state: RunState, run_dir: Path) -> Text:
-        if not state.val_top1:
-            return Text(f"epoch {state.epoch + 1}/{state.epochs}: waiting for the first validation", "dim")
+        self.border_title = "Knowledge transfer" if state.kind == "distill" else "Teacher training"
+        unit = "round" if state.kind == "distill" else "epoch"
         text = Text()
-        text.append(f"epoch {state.epoch + 1}/{state.epochs}", "bold")
-        text.append(f" · validation top-1 {state.val_top1[-1]:.2f}% (best {max(state.val_top1):.2f}%)\n")
-        width = max(10, self.size.width or 60)
-        for line in bar_chart(state.val_top1, width, max(2, (self.size.height or 10) - 3), low=0.0, high=100.0):
+        text.append(f"{unit} {max(state.current_epoch + 1, 0)}/{state.epochs}", "bold")
+        text.append(f" · step {state.done_steps}/{state.total_steps or '?'}")
+        if not state.val_top1:
+            text.append("\nwaiting for the first validation", "dim")
+            return text
+        text.append(f"\nvalidation top-1 {state.val_top1[-1]:.2f}% (best {max(state.val_top1):.2f}%) "
+                    f"after {unit} {state.val_epochs[-1]}\n")
+        width = max(10, (self.size.width or 60) - 5)
+        rows = bar_chart(state.val_top1, width, max(2, (self.size.height or 10) - 4), low=0.0, high=100.0)
+        for index, line in enumerate(rows):
+            label = "100%" if index == 0 else ("  0%" if index == len(rows) - 1 else "    ")
+            text.append(label + " ", "dim")
             text.append(line + "\n", "green")
+        text.append(f"     {unit} 1 → {state.val_epochs[-1]}", "dim")
         return text
 
 
@@ -229,5 +269,7 @@ class Problem(Panel):
         if state.error:
             return Text(f"the run failed: {state.error}", "bold red")
         if state.interrupted:
+            if state.kind != "invert":
+                return Text(state.interrupted, "yellow")
             return Text(f"{state.interrupted}; continue with: smi invert --resume --out {run_dir}", "yellow")
         return Text("")

@@ -1,12 +1,15 @@
 """Post-training quantisation of timm ViTs: quantisers, schemes (``matmul``, ``seed``, ``repq``
-and any a plugin registers), and the calibrate-then-evaluate job."""
+and any a plugin registers), and the calibrate-then-evaluate job. ``quantizers(model)`` lives in
+``smi_engine.quantization.scheme`` (the name ``quantizers`` here is the submodule)."""
 
-from smi_engine.quantization.quantizers import CALIBRATORS, ActivationQuantizer, LogQuantizer
-from smi_engine.quantization.scheme import (
-    DEFAULT_SCHEME, QuantConfig, finish_calibration, freeze_quantizers, get_scheme, quantize_model, quantizers,
-)
+from smi_engine.lazy import lazy_exports
+from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
 
-__all__ = [
-    "CALIBRATORS", "DEFAULT_SCHEME", "ActivationQuantizer", "LogQuantizer", "QuantConfig", "finish_calibration",
-    "freeze_quantizers", "get_scheme", "quantize_model", "quantizers",
-]
+_QUANTIZERS, _SCHEME = "smi_engine.quantization.quantizers", "smi_engine.quantization.scheme"
+_EXPORTS = {
+    "ActivationQuantizer": _QUANTIZERS, "LogQuantizer": _QUANTIZERS, "QuantConfig": _SCHEME,
+    "finish_calibration": _SCHEME, "freeze_quantizers": _SCHEME, "get_scheme": _SCHEME,
+    "quantize_model": _SCHEME,
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["CALIBRATORS", "DEFAULT_SCHEME", *_EXPORTS]

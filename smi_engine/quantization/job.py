@@ -1,8 +1,17 @@
 """Data-free post-training quantisation, end to end: calibrate on synthetic (or noise, or real)
-images, then measure the fake-quantised model against the full-precision one on real data."""
+images, then measure the fake-quantised model against the full-precision one on real data.
+
+With an output folder the job is a run directory like any other (``config.json``,
+``events.jsonl``, ``summary.json`` with the results) that also holds the quantised model, so
+``--teacher DIR`` loads it. Events: ``run_start``, ``progress`` (phase, done, total images),
+``calibrated``, ``quantized``, ``run_end``.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,11 +24,14 @@ from smi_engine.checks import at_least, number
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
-from smi_engine.events import EventBus
-from smi_engine.files import check_writable
+from smi_engine.events import EventBus, JsonlSink
+from smi_engine.files import check_writable, write_json
 from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
+from smi_engine.rundir import RunDir
 from smi_engine.runlock import RunLock
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model
+
+RUN_KIND = "quantize"
 
 
 @dataclass
@@ -46,8 +58,10 @@ class QuantizeJob:
                 "calib_size": self.calib_size, "batch_size": self.batch_size, "limit": self.limit, "seed": self.seed}
 
 
-def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device,
+              bus: EventBus | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A calibrated fake-quantised copy of the model, and what it was calibrated on."""
+    bus = bus or EventBus()
     qmodel = quantize_model(loaded.model, job.quant).to(device)
     feeder = ModelFeeder(qmodel, loaded.normalizer)
     generator = torch.Generator().manual_seed(job.seed)
@@ -60,35 +74,65 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device) -> tu
                 kept.append(batch.keep.float().mean().item())
             feeder(batch, source)
             seen += len(batch.images)
+            bus.emit("progress", phase="calibrate", done=seen, total=max(job.calib_size, seen))
     finish_calibration(qmodel, job.quant)
     return qmodel, {"calib": label, "calib_images": seen, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0}
 
 
-def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | None = None, save: Path | None = None) -> dict[str, Any]:
+def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Calibrate and evaluate; with ``out``, as a run directory that keeps the quantised model."""
     job.validate()
-    if save is not None:
-        check_writable(save, "--save")
+    if out is not None:
+        check_writable(out, "--out")
+        RunDir(out).check_claimable(RUN_KIND)
     job = replace(job, quant=job.quant.resolved())
     bus = bus or EventBus()
     loaded = load_model(job.model, device)
     splits = load_data(job.data)
     if splits.num_classes != loaded.num_classes:
         raise SmiError(f"the model has {loaded.num_classes} classes but {job.data} has {splits.num_classes}: evaluate on the data it was trained for")
+    if out is None:
+        return _quantize(job, loaded, splits, device, bus, None)
+    run_dir = RunDir(out)
+    with RunLock(out):  # two processes writing into one folder never interleave their files
+        run_dir.create({"config": job.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds")}, RUN_KIND)
+        bus.subscribe(JsonlSink(run_dir.events))
+        try:
+            return _quantize(job, loaded, splits, device, bus, run_dir)
+        except Exception as exc:
+            bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
+            raise
+        finally:
+            bus.close()
+
+
+def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.device, bus: EventBus,
+              run_dir: RunDir | None) -> dict[str, Any]:
+    bits = f"W{job.quant.w_bit}A{job.quant.a_bit}"
+    bus.emit("run_start", kind=RUN_KIND, pid=os.getpid(), host=socket.gethostname(), model=job.model.name,
+             device=str(device), scheme=job.quant.scheme, w_bit=job.quant.w_bit, a_bit=job.quant.a_bit,
+             calib=job.calib, data=job.data)
     started = time.perf_counter()
-    qmodel, calibration = calibrate(loaded, job, device)
+    qmodel, calibration = calibrate(loaded, job, device, bus)
     bus.emit("calibrated", **calibration, seconds=time.perf_counter() - started)
     val = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), job.batch_size)
-    fp32 = evaluate(loaded.model, val, device, job.limit)
-    quantized = evaluate(qmodel, val, device, job.limit)
+
+    def progress(phase: str):
+        return lambda done, total: bus.emit("progress", phase=phase, done=done, total=total)
+
+    fp32 = evaluate(loaded.model, val, device, job.limit, progress("eval fp32"))
+    quantized = evaluate(qmodel, val, device, job.limit, progress(f"eval {bits}"))
     result = {
         "top1": quantized["top1"], "top5": quantized["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
         "scheme": job.quant.scheme, "w_bit": job.quant.w_bit, "a_bit": job.quant.a_bit, "calibrator": job.quant.calibrator,
         "eval_images": quantized["images"], "model": job.model.name, "data": job.data, **calibration,
+        "seconds": time.perf_counter() - started,
     }
-    if save is not None:
-        spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
-        with RunLock(save):  # two processes saving into one folder never interleave their files
-            save_model(save, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
-        result["saved"] = str(save)
     bus.emit("quantized", **result)
+    if run_dir is not None:
+        spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
+        save_model(run_dir.path, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
+        result.update(run_dir=str(run_dir.path), saved=str(run_dir.path))
+        write_json(run_dir.summary, result)
+        bus.emit("run_end", summary=result)
     return result

@@ -15,9 +15,6 @@ from torch import nn
 
 from smi_engine.errors import SmiError
 
-#: How an observer turns what it saw into a range. ``search`` is RepQ-ViT's: the clipping at the
-#: 99.9, 99.99 or 99.999th percentile with the least squared quantisation error.
-CALIBRATORS = ("minmax", "percentile", "mse", "search")
 SEARCH_PERCENTILES = (0.999, 0.9999, 0.99999)
 SAMPLES_PER_OBSERVER = 2**18  # values kept per activation and batch for the calibrators that need them
 

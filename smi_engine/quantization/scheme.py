@@ -20,9 +20,8 @@ from torch import nn
 
 from smi_engine.checks import number
 from smi_engine.errors import SmiError
-from smi_engine.quantization.quantizers import CALIBRATORS, ActivationQuantizer, validate_bits
-
-DEFAULT_SCHEME = "matmul"
+from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
+from smi_engine.quantization.quantizers import ActivationQuantizer, validate_bits
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""``smi runs [DIR...]``: one table of every run under some folders, newest first."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from smi_cli import options as o
+from smi_cli.console import print_json, show, stderr, stdout
+from smi_cli.dashboard.state import RunState
+from smi_cli.help import command
+from smi_cli.progress import duration
+from smi_engine.errors import SmiError
+from smi_engine.events import read_events
+from smi_engine.files import read_json
+from smi_engine.rundir import RunDir
+
+SEARCH_DEPTH = 3  # folders below a given one searched for runs (a demo folder holds one run per mode)
+COLUMNS = ("run", "kind", "status", "model", "schedule", "kept", "images", "wall", "result")
+SHORT_COLUMNS = ("kind", "kept", "images", "wall")
+
+
+def runs(
+    folders: Annotated[Optional[list[Path]], typer.Argument(help="Run directories, or folders holding them (default: runs).", metavar="DIRS...", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the run directories, one per line.")] = False,
+    json_output: o.Json = False,
+) -> None:
+    """List runs with their status and headline result.
+
+    Invert, distill, teacher and quantize runs under the given folders, newest first.
+
+    A run that is not finished shows as running, paused, stalled (no event for much longer than
+    usual) or dead (its process is gone; known on the host that ran it).
+
+    \b
+    Examples:
+      smi runs
+      smi runs runs/kt-sweep --json
+    """
+    found = [row(path) for path in find_runs(folders or [Path("runs")])]
+    found.sort(key=lambda r: r["started"] or 0.0, reverse=True)
+    if json_output:
+        print_json(found)
+    elif quiet:
+        typer.echo("\n".join(r["run"] for r in found) if found else "", nl=bool(found))
+    elif not found:
+        stderr.print(f"no runs under {', '.join(str(f) for f in folders or ['runs'])}", soft_wrap=True)
+    else:
+        show_runs(found)
+
+
+def find_runs(folders: list[Path]) -> list[Path]:
+    """Run directories among ``folders`` and below them (not inside a run)."""
+    found: list[Path] = []
+    for folder in folders:
+        if not folder.exists():
+            raise SmiError(f"{folder} does not exist: pass run directories or folders that hold them (default: runs)")
+        if RunDir(folder).is_run:
+            found.append(folder)
+            continue
+        base = len(folder.parts)
+        for root, dirs, _ in os.walk(folder):
+            here = Path(root)
+            dirs.sort()
+            if RunDir(here).is_run and here != folder:
+                found.append(here)
+                dirs.clear()
+            elif len(here.parts) - base >= SEARCH_DEPTH:
+                dirs.clear()
+    return list(dict.fromkeys(found))
+
+
+def read_run(path: Path) -> RunState:
+    """Every event of a run folded into one state."""
+    state = RunState(kind=RunDir(path).read_config().get("kind", "invert"))
+    for event in read_events(RunDir(path).events):
+        state.apply(event)
+    return state
+
+
+def row(path: Path) -> dict[str, Any]:
+    state = read_run(path)
+    liveness = state.liveness(path, time.time())
+    summary = _summary(path) or state.summary
+    return {
+        "run": str(path), "kind": state.kind, "status": liveness.status, "reason": liveness.reason,
+        "model": summary.get("model") or state.model, "schedule": _schedule(state, summary),
+        "kept": _kept(state, summary), "images": _images(state, summary),
+        "wall_seconds": summary.get("wall_seconds") or summary.get("seconds") or state.elapsed,
+        "result": _result(state.kind, summary), "started": state.started,
+        "host": state.host, "pid": state.pid, "summary": summary or None,
+    }
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(RunDir(path).summary) if RunDir(path).is_finished else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _schedule(state: RunState, summary: dict) -> str | None:
+    if state.kind == "invert":
+        sparse = state.schedule not in ("", "dense")
+        return f"{state.schedule} ({state.selection})" if sparse and state.selection else (state.schedule or None)
+    if state.kind == "quantize" and summary:
+        return f"{summary['scheme']} W{summary['w_bit']}A{summary['a_bit']}"
+    return None
+
+
+def _kept(state: RunState, summary: dict) -> str | None:
+    if state.kind != "invert" or not state.num_patches:
+        return None
+    kept = summary.get("kept_patches", state.kept)
+    return f"{kept}/{state.num_patches}"
+
+
+def _images(state: RunState, summary: dict) -> int | None:
+    if state.kind == "invert":
+        return summary.get("images", state.batches_done * state.batch_size)
+    return summary.get("synthetic_images") or summary.get("calib_images")
+
+
+def _result(kind: str, summary: dict) -> dict[str, float] | None:
+    """The headline number of a finished run, as {name: value in %}."""
+    if not summary:
+        return None
+    if kind == "invert":
+        return {"teacher_accuracy": 100 * summary["teacher_accuracy"]}
+    if kind == "distill":
+        return {"top1": summary["best_top1"]}
+    if kind == "teacher":
+        return {"top1": summary["top1"]}
+    if kind == "quantize":
+        return {"top1": summary["top1"], "fp32_top1": summary["fp32_top1"]}
+    return None
+
+
+RESULT_LABELS = {"teacher_accuracy": "teacher acc", "top1": "top-1", "fp32_top1": "fp32"}
+STATUS_STYLES = {"finished": "green", "failed": "red", "dead": "bold red", "stalled": "yellow", "interrupted": "yellow",
+                 "paused": "yellow", "running": "cyan"}
+
+
+def show_runs(rows: list[dict[str, Any]]) -> None:
+    """The table, or where a terminal is too narrow for it, two lines per run (nothing cut)."""
+    from rich.measure import Measurement
+
+    grid = table(rows)
+    if Measurement.get(stdout, stdout.options.update(max_width=10_000), grid).maximum <= stdout.width:
+        show(grid, stdout)
+        return
+    for r in rows:
+        stdout.print(f"[bold]{r['run']}[/]  {r['kind']} · [{STATUS_STYLES.get(r['status'], '')}]{_status(r)}[/] · "
+                     f"{duration(r['wall_seconds'])} · {_result_text(r) or 'no result yet'}")
+        details = [r["model"], r["schedule"], r["kept"] and f"kept {r['kept']}", r["images"] is not None and f"{r['images']} images"]
+        stdout.print("    " + " · ".join(d for d in details if d), style="dim")
+
+
+def _status(r: dict[str, Any]) -> str:
+    return r["status"] + (f" ({r['reason']})" if r["reason"] else "")
+
+
+def _result_text(r: dict[str, Any]) -> str:
+    return " · ".join(f"{RESULT_LABELS[k]} {v:.1f}%" for k, v in (r["result"] or {}).items())
+
+
+def table(rows: list[dict[str, Any]]):
+    from rich import box
+    from rich.table import Table
+
+    grid = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for name in COLUMNS:  # short columns stay whole; in a narrow terminal the long ones wrap (never cut)
+        grid.add_column(name, overflow="fold", no_wrap=name in SHORT_COLUMNS,
+                        justify="right" if name in ("kept", "images", "wall") else "left")
+    for r in rows:
+        grid.add_row(r["run"], r["kind"], f"[{STATUS_STYLES.get(r['status'], '')}]{_status(r)}[/]", r["model"],
+                     r["schedule"] or "-", r["kept"] or "-", "-" if r["images"] is None else str(r["images"]),
+                     duration(r["wall_seconds"]), _result_text(r) or "-")
+    return grid
+
+
+def register(app: typer.Typer) -> None:
+    command(app, "runs")(runs)

@@ -1,0 +1,340 @@
+"""Running jobs as on a remote box: liveness, piped progress, `smi runs`, GPU readings, fast
+start, help at 80 columns, the TensorBoard sink. Real subprocesses, real run directories."""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from smi_cli.dashboard.app import Dashboard
+from smi_cli.dashboard.state import RunState
+from smi_cli.dashboard.widgets import PatchRetention, RunHeader, Throughput
+from smi_cli.progress import InversionProgress, LogDisplay, TerminalDisplay
+from smi_engine.gpu import open_monitor
+from smi_engine.liveness import STALL_FLOOR_SECONDS
+
+from .conftest import TINY_MODEL_ARGS, assert_one_line_error, read_events, smi
+from .test_dashboard import RECORDED, plain, unfinished_copy
+
+TINY = ("--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS, "--mean", "0.5", "--std", "0.5")
+ANSI = re.compile(r"\x1b\[")
+
+
+def start_inversion(out: Path, *extra: str) -> subprocess.Popen:
+    """A long inversion in the background, stderr piped, as under nohup or SLURM."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "smi_cli", "invert", *TINY, "--iterations", "100000", "--batch-size", "2",
+         "--schedule", "3:0.5", "--device", "cpu", "--out", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "80"},
+    )
+
+
+def wait_for_iterations(out: Path, count: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "events.jsonl").exists() and sum(e["event"] == "iteration" for e in read_events(out)) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} iterations in {out} after {timeout} s")
+
+
+def test_a_killed_run_is_dead_everywhere_and_cannot_be_stopped(tmp_path):
+    out = tmp_path / "run"
+    proc = start_inversion(out)
+    try:
+        wait_for_iterations(out, 5)
+        listed = json.loads(smi("runs", tmp_path, "--json", check=True).stdout)
+        assert [(r["run"], r["status"]) for r in listed] == [(str(out), "running")]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    (row,) = json.loads(smi("runs", tmp_path, "--json", check=True).stdout)
+    assert row["status"] == "dead" and str(proc.pid) in row["reason"] and row["pid"] == proc.pid
+    assert "dead" in smi("runs", tmp_path, check=True).stdout
+    # smi watch --stop writes nothing into a dead run, and says how to continue it
+    assert_one_line_error(smi("watch", out, "--stop"), "is dead", "smi invert --resume --out")
+    assert not (out / "control.json").exists()
+
+    async def steps(app, pilot):  # the dashboard, as `smi watch` opens it, following the run
+        await pilot.pause(0.3)
+        header = plain(app.query_one(RunHeader))
+        assert "DEAD" in header and f"process {proc.pid}" in header
+        await pilot.press("x")  # nothing to stop: no question, no control file
+        assert not (out / "control.json").exists()
+
+    async def main():
+        async with Dashboard([out], ["invert"]).run_test(size=(140, 44)) as pilot:
+            await steps(pilot.app, pilot)
+
+    asyncio.run(main())
+
+
+def test_a_run_without_events_for_long_is_stalled():
+    state = RunState()
+    for event in json.loads("[" + ",".join((RECORDED / "events.jsonl").read_text().splitlines()) + "]"):
+        if event["event"] in ("batch_end", "run_end"):
+            break
+        state.apply(event)
+    last = state.latest
+    assert state.liveness(RECORDED, last + 1).status == "running"
+    stalled = state.liveness(RECORDED, last + STALL_FLOOR_SECONDS + 6)
+    assert stalled.status == "stalled" and stalled.reason == f"last event {STALL_FLOOR_SECONDS + 6:.0f} s ago"
+
+
+def test_watch_stop_asks_a_live_run_which_saves_and_exits(tmp_path):
+    out = tmp_path / "run"
+    proc = start_inversion(out)
+    try:
+        wait_for_iterations(out, 3)
+        assert "asked" in smi("watch", out, "--stop", check=True).stdout
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "smi invert --resume --out" in stderr
+    (row,) = json.loads(smi("runs", out, "--json", check=True).stdout)
+    assert row["status"] == "interrupted"
+    assert_one_line_error(smi("watch", out, "--stop"), "is interrupted")
+
+
+def test_piped_progress_arrives_while_the_job_runs(tmp_path):
+    out = tmp_path / "run"
+    proc = start_inversion(out, "--progress-every", "0.5")
+    lines, during = [], []
+    try:
+        deadline = time.time() + 120
+        while len(during) < 3 and time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("invert ") and proc.poll() is None:
+                during.append(line)
+        assert len(during) == 3, lines
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[1]
+    for line in during:  # whole plain lines: count, batch, kept patches, losses, speed, elapsed and ETA
+        assert re.match(r"invert \d+/100000 \(\d+%\) · batch 1/1 · kept \d+/64 \(\d+%\) · loss [-\d.e+]+ .*· [\d.]+ it/s · "
+                        r"elapsed \d:\d\d:\d\d · ETA \d+:\d\d:\d\d$", line.rstrip("\n")), line
+    assert not ANSI.search("".join(lines) + rest) and "…" not in "".join(lines) + rest
+    warning = next(line for line in lines if "random weights" in line)  # one line, never wrapped at 80 columns
+    assert len(warning) > 80 and warning.startswith("warning:")
+
+
+def test_the_terminal_bar_keeps_count_elapsed_and_eta_at_80_columns():
+    console = Console(width=80, force_terminal=True, color_system=None, record=True, file=open(os.devnull, "w"))
+    display = TerminalDisplay(console)
+    task = display.add("invert", 12000)
+    display.update(task, 345, "batch 2/3 · kept 44/64 (69%) · loss 2.184 (ce 2.17, tv_l2 0.0115) · 41.6 it/s", eta=125.0)
+    line = _render(display)
+    assert "345/12000" in line and "0:00:00" in line and "ETA 0:02:05" in line and "batch 2/3" in line
+
+
+def _render(display: TerminalDisplay) -> str:
+    console = display.progress.console
+    with console.capture() as captured:
+        console.print(display.progress.make_tasks_table(display.progress.tasks))
+    return captured.get()
+
+
+def test_eta_projects_the_schedule_cost_and_does_not_jump_at_a_batch_start():
+    """Iterations timed exactly by the cost model: the ETA is the true remaining time all along."""
+    from smi_engine.schedule import CostModel
+
+    stops, kept, iterations, batches = [10, 20], [64, 32, 16], 40, 3
+    model = CostModel.of(stops, kept, 1, 48, iterations)
+    seconds = {i: model.cost(i, i + 1) / model.batch_cost for i in range(iterations)}  # a batch takes 1 s
+    updates, clock = [], [0.0]
+    display = SimpleNamespace(add=lambda label, total: SimpleNamespace(total=total),
+                              update=lambda task, completed, info, eta: updates.append((clock[0], eta)))
+    progress = InversionProgress(display)
+    state = RunState()
+    start = {"event": "run_start", "kind": "invert", "iterations": iterations, "pending_batches": list(range(batches)),
+             "batches": batches, "num_patches": 64, "stops": [[10, 0.5], [20, 0.5]], "kept_per_stage": kept,
+             "prefix_tokens": 1, "width": 48, "schedule": "10:0.5,20:0.5", "batch_size": 2, "grid": [8, 8],
+             "time": 0.0, "rank": 0}
+    events = [start]
+    for batch in range(batches):
+        events.append({"event": "batch_start", "batch": batch, "iterations": iterations, "num_patches": 64,
+                       "stop_iterations": stops, "kept_per_stage": kept, "prefix_tokens": 1, "width": 48, "rank": 0})
+        for i in range(iterations):
+            k = kept[sum(i >= s for s in stops)]
+            events.append({"event": "iteration", "batch": batch, "iteration": i, "kept": k, "tokens": k + 1,
+                           "seconds": seconds[i], "images_per_s": 1.0, "tokens_per_s": 1.0, "losses": {"total": 1.0},
+                           "rank": 0})
+        events.append({"event": "batch_end", "batch": batch, "rank": 0})
+    for event in events:
+        if event["event"] == "iteration":
+            clock[0] += event["seconds"]
+            event["time"] = clock[0]
+        progress(event)
+        state.apply(event)
+        if event["event"] == "iteration":  # the dashboard's ETA: what is left, exactly
+            assert state.eta_seconds == pytest.approx(batches - clock[0], abs=1e-6)
+    assert len(updates) == batches * iterations  # the progress line's ETA: the same
+    assert all(eta == pytest.approx(batches - now, abs=1e-6) for now, eta in updates)
+
+
+def test_log_display_writes_at_the_interval_and_when_done():
+    written, now = [], [0.0]
+    display = LogDisplay(written.append, every=10.0, clock=lambda: now[0])
+    task = display.add("eval", 100)
+    for step in range(1, 101):
+        now[0] = step * 0.5
+        display.update(task, step)
+    assert [line.split(" ")[1] for line in written] == ["1/100", "21/100", "41/100", "61/100", "81/100", "100/100"]
+    assert written[-1].endswith("ETA 0:00:00")
+
+
+def test_runs_lists_every_kind_newest_first_with_headline_results(tmp_path, digits_teacher):
+    teacher = tmp_path / "teacher"
+    smi("teacher", "train", "--data", "digits", "--model", "vit_tiny_patch16_224", "--model-args",
+        "img_size=16,patch_size=4,depth=1,embed_dim=24,num_heads=2,in_chans=1", "--mean", "0.5", "--std", "0.5",
+        "--epochs", "1", "--limit", "64", "--no-flip", "--out", teacher, "--device", "cpu", check=True)
+    sparse = tmp_path / "demo" / "sparse"  # one level deeper, as smi demo lays runs out
+    smi("invert", "--teacher", digits_teacher, "--iterations", "6", "--batch-size", "4", "--schedule", "2:0.5",
+        "--device", "cpu", "--out", sparse, check=True)
+    unfinished_copy(RECORDED, tmp_path / "old")
+    (tmp_path / "not-a-run").mkdir()
+    rows = json.loads(smi("runs", tmp_path, "--json", check=True).stdout)
+    by_kind = {r["kind"]: r for r in rows}
+    assert [r["run"] for r in rows][:2] == [str(sparse), str(teacher)]  # newest first
+    assert by_kind["teacher"]["status"] == "finished" and 0 <= by_kind["teacher"]["result"]["top1"] <= 100
+    invert = rows[0]
+    assert invert["schedule"] == "2:0.5 (smi)" and invert["kept"] == "8/16" and invert["images"] == 4
+    assert 0 <= invert["result"]["teacher_accuracy"] <= 100 and invert["wall_seconds"] > 0
+    old = next(r for r in rows if r["run"] == str(tmp_path / "old"))
+    assert old["status"] == "stalled" and old["reason"].startswith("last event")  # recorded long ago, elsewhere
+    table = smi("runs", tmp_path, check=True, env={"COLUMNS": "80"}).stdout
+    assert "teacher acc" in table and "finished" in table and "stalled" in table and "…" not in table
+    assert smi("runs", tmp_path, "--quiet", check=True).stdout.split() == [r["run"] for r in rows]
+    assert_one_line_error(smi("runs", tmp_path / "nowhere"), "does not exist")
+
+
+def test_help_starts_without_torch_and_completion_too(tmp_path):
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('LOADED', [m for m in ('torch', 'timm', 'textual') if m in sys.modules], file=sys.stderr))\n"
+             "from smi_cli.app import main\nmain()\n")
+    for argv, env in ((["--help"], {}), (["--version"], {}), (["invert", "--help"], {}), (["runs", "--help"], {}),
+                      ([], {"_SMI_COMPLETE": "complete_bash", "COMP_WORDS": "smi inv", "COMP_CWORD": "1"})):
+        proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                              env={**os.environ, **env})
+        assert "LOADED []" in proc.stderr, (argv, proc.stderr)
+        if env:
+            assert proc.stdout.split() == ["invert"]
+
+
+COMMANDS = (["invert"], ["quantize"], ["distill"], ["eval"], ["runs"], ["watch"], ["task"], ["plugins"], ["bench"],
+            ["demo"], ["teacher", "train"], ["data", "info"], ["data", "fetch"])
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_teaches_and_fits_80_columns(command):
+    text = smi(*command, "--help", check=True, env={"COLUMNS": "80"}).stdout
+    assert "Example" in text and f"smi {' '.join(command)}" in text.split("Example", 1)[1]
+    assert "<bool>" not in text and "…" not in text and "{" not in text.splitlines()[0]
+    assert "--quiet" in text
+    if "--json" in text:  # a flag everywhere: it takes no value
+        assert re.search(r"--json\s{2,}Print", text), text
+
+
+def test_usage_lines_name_arguments_plainly():
+    assert smi("watch", "--help", check=True).stdout.startswith("Usage: smi watch [OPTIONS] RUNS...")
+    assert smi("runs", "--help", check=True).stdout.startswith("Usage: smi runs [OPTIONS] [DIRS...]")
+
+
+def test_plugins_table_never_cuts_a_name_when_piped():
+    text = smi("plugins", check=True, env={"COLUMNS": "40"}).stdout
+    assert "deepinversion" in text and "…" not in text
+
+
+class RecordedNvml:
+    """NVML as ``pynvml`` presents it, returning a reading recorded on an H100 mid-inversion."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self):
+        self.handles = []
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.handles.append(uuid)
+        return "handle"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=87, memory=41)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(total=85_520_809_984, free=80_047_554_560, used=5_473_255_424)
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 64
+
+
+def test_nvml_reading_reaches_events_and_the_header():
+    nvml = RecordedNvml()
+    monitor = open_monitor("cuda", 0, "58e5ab2c-1f2e-4b7a-9f43-0c7ad1b3a9e1", nvml)
+    reading = monitor.read()
+    assert nvml.handles == ["GPU-58e5ab2c-1f2e-4b7a-9f43-0c7ad1b3a9e1"]
+    assert reading == {"utilization": 87.0, "memory_used_mb": 5_473_255_424 / 2**20,
+                       "memory_total_mb": 85_520_809_984 / 2**20, "temperature_c": 64.0}
+    from smi_cli.dashboard.widgets import gpu_text
+
+    assert gpu_text(reading) == "GPU 87% · 5.1/80 GB · 64°C"
+    state = RunState()
+    state.apply({"event": "iteration", "batch": 0, "iteration": 0, "kept": 1, "tokens": 2, "seconds": 0.1,
+                 "images_per_s": 1.0, "tokens_per_s": 1.0, "losses": {"total": 1.0}, "gpu": reading, "time": 1.0})
+    assert state.gpu == reading
+
+
+def test_nvml_absent_or_without_a_driver_gives_no_reading():
+    assert open_monitor("cpu", None, None) is None
+    blocked = subprocess.run([sys.executable, "-c", "import sys; sys.modules['pynvml'] = None\n"
+                              "from smi_engine.gpu import open_monitor\nprint(open_monitor('cuda', 0, 'x'))"],
+                             capture_output=True, text=True, check=True)
+    assert blocked.stdout.strip() == "None"
+    pynvml = pytest.importorskip("pynvml")
+    monitor = open_monitor("cuda", 0, None, pynvml)  # this machine's own NVML: no driver, or a real GPU
+    if monitor is not None:
+        reading = monitor.read()
+        assert reading is None or 0 <= reading["utilization"] <= 100
+
+
+def test_the_dashboard_fits_80_by_24():
+    async def main():
+        async with Dashboard([RECORDED], ["invert"], follow=False).run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            app = pilot.app
+            throughput = app.query_one(Throughput)
+            assert throughput.content_region.height >= 6  # every row, the ETA included, is on screen
+            retention = app.query_one(PatchRetention)
+            assert retention.border_subtitle == "3 of 4 images drawn"
+
+    asyncio.run(main())
+
+
+def test_tensorboard_sink_writes_losses_patches_and_previews(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    smi("invert", *TINY, "--iterations", "8", "--batch-size", "2", "--schedule", "3:0.5", "--device", "cpu",
+        "--sink", "tensorboard", "--out", out, "--quiet", check=True)
+    (events_file,) = (out / "tensorboard").iterdir()
+    log = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    log.Reload()
+    tags = log.Tags()
+    assert {"loss/total", "loss/deepinversion.ce", "loss/deepinversion.tv_l2", "patches/kept",
+            "throughput/images_per_s"} <= set(tags["scalars"])
+    assert [e.value for e in log.Scalars("patches/kept")] == [64] * 3 + [32] * 5
+    assert tags["images"] and events_file.name.startswith("events.out.tfevents")
