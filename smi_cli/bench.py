@@ -34,7 +34,7 @@ def bench(
     Per stage and phase, end to end, and against the token-FLOP bound.
 
     \b
-    Example: SMI and Patch Rebirth at the seed's schedule, and PRI at a steeper one
+    Example: SMI and Patch Rebirth at the seed's schedule, PRI at a steeper one
       smi bench --compare smi --compare pri --compare pri@20:0.5,40:0.5,80:0.5
     """
     from smi_engine.bench import BenchConfig, run_benchmark

@@ -53,7 +53,7 @@ def fetch(
 
     \b
     Example:
-      smi data fetch cifar10 ~/data/cifar10    # then: --data cifar10:~/data/cifar10
+      smi data fetch cifar10 ~/data/c10    # then: --data cifar10:~/data/c10
     """
     if name not in FETCHABLE:
         raise SmiError(f"cannot fetch {name!r}: fetchable datasets are {', '.join(FETCHABLE)}")

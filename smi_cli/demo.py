@@ -32,7 +32,7 @@ def demo(
     \b
     Examples:
       smi demo
-      smi demo --selection smi --selection pri    # dense against SMI and Patch Rebirth
+      smi demo --selection smi --selection pri    # dense, SMI and Patch Rebirth
     """
     from smi_engine import demo as recipe
     from smi_engine.device import resolve_device

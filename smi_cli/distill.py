@@ -62,9 +62,9 @@ def distill(
     validation alone.
 
     \b
-    Example: the seed's protocol on a pre-inverted pool (replayed one batch per round)
-      smi distill --recipe seed --teacher runs/teacher --student runs/student-0-4 \\
-        --pool runs/sparse --data fashion-mnist
+    Example: the seed's protocol, a pre-inverted pool revealed a batch per round
+      smi distill --recipe seed --teacher runs/teacher \\
+        --student runs/student-0-4 --pool runs/sparse --data fashion-mnist
     """
     from smi_cli.signals import stop_on_signals
     from smi_engine import distributed

@@ -41,9 +41,9 @@ def quantize(
 
     \b
     Examples:
-      smi quantize --teacher runs/teacher --calib runs/sparse --data fashion-mnist \\
-        --scheme repq --w-bit 4 --a-bit 4 --out runs/w4a4
-      smi quantize --teacher runs/teacher --calib noise --data fashion-mnist --json
+      smi quantize --teacher runs/teacher --calib runs/sparse \\
+        --data fashion-mnist --scheme repq --w-bit 4 --a-bit 4 --out runs/w4a4
+      smi quantize --teacher runs/teacher --calib noise --data digits --json
     """
     from smi_engine.device import resolve_device
     from smi_engine.plugins import get_registry

@@ -241,6 +241,7 @@ def test_help_teaches_and_fits_80_columns(command):
     text = smi(*command, "--help", check=True, env={"COLUMNS": "80"}).stdout
     assert "Example" in text and f"smi {' '.join(command)}" in text.split("Example", 1)[1]
     assert "<bool>" not in text and "…" not in text and "{" not in text.splitlines()[0]
+    assert max(len(line) for line in text.splitlines()) <= 80  # wrapped, examples included
     assert "--quiet" in text
     if "--json" in text:  # a flag everywhere: it takes no value
         assert re.search(r"--json\s{2,}Print", text), text

@@ -142,7 +142,8 @@ class RunState:
         self.kind = e.get("kind", self.kind)
         self.model = e.get("model") or e.get("student") or self.model
         self.device = e.get("device", self.device)
-        self.pid, self.host = e.get("pid"), e.get("host")
+        if e.get("rank", 0) == 0:  # the process that holds the run's lock
+            self.pid, self.host = e.get("pid"), e.get("host")
         self.model_has_weights = e.get("model_has_weights", True)
         if self.kind == "invert":
             self.schedule, self.stops = e["schedule"], [tuple(s) for s in e["stops"]]
