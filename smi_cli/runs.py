@@ -11,7 +11,7 @@ import typer
 
 from smi_cli import options as o
 from smi_cli.console import print_json, show, stderr, stdout
-from smi_cli.dashboard.state import RunState
+from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.help import command
 from smi_cli.progress import duration
 from smi_engine.errors import SmiError
@@ -141,8 +141,6 @@ def _result(kind: str, summary: dict) -> dict[str, float] | None:
 
 
 RESULT_LABELS = {"teacher_accuracy": "teacher acc", "top1": "top-1", "fp32_top1": "fp32"}
-STATUS_STYLES = {"finished": "green", "failed": "red", "dead": "bold red", "stalled": "yellow", "interrupted": "yellow",
-                 "paused": "yellow", "running": "cyan"}
 
 
 def show_runs(rows: list[dict[str, Any]]) -> None:

@@ -219,11 +219,11 @@ def test_runs_lists_every_kind_newest_first_with_headline_results(tmp_path, digi
     assert_one_line_error(smi("runs", tmp_path / "nowhere"), "does not exist")
 
 
-def test_help_starts_without_torch_and_completion_too(tmp_path):
+def test_help_completion_and_smi_runs_start_without_torch():
     probe = ("import atexit, sys\n"
              "atexit.register(lambda: print('LOADED', [m for m in ('torch', 'timm', 'textual') if m in sys.modules], file=sys.stderr))\n"
              "from smi_cli.app import main\nmain()\n")
-    for argv, env in ((["--help"], {}), (["--version"], {}), (["invert", "--help"], {}), (["runs", "--help"], {}),
+    for argv, env in ((["--help"], {}), (["--version"], {}), (["invert", "--help"], {}), (["runs", str(RECORDED)], {}),
                       ([], {"_SMI_COMPLETE": "complete_bash", "COMP_WORDS": "smi inv", "COMP_CWORD": "1"})):
         proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
                               env={**os.environ, **env})

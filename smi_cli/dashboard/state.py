@@ -31,6 +31,9 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "epoch_end": {"epoch": int, "epochs": int, "val_top1": _NUMBER},
     "train_step": {"epoch": int, "step": int, "loss": _NUMBER},
 }
+#: How each status is coloured, in the dashboard header and in `smi runs`.
+STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
+                 "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red"}
 RECENT_EVENTS = 64  # event times kept to measure a run's usual interval between events
 
 

@@ -10,7 +10,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from smi_cli.dashboard.drawing import bar_chart, half_blocks
-from smi_cli.dashboard.state import RunState
+from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.progress import duration
 from smi_engine.liveness import Liveness
 from smi_engine.preview import split_tiles
@@ -38,10 +38,6 @@ class Panel(Static):
 
     def render_state(self, state: RunState, run_dir: Path):  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
-                 "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red"}
 
 
 class RunHeader(Panel):
