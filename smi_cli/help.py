@@ -22,6 +22,28 @@ class SmiCommand(TyperCommand):
         return pieces
 
 
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        """Arguments, then one section per help panel (Model options, Run options, ...) in the
+        order they first appear, then the remaining options."""
+        arguments, sections = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(record)
+            else:
+                sections.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        general = sections.pop("Options", [])
+        for name, records in [*sections.items(), ("Options", general)]:
+            if records:
+                with formatter.section(name):
+                    formatter.write_dl(records)
+
+
 def new_app(**options: Any) -> typer.Typer:
     """A Typer app (or group) with smi's help conventions."""
     return typer.Typer(rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -15,26 +15,30 @@ from smi_engine.errors import SmiError
 if TYPE_CHECKING:
     from smi_engine.models import ModelSpec
 
-Model = Annotated[Optional[str], typer.Option("--model", help="timm model name, e.g. deit_tiny_patch16_224.")]
-ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="timm keyword arguments, e.g. img_size=32,patch_size=4,num_classes=10.")]
-Pretrained = Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights (needs the network).")]
-Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="A plain state_dict (.safetensors, .pth, .pt, .bin).")]
-Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5 or 0.485,0.456,0.406 (default: timm's data config).")]
-Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std per channel (default: timm's data config).")]
-Teacher = Annotated[Optional[Path], typer.Option("--teacher", help="A model folder from `smi teacher train` (instead of --model ...).")]
+# Help sections (smi_cli.help prints one per name; the rest go under "Options").
+MODEL, RUN, OUTPUT = "Model options", "Run options", "Output options"
+
+Model = Annotated[Optional[str], typer.Option("--model", help="timm model name, e.g. deit_tiny_patch16_224.", rich_help_panel=MODEL)]
+ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="timm keyword arguments, e.g. img_size=32,patch_size=4,num_classes=10.", rich_help_panel=MODEL)]
+Pretrained = Annotated[bool, typer.Option("--pretrained", help="Start from timm's pretrained weights (needs the network).", rich_help_panel=MODEL)]
+Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="A plain state_dict (.safetensors, .pth, .pt, .bin).", rich_help_panel=MODEL)]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5 or 0.485,0.456,0.406 (default: timm's data config).", rich_help_panel=MODEL)]
+Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std per channel (default: timm's data config).", rich_help_panel=MODEL)]
+Teacher = Annotated[Optional[Path], typer.Option("--teacher", help="A model folder from `smi teacher train` (instead of --model ...).", rich_help_panel=MODEL)]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
-# Output: the same three flags on every command.
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on the terminal (errors still show).")]
-Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress stays on stderr).")]
+# The same output flags on every command.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on the terminal (errors still show).", rich_help_panel=OUTPUT)]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (progress stays on stderr).", rich_help_panel=OUTPUT)]
 ProgressEvery = Annotated[float, typer.Option(
     "--progress-every", envvar="SMI_PROGRESS_EVERY", metavar="SECONDS",
-    help="When stderr is not a terminal (a log file, nohup, SLURM): seconds between plain progress lines.")]
+    help="When stderr is not a terminal (a log file, nohup, SLURM): seconds between plain progress lines.",
+    rich_help_panel=OUTPUT)]
 
-Selection = Annotated[str, typer.Option("--selection", help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).")]
-SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.")]
-Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).")]
+Selection = Annotated[str, typer.Option("--selection", help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).", rich_help_panel=RUN)]
+SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.", rich_help_panel=RUN)]
+Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).", rich_help_panel=RUN)]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).", rich_help_panel=RUN)]
 
 
 def model_spec(
