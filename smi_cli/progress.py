@@ -42,7 +42,9 @@ class Task:
     def remaining(self, now: float) -> float | None:
         if self.eta is not None:
             return self.eta
-        if self.completed <= 0:
+        if self.completed >= self.total:
+            return 0.0
+        if self.completed <= 0 or now - self.started < 1.0:  # too early for a speed to mean anything
             return None
         return (now - self.started) / self.completed * max(self.total - self.completed, 0)
 

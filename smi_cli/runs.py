@@ -15,7 +15,7 @@ from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.help import command
 from smi_cli.progress import duration
 from smi_engine.errors import SmiError
-from smi_engine.events import read_events
+from smi_engine.events import parse_lines, read_events
 from smi_engine.files import read_json
 from smi_engine.rundir import RunDir
 
@@ -75,10 +75,23 @@ def find_runs(folders: list[Path]) -> list[Path]:
 
 
 def read_run(path: Path) -> RunState:
-    """Every event of a run folded into one state."""
-    state = RunState(kind=RunDir(path).read_config().get("kind", "invert"))
-    for event in read_events(RunDir(path).events):
-        state.apply(event)
+    """A run's events folded into one state. A finished run's summary holds its results, so
+    only the head of its log is read, up to ``run_start`` (a long run logs tens of thousands of
+    events)."""
+    run_dir = RunDir(path)
+    state = RunState(kind=run_dir.read_config().get("kind", "invert"))
+    if not run_dir.is_finished:
+        for event in read_events(run_dir.events):
+            state.apply(event)
+        return state
+    with open(run_dir.events, "rb") as log:
+        for line in log:
+            events, _, _ = parse_lines(line.rstrip(b"\n") + b"\n")
+            for event in events:
+                state.apply(event)
+            if any(event.get("event") == "run_start" for event in events):
+                break
+    state.finished = True  # summary.json is written last: its presence marks a finished run
     return state
 
 
