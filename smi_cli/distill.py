@@ -51,6 +51,7 @@ def distill(
     val_every: Annotated[Optional[int], typer.Option(help="Validate every N rounds (and after the last) (default: 1).", show_default=False, rich_help_panel=ROUNDS)] = None,
     limit: Annotated[int, typer.Option(help="Validate on at most N images (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this sink, repeatable: tensorboard (built in) or a plugin's.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/TIME-distill).", show_default=False)] = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
@@ -93,7 +94,7 @@ def distill(
         "linear_probe": linear_probe, "flip": flip, "val_every": val_every,
     })
     options.update({"teacher": teacher_spec.to_dict(), "student": student_spec.to_dict(), "data": data,
-                    "pools": list(pool or []), "seed": seed, "limit": limit or None})
+                    "pools": list(pool or []), "seed": seed, "limit": limit or None, "sinks": list(sink or [])})
     if synthesize:
         specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
         options["synthesize"] = InversionConfig(model=teacher_spec, schedule=schedule, iterations=iterations,

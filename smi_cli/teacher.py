@@ -6,7 +6,7 @@ import datetime as dt
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -33,6 +33,7 @@ def train(
     shift: Annotated[float, typer.Option(help="Random translation, fraction of the image size.")] = 0.125,
     limit: Annotated[int, typer.Option(help="Use only the first N training images (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this sink, repeatable: tensorboard (built in) or a plugin's.")] = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
     json_output: o.Json = False,
@@ -50,6 +51,7 @@ def train(
     from smi_engine.data import load_data
     from smi_engine.device import resolve_device
     from smi_engine.errors import SmiError
+    from smi_engine.inversion_run import build_sinks
     from smi_engine.models import ModelSpec, load_model
     from smi_engine.rundir import RunDir
     from smi_engine.runlock import RunLock
@@ -72,15 +74,16 @@ def train(
     if loaded.num_classes != splits.num_classes:
         raise SmiError(f"the model has {loaded.num_classes} classes but {data} has {splits.num_classes}: pass --model-args num_classes={splits.num_classes}")
     run_dir = RunDir(out)
+    run_config = {"model": spec.to_dict(), "data": data, "train": config.to_dict()}
+    sinks = build_sinks(sink or [], run_dir, run_config)  # a sink that cannot start fails before anything is written
     run_dir.check_claimable("teacher")
     with RunLock(out):
-        run_dir.create({"config": {"model": spec.to_dict(), "data": data, "train": config.to_dict()},
-                        "created": dt.datetime.now().isoformat(timespec="seconds")}, "teacher")
-        _train(run_dir, loaded, spec, splits, config, data, epochs, torch_device, display, quiet, json_output)
+        run_dir.create({"config": run_config, "created": dt.datetime.now().isoformat(timespec="seconds")}, "teacher")
+        _train(run_dir, loaded, spec, splits, config, data, epochs, torch_device, display, sinks, quiet, json_output)
 
 
-def _train(run_dir, loaded, spec, splits, config, data: str, epochs: int, torch_device, display, quiet: bool,
-           json_output: bool) -> None:
+def _train(run_dir, loaded, spec, splits, config, data: str, epochs: int, torch_device, display, sinks: list,
+           quiet: bool, json_output: bool) -> None:
     from smi_cli.signals import stop_on_signals
     from smi_engine.control import RunControl, RunInterrupted
     from smi_engine.events import EventBus, JsonlSink
@@ -90,20 +93,24 @@ def _train(run_dir, loaded, spec, splits, config, data: str, epochs: int, torch_
 
     out = run_dir.path
     control = RunControl(run_dir)
-    bus = EventBus([JsonlSink(run_dir.events), TrainingProgress(display, "train", "epoch")])
+    bus = EventBus([JsonlSink(run_dir.events), TrainingProgress(display, "train", "epoch"), *sinks])
     bus.emit("run_start", kind="teacher", pid=os.getpid(), host=socket.gethostname(), model=spec.name, data=data,
              epochs=epochs, device=str(torch_device))
     try:
         with stop_on_signals(control, stderr), display:
             metrics = train_classifier(loaded, splits, config, torch_device, bus, control)
+        save_model(out, loaded, {"data": data, "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
+        summary = {"model_dir": str(out), "model": spec.name, "data": data, **metrics}
+        write_json(run_dir.summary, summary)
+        bus.emit("run_end", summary=summary)
     except RunInterrupted as exc:
         bus.emit("run_interrupted", message=str(exc))
         fail(f"{exc}; nothing saved (training restarts from scratch)", code=130)
-    save_model(out, loaded, {"data": data, "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
-    summary = {"model_dir": str(out), "model": spec.name, "data": data, **metrics}
-    write_json(run_dir.summary, summary)
-    bus.emit("run_end", summary=summary)
-    bus.close()
+    except Exception as exc:  # the log says how the run ended: failed, not dead
+        bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
+        raise
+    finally:
+        bus.close()
     if json_output:
         print_json(summary)
     elif not quiet:

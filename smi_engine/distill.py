@@ -37,7 +37,7 @@ from smi_engine.evaluate import evaluate
 from smi_engine.events import EventBus, EventSink, JsonlSink
 from smi_engine.files import write_json
 from smi_engine.invert import InversionConfig, Inverter
-from smi_engine.inversion_run import build_losses
+from smi_engine.inversion_run import build_losses, build_sinks
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.pool import Pool, load_pool, write_shard
 from smi_engine.resources import MemoryProbe
@@ -98,6 +98,7 @@ class DistillConfig:
     val_every: int = 1
     seed: int = 0
     limit: int | None = None
+    sinks: list[str] = field(default_factory=list)  # extra event sinks by name (--sink tensorboard)
 
     def validate(self) -> None:
         if not self.pools and self.synthesize is None:
@@ -208,6 +209,7 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     bus = EventBus(list(sinks), rank=placement.rank)
     # Built (losses, schedule against the teacher) before anything is written.
     synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control, placement)
+    plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict()) if placement.is_main else []
     if placement.is_main:
         run_dir.check_claimable(RUN_KIND)
     lock = RunLock(run_dir.path).acquire() if placement.is_main else None
@@ -217,6 +219,8 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
                             "world_size": placement.world_size}, RUN_KIND)
         placement.barrier()
         bus.subscribe(JsonlSink(run_dir.events))
+        for sink in plugin_sinks:
+            bus.subscribe(sink)
         try:
             return _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement)
         except RunInterrupted as exc:

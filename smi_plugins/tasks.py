@@ -63,7 +63,7 @@ class KnowledgeTransferTask:
             optimizer=o.text("optimizer", "adamw"), lr=o.real("lr", 1e-3), lr_schedule=o.text("lr_schedule", "cosine"),
             weight_decay=o.real("weight_decay", 1e-4), temperature=o.real("temperature", 20.0),
             linear_probe=o.flag("linear_probe"), flip=o.flag("flip", True), val_every=o.integer("val_every", 1),
-            seed=o.integer("seed", 0), limit=o.integer("limit") or None,
+            seed=o.integer("seed", 0), limit=o.integer("limit") or None, sinks=o.texts("sinks"),
         )
         out = context.out or (Path(o.text("out")) if o.has("out") else None)
         o.check_unknown()

@@ -25,7 +25,8 @@ class TensorBoardSink:
         except ImportError:
             raise SmiError("--sink tensorboard needs the tensorboard package: pip install 'smi-toolkit[tensorboard]'") from None
         self.run_dir = Path(run_dir)
-        self.iterations = int(config.get("iterations") or 0)  # global step = batch * iterations + iteration
+        # global step of an inversion = batch * iterations + iteration (distill --synthesize: its batches)
+        self.iterations = int(config.get("iterations") or (config.get("synthesize") or {}).get("iterations") or 0)
         self.open_writer, self._writer = SummaryWriter, None
 
     @property

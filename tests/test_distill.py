@@ -1,7 +1,9 @@
 """Data-free knowledge transfer."""
 
+import importlib.util
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -150,6 +152,14 @@ def test_rounds_draw_steps_from_a_growing_pool(tmp_path, digits_teacher, real_po
     assert all(h["lr"] == 0.1 for h in history)
     steps = [e for e in read_events(tmp_path / "kt") if e["event"] == "train_step"]
     assert len(steps) == 5 * 2 == steps[-1]["total_steps"] == steps[-1]["done_steps"]
+    if importlib.util.find_spec("tensorboard") is not None:  # --sink tensorboard: the same curves for TensorBoard
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        logged = run_distillation(replace(config, sinks=["tensorboard"]), tmp_path / "kt-tb", torch.device("cpu"))
+        log = EventAccumulator(str(tmp_path / "kt-tb" / "tensorboard"), size_guidance={"scalars": 0})
+        log.Reload()
+        assert [e.value for e in log.Scalars("val/top1")] == pytest.approx([h["val_top1"] for h in logged["history"]])
+        assert len(log.Scalars("train/loss")) == 5 * 2
     cosine = run_distillation(DistillConfig(config.teacher, STUDENT, "digits", pools=[str(real_pool)], epochs=3,
                                             steps_per_round=1, batch_size=16, lr=0.1, limit=32), tmp_path / "cos",
                               torch.device("cpu"))

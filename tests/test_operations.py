@@ -339,3 +339,21 @@ def test_tensorboard_sink_writes_losses_patches_and_previews(tmp_path):
             "throughput/images_per_s"} <= set(tags["scalars"])
     assert [e.value for e in log.Scalars("patches/kept")] == [64] * 3 + [32] * 5
     assert tags["images"] and events_file.name.startswith("events.out.tfevents")
+
+
+def test_tensorboard_sink_follows_training_runs_too(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "teacher"
+    smi("teacher", "train", "--data", "digits", "--model", "vit_tiny_patch16_224", "--model-args",
+        "img_size=16,patch_size=4,depth=1,embed_dim=24,num_heads=2,in_chans=1", "--mean", "0.5", "--std", "0.5",
+        "--epochs", "2", "--limit", "64", "--batch-size", "32", "--no-flip", "--sink", "tensorboard", "--out", out,
+        "--device", "cpu", "--quiet", check=True)
+    log = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    log.Reload()
+    assert [e.step for e in log.Scalars("train/loss")] == [1, 2, 3, 4]  # 2 epochs of 2 steps
+    assert [e.step for e in log.Scalars("val/top1")] == [0, 1]
+    assert_one_line_error(smi("teacher", "train", "--data", "digits", "--model", "vit_tiny_patch16_224", "--sink", "nope",
+                              "--out", tmp_path / "other", "--device", "cpu"), "unknown event sink 'nope'")
+    assert not (tmp_path / "other").exists()
