@@ -114,7 +114,8 @@ class TerminalDisplay(NoDisplay):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
-            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+            TextColumn("{task.fields[info]}", markup=False,  # loss names are plugins' words, not markup
+                       table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
             console=console, transient=False, expand=True,
         )
         self.ids: dict[int, Any] = {}
