@@ -120,10 +120,8 @@ def speedup_bound(
     optimiser on the pixels, the image prior) is what keeps a real run below this bound.
     """
     dense = iterations * block_flops(num_patches + prefix_tokens, width)
-    sparse = sum(
-        length * block_flops(kept + prefix_tokens, width)
-        for kept, length in zip(schedule.kept_patches(num_patches), schedule.stage_lengths(iterations))
-    )
+    sparse = CostModel.of([s.iteration for s in schedule.stops], schedule.kept_patches(num_patches), prefix_tokens,
+                          width, iterations).batch_cost
     return dense / sparse
 
 
