@@ -28,7 +28,7 @@ def invert(
     ctx: typer.Context,
     model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None, teacher: o.Teacher = None,
-    schedule: Annotated[str, typer.Option(help=f"'dense', or stops ITERATION:RATIO,... (ratio of the remaining patches), e.g. {SEED_SCHEDULE_TEXT}.", rich_help_panel=RUN)] = "dense",
+    schedule: Annotated[str, typer.Option(help=f"'dense'; stops ITERATION:RATIO,... (ratio of the remaining patches), e.g. {SEED_SCHEDULE_TEXT}; or every:V (V equal shares at k*T/V: Patch Rebirth).", rich_help_panel=RUN)] = "dense",
     iterations: Annotated[int, typer.Option(help="Optimisation steps per batch.", rich_help_panel=RUN)] = 4000,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=RUN)] = 32,
     batches: Annotated[int, typer.Option(help="How many batches to synthesise.", rich_help_panel=RUN)] = 1,
@@ -153,13 +153,20 @@ def print_summary(summary: dict) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    kept = f"{summary['kept_patches']}/{summary['num_patches']} ({100 * summary['kept_fraction']:.0f}%)"
+    per_image, images, trajectories = summary["patches_per_image"], summary["images"], summary["trajectories"]
+    counts = "/".join(str(n) for n in dict.fromkeys(per_image))  # each distinct count once
+    kept = f"{counts}/{summary['num_patches']} per image ({100 * summary['kept_fraction']:.0f}%)"
+    made = f"{images} images" if images == trajectories else f"{images} images from {trajectories} trajectories"
+    bound = f"{summary['speedup_bound']:.2f}x (token FLOPs of the schedule)"
+    if images != trajectories:
+        bound = f"{summary['speedup_bound_per_image']:.2f}x per image (token FLOPs of the schedule; per trajectory {summary['speedup_bound']:.2f}x)"
     losses = " · ".join(f"{k} {v:.4g}" for k, v in summary["final_losses"].items())
     for key, value in (
         ("schedule", summary["schedule"] + ("" if summary["schedule"] == "dense" else f" · selection {summary['selection']}")),
-        ("images", f"{summary['images']} in {summary['seconds']:.1f} s ({summary['iterations_per_second']:.1f} it/s)"),
+        ("images", f"{made} in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} images/s, "
+                   f"{summary['iterations_per_second']:.1f} it/s)"),
         ("kept patches", kept),
-        ("speedup bound", f"{summary['speedup_bound']:.2f}x (token FLOPs of the schedule)"),
+        ("speedup bound", bound),
         ("teacher accuracy", f"{100 * summary['teacher_accuracy']:.1f}% on the synthetic images"),
         ("final losses", losses),
         ("pool", summary["pool"]),

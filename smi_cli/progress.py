@@ -162,6 +162,8 @@ class InversionProgress:
         self.task: Task | None = None
         self.iterations, self.batches, self.num_patches = 1, 0, 1
         self.done_batches, self.open_batch, self.total_batches = -1, None, 0
+        self.images_made, self.total_images = 0, 0  # images written to the pool (several per trajectory under pri)
+        self.shown: tuple[dict[str, Any], float | None] | None = None  # the latest iteration shown, and its ETA
         self.model: CostModel | None = None
         self.seconds = self.cost_done = 0.0
         self.rate = 0.0
@@ -171,11 +173,16 @@ class InversionProgress:
         if kind in ("run_start", "run_resumed") and event.get("kind") == "invert":
             self._start(event["iterations"], len(event["pending_batches"]), event["batches"])
             self.num_patches = event["num_patches"]
+            self.total_images = event["batches"] * event["batch_size"] * event.get("images_per_trajectory", 1)
             self.model = CostModel.of([s[0] for s in event["stops"]], event["kept_per_stage"], event["prefix_tokens"],
                                       event["width"], event["iterations"])
         elif kind == "run_start" and event.get("synthesis"):
             synthesis = event["synthesis"]
             self._start(synthesis["iterations"], synthesis["batches"], synthesis["batches"])
+        elif kind == "batch_end":
+            self.images_made += event.get("images", 0)
+            if self.shown is not None:
+                self._show(*self.shown)
         elif kind in ("batch_start", "batch_resumed"):
             self.done_batches += 1
             if kind == "batch_start" and (self.model is None or self.model.iterations != event["iterations"]):
@@ -200,10 +207,16 @@ class InversionProgress:
             later_batches = max(self.batches - self.done_batches - 1, 0)
             remaining = self.model.cost(done_in_batch, self.iterations) + later_batches * self.model.batch_cost
             eta = self.seconds / max(self.cost_done, 1e-9) * remaining
+        self.shown = (event, eta)
+        if done_in_batch < self.iterations:  # a batch's last iteration is shown by its batch_end, with its images
+            self._show(event, eta)
+
+    def _show(self, event: dict[str, Any], eta: float | None) -> None:
         kept, losses = event["kept"], event["losses"]
-        info = (f"batch {event['batch'] + 1}/{self.total_batches} · kept {kept}/{self.num_patches} "
+        images = f" · images {self.images_made}/{self.total_images}" if self.total_images else ""
+        info = (f"batch {event['batch'] + 1}/{self.total_batches}{images} · kept {kept}/{self.num_patches} "
                 f"({100 * kept / self.num_patches:.0f}%) · loss {losses['total']:.4g}{_terms(losses)} · {self.rate:.1f} it/s")
-        completed = max(self.done_batches, 0) * self.iterations + done_in_batch
+        completed = max(self.done_batches, 0) * self.iterations + event["iteration"] + 1
         self.display.update(self.task, min(completed, self.task.total), info, eta)
 
 

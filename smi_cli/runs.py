@@ -134,7 +134,7 @@ def _kept(state: RunState, summary: dict) -> str | None:
 
 def _images(state: RunState, summary: dict) -> int | None:
     if state.kind == "invert":
-        return summary.get("images", state.batches_done * state.batch_size)
+        return summary.get("images", state.images_made)
     return summary.get("synthetic_images") or summary.get("calib_images")
 
 

@@ -46,7 +46,7 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0"
 
 def flag_value(option: str, value: Any) -> bool:
     """A yes/no option given as a bool or as text (``true``/``false``, ``yes``/``no``, ``1``/``0``);
-    ``option`` is how the user writes it, e.g. ``--selection-option pri.keep_leaving``."""
+    ``option`` is how the user writes it, e.g. ``--selection-option pri.keep_remaining``."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -55,3 +55,11 @@ def flag_value(option: str, value: Any) -> bool:
     if word in TRUE_WORDS or word in FALSE_WORDS:
         return word in TRUE_WORDS
     raise SmiError(f"{option}={value} is not true or false: pass e.g. {option}=true")
+
+
+def choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, given as text; ``option`` is how the user writes it."""
+    word = str(value).strip().lower()
+    if word not in choices:
+        raise SmiError(f"{option}={value} is not one of {', '.join(choices)}: pass e.g. {option}={choices[0]}")
+    return word

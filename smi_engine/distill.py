@@ -183,9 +183,10 @@ class _Synthesis:
             for p in trainable:
                 p.requires_grad_(True)
             self.student.train(mode)
-        write_shard(self.run_dir.pool, batch, self.placement.rank, result.images, result.labels, result.keep, {"batch": str(batch)})
+        made = result.pool()
+        write_shard(self.run_dir.pool, batch, self.placement.rank, made, {"batch": str(batch)})
         self.made += 1
-        return Pool(result.images, result.labels, result.keep)
+        return made
 
 
 def run_distillation(config: DistillConfig, out: Path, device: torch.device, sinks: list[EventSink] = (),
@@ -259,13 +260,14 @@ class SyntheticData:
         """Images of the fixed pools the student may see in this round."""
         return self.fixed_images if self.grow is None else min(self.fixed_images, (round_index + 1) * self.grow)
 
-    def planned_steps(self, config: "DistillConfig", world_size: int) -> int:
+    def planned_steps(self, config: "DistillConfig", world_size: int, images_per_trajectory: int) -> int:
         """Training steps this rank takes over all rounds (the true total for progress displays):
         one pass over what is available each round, as ``_epoch_batches`` shares it, or the fixed
-        ``steps_per_round``."""
+        ``steps_per_round``; each synthesised trajectory adds ``images_per_trajectory`` images
+        (0 without synthesis)."""
         if config.steps_per_round is not None:
             return config.epochs * config.steps_per_round
-        made = config.synth_batches * config.synthesize.batch_size if config.synthesize is not None else 0
+        made = config.synth_batches * config.synthesize.batch_size * images_per_trajectory
         total = 0
         for round_index in range(config.epochs):
             size = self.revealed(round_index) + (round_index + 1) * made
@@ -294,9 +296,11 @@ def _optimizer_and_schedule(config: DistillConfig, student: LoadedModel):
 
 def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement) -> dict[str, Any]:
     data = SyntheticData(fixed, teacher.normalizer, config.grow)
-    total_steps = data.planned_steps(config, placement.world_size)
+    total_steps = data.planned_steps(config, placement.world_size,
+                                     0 if synthesis is None else synthesis.inverter.images_per_trajectory)
     synthesis_plan = None if synthesis is None else {"batches": config.epochs * config.synth_batches,
-                                                     "iterations": config.synthesize.iterations}
+                                                     "iterations": config.synthesize.iterations,
+                                                     "images_per_trajectory": synthesis.inverter.images_per_trajectory}
     bus.emit("run_start", kind=RUN_KIND, pid=os.getpid(), host=socket.gethostname(), teacher=config.teacher.name,
              student=config.student.name, epochs=config.epochs, device=str(device), data=config.data,
              synthesize=synthesis is not None, synthesis=synthesis_plan, world_size=placement.world_size,

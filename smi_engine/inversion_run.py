@@ -145,7 +145,6 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
          checkpoint: dict[str, Any] | None):
     started = time.perf_counter()
     grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
-    kept = schedule.kept_patches(grid.num_patches)
     done = shard_batches(run_dir.pool)
     pending = [b for b in range(config.batches) if b not in done and placement.owns(b)]
     bus.emit(
@@ -155,7 +154,8 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
         stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
         batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],
         num_patches=grid.num_patches, prefix_tokens=vit.num_prefix_tokens, width=vit.width,
-        kept_per_stage=kept, losses=[s.name for s in config.losses], world_size=placement.world_size,
+        kept_per_stage=inverter.kept_per_stage, images_per_trajectory=inverter.images_per_trajectory,
+        patches_per_image=inverter.patches_per_image, losses=[s.name for s in config.losses], world_size=placement.world_size,
         pending_batches=pending,
         speedup_bound=speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
     )
@@ -165,11 +165,10 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
     for batch in pending:
         resume_from = checkpoint if checkpoint is not None and checkpoint.get("batch") == batch else None
         result = inverter.invert_batch(batch, resume_from)
-        shard = write_shard(run_dir.pool, batch, placement.rank, result.images, result.labels, result.keep,
-                            _shard_metadata(config, result, placement.rank))
+        shard = write_shard(run_dir.pool, batch, placement.rank, result.pool(), _shard_metadata(config, result, placement.rank))
         run_dir.clear_checkpoint(placement.rank)
         bus.emit("batch_end", batch=batch, seconds=result.seconds, shard=str(shard.relative_to(run_dir.path)),
-                 kept=int(result.keep[0].sum()), best_loss=result.best_loss,
+                 kept=int(result.keep[-1].sum()), images=len(result.images), best_loss=result.best_loss,
                  teacher_accuracy=result.teacher_accuracy, losses=result.losses)
     if not placement.is_main:
         return {}
@@ -212,7 +211,9 @@ def summarise(config: InversionConfig, run_dir: RunDir, inverter: Inverter) -> d
         raise SmiError(f"batches {missing} have no pool shard: resume the run to finish them")
     stats = [read_shard_stats(p) for p in shards.values()]
     grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
-    kept = schedule.kept_patches(grid.num_patches)
+    kept, per_image = inverter.kept_per_stage, inverter.patches_per_image
+    trajectories = config.batches * config.batch_size
+    bound = speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width)
     stage_totals = [0.0] * len(kept)
     stage_counts = [0] * len(kept)
     for s in stats:
@@ -225,25 +226,30 @@ def summarise(config: InversionConfig, run_dir: RunDir, inverter: Inverter) -> d
         "model": config.model.name,
         "schedule": str(schedule),
         "selection": str(config.selection),
-        "images": config.batches * config.batch_size,
+        "images": trajectories * len(per_image),
+        "trajectories": trajectories,
+        "images_per_trajectory": len(per_image),
         "batches": config.batches,
         "batch_size": config.batch_size,
         "iterations": config.iterations,
         "seconds": seconds,
         "seconds_per_batch": seconds / len(stats),
         "iterations_per_second": config.iterations * len(stats) / seconds if seconds else 0.0,
+        "images_per_second": trajectories * len(per_image) / seconds if seconds else 0.0,
         "num_patches": grid.num_patches,
-        "kept_patches": inverter.final_kept,
-        "kept_fraction": inverter.final_kept / grid.num_patches,
+        "patches_per_image": per_image,
+        "kept_patches": per_image[-1],  # the final image's (every image's, but under an emitting selection)
+        "kept_fraction": sum(per_image) / len(per_image) / grid.num_patches,
         "stages": [
             {"kept": k, "tokens": k + vit.num_prefix_tokens, "iterations": n,
              "seconds_per_iteration": (t / n if n else None)}
             for k, t, n in zip(kept, stage_totals, stage_counts)
         ],
-        "speedup_bound": speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
+        "speedup_bound": bound,
+        "speedup_bound_per_image": bound * len(per_image),  # a dense trajectory makes one image
         "final_losses": {k: sum(s["losses"].get(k, 0.0) for s in stats) / len(stats) for k in terms},
         "best_loss": sum(s["best_loss"] for s in stats) / len(stats),
-        "teacher_accuracy": sum(s["teacher_accuracy"] for s in stats) / len(stats),
+        "teacher_accuracy": sum(s["teacher_accuracy"] for s in stats) / len(stats),  # every batch makes as many images
         "run_dir": str(run_dir.path),
         "pool": str(run_dir.pool),
         "preview": str(run_dir.previews / f"batch-{config.batches - 1:05d}-it{config.iterations:05d}.png"),

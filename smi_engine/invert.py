@@ -6,8 +6,9 @@ jitters/flips it, feeds the teacher only the kept patches (embedded one by one, 
 embeddings remapped through the jitter) and steps Adam on the kept patches alone. At a stop,
 the selection policy (``smi_engine.selection``) picks ``ratio`` of the kept patches to leave the
 optimised set for good, optimiser state included: SMI's rule drops the least attended by the last
-block's CLS attention, Patch Rebirth freezes the most attended in the image. Dense inversion is
-the same loop with an empty schedule. Loss values reach the host once per reporting window.
+block's CLS attention; Patch Rebirth emits the most attended as an image of their own, so one
+trajectory of B images yields B images per stop plus its B final ones. Dense inversion is the same
+loop with an empty schedule. Loss values reach the host once per reporting window.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from smi_engine.preview import save_preview
 from smi_engine.resources import MemoryProbe
 from smi_engine.rundir import RunDir
 from smi_engine.patches import PatchGrid
+from smi_engine.pool import Pool
 from smi_engine.schedule import Schedule
 from smi_engine.selection import SelectionSpec, StopContext, build_selection, checked_choice, remaining_positions
 from smi_engine.sparse_image import SparseImage
@@ -144,11 +146,33 @@ def make_targets(spec: str, batch: int, batch_size: int, num_classes: int, gener
 
 
 @dataclass
-class BatchResult:
-    batch: int
-    images: torch.Tensor  # (B, C, H, W) normalised, on CPU
-    labels: torch.Tensor
+class Emission:
+    """The images one stop of an emitting selection made: the patches that left, as they left."""
+
+    iteration: int
+    images: torch.Tensor  # (B, C, H, W) on CPU: the whole trajectory then; ``keep`` says what is in the image
     keep: torch.Tensor  # (B, rows, cols) bool
+    correct: torch.Tensor  # (B,) bool: the teacher's top-1 on the image's own patches is its label
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "images": self.images, "keep": self.keep, "correct": self.correct}
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> "Emission":
+        return cls(int(data["iteration"]), data["images"], data["keep"], data["correct"])
+
+
+@dataclass
+class BatchResult:
+    """Every image one batch of trajectories made, grouped by emission (each stop's images in
+    order, then the final ones): image ``e * B + i`` comes from trajectory ``i``."""
+
+    batch: int
+    images: torch.Tensor  # (E*B, C, H, W) normalised, on CPU
+    labels: torch.Tensor
+    keep: torch.Tensor  # (E*B, rows, cols) bool
+    trajectory: torch.Tensor  # (E*B,) the run-wide index of the trajectory each image comes from
+    emitted_at: torch.Tensor  # (E*B,) the iteration each image was made at (the run's length: the final ones)
     seconds: float
     best_loss: float
     losses: dict[str, float]  # last iteration's terms
@@ -156,19 +180,23 @@ class BatchResult:
     stage_seconds: list[float]  # wall time spent in each schedule stage
     stage_iterations: list[int]
 
+    def pool(self) -> Pool:
+        return Pool(self.images, self.labels, self.keep, self.trajectory, self.emitted_at)
+
 
 def _adam(param: torch.Tensor, lr: float, betas) -> torch.optim.Adam:
     # The fused kernel does the whole update in one pass (2-3x faster on CPU); same maths.
     return torch.optim.Adam([param], lr=lr, betas=betas, fused=param.device.type in ("cpu", "cuda"))
 
 
-class _BatchState:
+class BatchState:
     """The mutable state of one batch; ``to_checkpoint`` captures all of it."""
 
     def __init__(self, image: SparseImage, lr: float, betas: tuple[float, float], dropped: torch.Tensor | None = None):
         self.image = image
         # (B, N) patches that left the optimised set and the final image with it.
         self.dropped = torch.zeros_like(image.store[..., 0], dtype=torch.bool) if dropped is None else dropped
+        self.emitted: list[Emission] = []
         self.optimizer = _adam(image.param, lr, betas)
         self.iteration = 0
         self.best_loss = torch.tensor(math.inf, device=image.param.device)  # on the device: no sync to compare
@@ -209,6 +237,7 @@ class _BatchState:
             "store": self.image.store.cpu(),
             "kept": self.image.kept.cpu(),
             "dropped": self.dropped.cpu(),
+            "emitted": [emission.to_checkpoint() for emission in self.emitted],
             "param": self.image.param.detach().cpu(),
             "adam": {k: v.cpu() for k, v in adam.items()},
             "best_loss": float(self.best_loss),
@@ -219,12 +248,13 @@ class _BatchState:
         }
 
     @classmethod
-    def from_checkpoint(cls, data: dict[str, Any], grid: PatchGrid, device: torch.device, lr: float, betas) -> "_BatchState":
+    def from_checkpoint(cls, data: dict[str, Any], grid: PatchGrid, device: torch.device, lr: float, betas) -> "BatchState":
         image = SparseImage(grid, data["store"].to(device), data["kept"].to(device), data["param"].to(device))
         # Checkpoints from before selection policies: every patch that left was dropped (smi).
         dropped = data.get("dropped")
         dropped = ~image.keep_mask().flatten(1) if dropped is None else dropped.to(device)
         state = cls(image, lr, betas, dropped)
+        state.emitted = [Emission.from_checkpoint(e) for e in data.get("emitted", [])]
         if data["adam"]:
             state.optimizer.state[image.param] = {k: v.to(device) for k, v in data["adam"].items()}
         state.iteration = int(data["iteration"])
@@ -253,17 +283,22 @@ class Inverter:
         self.config, self.loaded, self.device = config, loaded, device
         self.vit = SparseViT(loaded.model, config.attention)
         self.grid = self.vit.grid
-        self.schedule = Schedule.parse(config.schedule)
-        self.schedule.validate(config.iterations, self.grid.num_patches)
+        schedule = Schedule.parse(config.schedule)
+        schedule.validate(config.iterations, self.grid.num_patches)
+        self.schedule = schedule.resolved(config.iterations)
+        self.kept_per_stage = self.schedule.kept_patches(self.grid.num_patches)
         if config.compile:  # per stage a training graph, and the no-grad final pass
             self.vit.compile(graphs=2 * (len(self.schedule.stops) + 1))
         if not self.schedule.is_dense:
             self.vit.check_scorable()
         self.stops = {s.iteration: s.ratio for s in self.schedule.stops}
         self.selection = build_selection(config.selection)
-        if config.final_mask == "rescored" and (self.selection.keeps_leaving or not self.selection.keeps_remaining):
+        if config.final_mask == "rescored" and (self.selection.leaving != "drop" or not self.selection.keeps_remaining):
             raise SmiError(f"--final-mask rescored re-scores the patches inverted to the end; selection "
-                           f"{config.selection.name!r} keeps other patches in the image: use --final-mask inverted")
+                           f"{config.selection.name!r} keeps other patches in images: use --final-mask inverted")
+        if not self.patches_per_image:
+            raise SmiError(f"selection {config.selection.name!r} emits at stops and keeps no final image, and "
+                           f"schedule {self.schedule} has no stops: no image would be made; give a schedule with stops")
         parse_targets(config.targets, loaded.num_classes)
         self.losses = losses
         trainers = [spec.name for spec, loss in losses if hasattr(loss, "after_backward")]
@@ -337,25 +372,41 @@ class Inverter:
         named = {key: value.float() for key, value in named.items()}
         return torch.stack(list(named.values())).sum(), named
 
-    def _stop(self, batch: int, it: int, state: _BatchState, generator: torch.Generator) -> None:
+    def _stop(self, batch: int, it: int, state: BatchState, generator: torch.Generator, targets: torch.Tensor) -> None:
         image = state.image
         width = image.kept.shape[1]
-        count = math.floor(width * (1.0 - self.stops[it]))
+        count = self.kept_per_stage[self._stage(it)]
         stop = StopContext(iteration=it, ratio=self.stops[it], leaving=width - count, kept=image.kept, grid=self.grid,
                            generator=generator, score=lambda: self._score(image.param.detach(), image.kept))
-        leaving = checked_choice(self.selection, self.config.selection.name, stop)
-        if not self.selection.keeps_leaving:
-            state.dropped.scatter_(1, image.kept.gather(1, leaving), True)
+        leaving = checked_choice(self.selection, self.config.selection.name, stop).sort(dim=1).values
+        cells = image.kept.gather(1, leaving)  # sorted, as ``kept`` is
+        emission = self._emit(it, image, leaving, cells, targets) if self.selection.leaving == "emit" else None
+        if self.selection.leaving != "freeze":
+            state.dropped.scatter_(1, cells, True)
         state.shrink(remaining_positions(leaving, width))
         self.bus.emit("stop", batch=batch, iteration=it, ratio=self.stops[it], kept=count, kept_indices=image.kept.tolist(),
                       in_image=self._in_image(state).flatten(1).sum(1).tolist())
-        self._preview(batch, it, state)
+        if emission is None:
+            self._preview(batch, it, state)
+        else:
+            state.emitted.append(emission)
+            self._save_preview(batch, it, emission.images, emission.keep)
+
+    def _emit(self, it: int, image: SparseImage, leaving: torch.Tensor, cells: torch.Tensor,
+              targets: torch.Tensor) -> Emission:
+        """The image the patches leaving now make, scored by the teacher on those patches alone."""
+        with torch.no_grad():
+            patches = image.param.detach().gather(1, leaving.unsqueeze(-1).expand(-1, -1, image.param.shape[-1]))
+            with self.autocast():
+                logits = self.vit.forward(patches, cells).logits
+            pixels = image.images(image.param.detach())
+        return Emission(it, pixels.cpu(), self.grid.mask_from_indices(cells).cpu(), (logits.argmax(1) == targets).cpu())
 
     def _score(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return self.vit.cls_attention(patches, positions).float()
 
-    def _in_image(self, state: _BatchState) -> torch.Tensor:
+    def _in_image(self, state: BatchState) -> torch.Tensor:
         """(B, rows, cols) the patches the final image will hold, as decided so far."""
         present = ~state.dropped
         if not self.selection.keeps_remaining:
@@ -363,32 +414,49 @@ class Inverter:
         return present.view(-1, self.grid.rows, self.grid.cols)
 
     @property
-    def final_kept(self) -> int:
-        """Patches per image in the pool's keep mask."""
-        n = self.grid.num_patches
-        if self.config.final_mask == "inverted" or self.schedule.is_dense:
-            inverted = self.schedule.kept_patches(n)[-1]
-            return inverted * self.selection.keeps_remaining + (n - inverted) * self.selection.keeps_leaving
-        remaining = math.prod(1.0 - stop.ratio for stop in self.schedule.stops)
-        return max(1, min(n, int((n + 1) * remaining)))
+    def final_image(self) -> bool:
+        """Whether a trajectory ends in an image (the patches inverted to the end, or frozen ones)."""
+        return self.selection.keeps_remaining or self.selection.leaving == "freeze"
+
+    @property
+    def patches_per_image(self) -> list[int]:
+        """Patches in each image a trajectory makes, in pool order (emitted ones, then the final one)."""
+        n, kept = self.grid.num_patches, self.kept_per_stage
+        emitted = [a - b for a, b in zip(kept, kept[1:])] if self.selection.leaving == "emit" else []
+        if not self.final_image:
+            return emitted
+        if self.config.final_mask == "rescored" and not self.schedule.is_dense:
+            remaining = math.prod(1.0 - stop.ratio for stop in self.schedule.stops)
+            return [max(1, min(n, int((n + 1) * remaining)))]
+        frozen = n - kept[-1] if self.selection.leaving == "freeze" else 0
+        return [*emitted, kept[-1] * self.selection.keeps_remaining + frozen]
+
+    @property
+    def images_per_trajectory(self) -> int:
+        return len(self.patches_per_image)
 
     def _rescore(self, patches: torch.Tensor) -> torch.Tensor:
         """The seed's final mask: (B, K) cells of the top patches of the whole final image."""
         positions = torch.arange(self.grid.num_patches, device=patches.device).expand(len(patches), -1)
         scores = self._score(patches, positions)
-        return scores.topk(self.final_kept, dim=1).indices.sort(dim=1).values
+        return scores.topk(self.patches_per_image[-1], dim=1).indices.sort(dim=1).values
 
-    def _preview(self, batch: int, it: int, state: _BatchState, param: torch.Tensor | None = None) -> None:
+    def _preview(self, batch: int, it: int, state: BatchState, param: torch.Tensor | None = None) -> None:
         """A PNG of the batch, greying the patches that will not be in the final image."""
         if self.run_dir is None:
             return
-        name = f"batch-{batch:05d}-it{it:05d}.png"
         with torch.no_grad():
             pixels = state.image.images(param)
-        save_preview(self.run_dir.previews / name, pixels, self._in_image(state), self.loaded.normalizer, self.grid)
+        self._save_preview(batch, it, pixels, self._in_image(state))
+
+    def _save_preview(self, batch: int, it: int, pixels: torch.Tensor, keep: torch.Tensor) -> None:
+        if self.run_dir is None:
+            return
+        name = f"batch-{batch:05d}-it{it:05d}.png"
+        save_preview(self.run_dir.previews / name, pixels, keep, self.loaded.normalizer, self.grid)
         self.bus.emit("preview", batch=batch, iteration=it, path=f"previews/{name}")
 
-    def _save_checkpoint(self, batch: int, state: _BatchState, generator: torch.Generator,
+    def _save_checkpoint(self, batch: int, state: BatchState, generator: torch.Generator,
                          scaler: torch.amp.GradScaler) -> None:
         if self.run_dir is None:
             return
@@ -400,7 +468,7 @@ class Inverter:
         with self.control.saving_state():
             self.run_dir.save_checkpoint(data, self.bus.rank)
 
-    def _finish(self, batch: int, state: _BatchState, targets: torch.Tensor, terms: dict[str, float]) -> BatchResult:
+    def _finish(self, batch: int, state: BatchState, targets: torch.Tensor, terms: dict[str, float]) -> BatchResult:
         image = state.image
         best = image.param.detach() if state.best_param is None else state.best_param
         with torch.no_grad():
@@ -417,11 +485,19 @@ class Inverter:
                 patches = self.grid.patchify(images).gather(1, kept.unsqueeze(-1).expand(-1, -1, self.grid.patch_dim))
                 with self.autocast():
                     logits = self.vit.forward(patches, kept).logits
-            accuracy = float((logits.argmax(1) == targets).float().mean())
+            final_correct = (logits.argmax(1) == targets).cpu()
         self._preview(batch, self.config.iterations, state, best)
+        parts = list(state.emitted)
+        if self.final_image:
+            parts.append(Emission(self.config.iterations, images.cpu(), keep.cpu(), final_correct))
+        correct = torch.cat([p.correct for p in parts])
         return BatchResult(
-            batch=batch, images=images.cpu(), labels=targets.cpu(), keep=keep.cpu(),
-            seconds=state.elapsed, best_loss=float(state.best_loss), losses=terms, teacher_accuracy=accuracy,
+            batch=batch, images=torch.cat([p.images for p in parts]), labels=targets.cpu().repeat(len(parts)),
+            keep=torch.cat([p.keep for p in parts]),
+            trajectory=(torch.arange(len(targets)) + batch * len(targets)).repeat(len(parts)),
+            emitted_at=torch.tensor([p.iteration for p in parts]).repeat_interleave(len(targets)),
+            seconds=state.elapsed, best_loss=float(state.best_loss), losses=terms,
+            teacher_accuracy=float(correct.float().mean()),
             stage_seconds=state.stage_seconds, stage_iterations=state.stage_iterations,
         )
 
@@ -439,13 +515,13 @@ class BatchRun:
         self.scaler = torch.amp.GradScaler(inv.device.type, enabled=cfg.precision == "fp16")
         if checkpoint is None:
             kept = torch.arange(grid.num_patches, device=inv.device).expand(cfg.batch_size, -1).clone()
-            self.state = _BatchState(SparseImage(grid, grid.patchify(noise).to(inv.device), kept), cfg.lr, cfg.betas)
+            self.state = BatchState(SparseImage(grid, grid.patchify(noise).to(inv.device), kept), cfg.lr, cfg.betas)
             inv.bus.emit("batch_start", batch=batch, iterations=cfg.iterations, num_patches=grid.num_patches,
                          stop_iterations=[s.iteration for s in inv.schedule.stops],
-                         kept_per_stage=inv.schedule.kept_patches(grid.num_patches),
+                         kept_per_stage=inv.kept_per_stage,
                          prefix_tokens=inv.vit.num_prefix_tokens, width=inv.vit.width, targets=self.targets.tolist())
         else:
-            self.state = _BatchState.from_checkpoint(checkpoint, grid, inv.device, cfg.lr, cfg.betas)
+            self.state = BatchState.from_checkpoint(checkpoint, grid, inv.device, cfg.lr, cfg.betas)
             self.generator.set_state(checkpoint["generator"])
             if checkpoint.get("grad_scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(checkpoint["grad_scaler"])
@@ -483,7 +559,7 @@ class BatchRun:
             self.window_started = time.perf_counter()
         clock, stage = self.window_started, inv._stage(it)
         if it in inv.stops:
-            inv._stop(self.batch, it, state, self.generator)
+            inv._stop(self.batch, it, state, self.generator, self.targets)
         if cfg.jitter_at_stops or (it not in inv.stops and it + 1 not in inv.stops):
             jitter = Jitter.sample(inv.grid, cfg.jitter, cfg.flip, self.generator)
         else:  # the seed steps on the plain image just before and at each stop

@@ -1,9 +1,12 @@
 """Synthetic data on disk: one safetensors shard per inverted batch, read back as a Dataset.
 
-Each shard holds ``images`` (B, C, H, W) float32 in the teacher's normalised space, ``labels``
-(B,) int64 and ``keep`` (B, rows, cols) bool: the patches that were still being inverted at the
-end. Stopped patches keep the pixels they had when they stopped; consumers decide whether to
-drop them as tokens (ViTs) or blank them to the normaliser's zero (other models).
+Each shard holds ``images`` (M, C, H, W) float32 in the teacher's normalised space, ``labels``
+(M,) int64 and ``keep`` (M, rows, cols) bool: the patches each image holds. Pixels outside the
+mask keep whatever they were when the image was made; consumers decide whether to drop those
+patches as tokens (ViTs) or blank them to the normaliser's zero (other models). Inverted shards
+also hold ``trajectory`` (M,) int64, the run-wide index of the trajectory an image comes from,
+and ``emitted_at`` (M,) int64, the iteration it was made at: a batch of B trajectories under an
+emitting selection (Patch Rebirth) holds E * B images, each stop's B in order, then the final B.
 """
 
 from __future__ import annotations
@@ -28,16 +31,16 @@ def shard_name(batch: int, rank: int) -> str:
     return f"batch-{batch:05d}-r{rank}.safetensors"
 
 
-def write_shard(
-    pool_dir: Path, batch: int, rank: int, images: torch.Tensor, labels: torch.Tensor,
-    keep: torch.Tensor, metadata: dict[str, str],
-) -> Path:
+def write_shard(pool_dir: Path, batch: int, rank: int, pool: "Pool", metadata: dict[str, str]) -> Path:
     path = pool_dir / shard_name(batch, rank)
     tensors = {
-        "images": images.detach().float().cpu().contiguous(),
-        "labels": labels.detach().long().cpu().contiguous(),
-        "keep": keep.detach().bool().cpu().contiguous(),
+        "images": pool.images.detach().float().cpu().contiguous(),
+        "labels": pool.labels.detach().long().cpu().contiguous(),
+        "keep": pool.keep.detach().bool().cpu().contiguous(),
     }
+    for key in OPTIONAL_FIELDS:
+        if getattr(pool, key) is not None:
+            tensors[key] = getattr(pool, key).detach().long().cpu().contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     return path
@@ -54,11 +57,17 @@ def shard_batches(pool_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+#: Per-image provenance that inverted shards carry and older or hand-made ones may lack.
+OPTIONAL_FIELDS = ("trajectory", "emitted_at")
+
+
 @dataclass
 class Pool:
     images: torch.Tensor
     labels: torch.Tensor
     keep: torch.Tensor
+    trajectory: torch.Tensor | None = None
+    emitted_at: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -82,7 +91,11 @@ def load_pool(run_dir: str | Path) -> Pool:
         except (SafetensorError, OSError) as exc:
             raise SmiError(f"pool shard {path} is unreadable ({exc}): delete it and `smi invert --resume`") from None
     try:
-        return Pool(*(torch.cat([p[key] for p in parts]) for key in ("images", "labels", "keep")))
+        pool = Pool(*(torch.cat([p[key] for p in parts]) for key in ("images", "labels", "keep")))
+        for key in OPTIONAL_FIELDS:
+            if all(key in p for p in parts):
+                setattr(pool, key, torch.cat([p[key] for p in parts]))
+        return pool
     except (KeyError, RuntimeError) as exc:
         raise SmiError(f"pool shards in {pool_dir} do not belong together ({exc}): keep one run per folder") from None
 

@@ -3,6 +3,11 @@
 A schedule is a list of stops ``(iteration, ratio)``: at ``iteration`` the patches still being
 inverted are scored and ``ratio`` of them (rounded so that ``floor(n * (1 - ratio))`` remain) are
 stopped for good. ``dense`` is the empty schedule.
+
+``every:V`` is Patch Rebirth's uniform detachment: V - 1 stops at ``k * (T // V)`` (k = 1..V-1)
+that each take an equal share of the *original* N patches, so a trajectory splits into V parts.
+Where V does not divide N the shares are cumulative floors: after stop k, ``N - floor(k * N / V)``
+patches remain, so every share is ``floor(N / V)`` or one more and the last part is never smaller.
 """
 
 from __future__ import annotations
@@ -24,20 +29,31 @@ class Stop:
     ratio: float
 
 
+EVERY_PREFIX = "every:"
+
+
 @dataclass(frozen=True)
 class Schedule:
     stops: tuple[Stop, ...] = ()
+    every: int = 0  # V of ``every:V`` (0: the stops are explicit); its stops come from ``resolved``
 
     @property
     def is_dense(self) -> bool:
-        return not self.stops
+        return not self.stops and not self.every
 
     @classmethod
     def parse(cls, text: str) -> "Schedule":
-        """Parse ``dense`` or ``it:ratio,it:ratio,...``; validation against the run is separate."""
+        """Parse ``dense``, ``every:V`` or ``it:ratio,it:ratio,...``; validation against the run
+        is separate. An ``every:V`` schedule gets its stops from ``resolved(iterations)``."""
         text = text.strip()
         if text.lower() == "dense" or text == "":
             return cls()
+        if text.lower().startswith(EVERY_PREFIX):
+            parts = text[len(EVERY_PREFIX):].strip()
+            if not parts.isdigit() or int(parts) < 2:
+                raise SmiError(f"bad schedule {text!r}: every:V splits each trajectory into V >= 2 images, "
+                               "e.g. --schedule every:4")
+            return cls(every=int(parts))
         stops = []
         for item in text.split(","):
             iteration, sep, ratio = item.strip().partition(":")
@@ -55,10 +71,30 @@ class Schedule:
     def __str__(self) -> str:
         if self.is_dense:
             return "dense"
+        if self.every:
+            return f"{EVERY_PREFIX}{self.every}"
         return ",".join(f"{s.iteration}:{s.ratio:g}" for s in self.stops)
+
+    def resolved(self, iterations: int) -> "Schedule":
+        """The schedule with its stops for a run of ``iterations`` (explicit stops stay as they are).
+        An ``every:V`` stop's ratio is its nominal share of the remaining patches, 1 / (V - k + 1);
+        the exact counts are ``kept_patches``'s."""
+        if not self.every:
+            return self
+        step = iterations // self.every
+        stops = tuple(Stop(k * step, 1.0 / (self.every - k + 1)) for k in range(1, self.every))
+        return Schedule(stops, self.every)
 
     def validate(self, iterations: int, num_patches: int) -> None:
         """Raise SmiError unless every stop is well-formed for a run of this length and grid."""
+        if self.every:
+            if iterations < self.every:
+                raise SmiError(f"schedule {self} needs at least {self.every} iterations to detach {self.every} "
+                               f"parts, got --iterations {iterations}: raise --iterations or lower V")
+            if num_patches < self.every:
+                raise SmiError(f"schedule {self} splits {num_patches} patches into {self.every} images: "
+                               f"use V <= {num_patches}")
+            return  # its stops are derived, in order and inside the run by construction
         previous = 0
         for stop in self.stops:
             if not 0.0 < stop.ratio < 1.0:
@@ -86,18 +122,18 @@ class Schedule:
 
     def kept_patches(self, num_patches: int) -> list[int]:
         """Patches still inverted in each stage: before the first stop, after each stop."""
+        if self.every:
+            return [num_patches - k * num_patches // self.every for k in range(self.every)]
         counts = [num_patches]
         for stop in self.stops:
             counts.append(math.floor(counts[-1] * (1.0 - stop.ratio)))
         return counts
 
-    def stage_lengths(self, iterations: int) -> list[int]:
-        """Iterations spent in each stage (same length as kept_patches)."""
-        bounds = [0] + [s.iteration for s in self.stops] + [iterations]
-        return [b - a for a, b in zip(bounds, bounds[1:])]
-
     def scaled(self, iterations: int, reference_iterations: int = SEED_ITERATIONS) -> "Schedule":
-        """The same stops moved proportionally to a run of ``iterations`` (at least 1 apart)."""
+        """The same stops moved proportionally to a run of ``iterations`` (at least 1 apart);
+        ``every:V`` is proportional already."""
+        if self.every:
+            return Schedule(every=self.every)
         stops, previous = [], 0
         for stop in self.stops:
             at = max(previous + 1, round(stop.iteration * iterations / reference_iterations))
@@ -120,16 +156,10 @@ def speedup_bound(
     optimiser on the pixels, the image prior) is what keeps a real run below this bound.
     """
     dense = iterations * block_flops(num_patches + prefix_tokens, width)
+    schedule = schedule.resolved(iterations)
     sparse = CostModel.of([s.iteration for s in schedule.stops], schedule.kept_patches(num_patches), prefix_tokens,
                           width, iterations).batch_cost
     return dense / sparse
-
-
-def kept_at(schedule: Schedule, num_patches: int, iteration: int) -> int:
-    """Patches still inverted during ``iteration`` (stops act at the start of their iteration)."""
-    counts = schedule.kept_patches(num_patches)
-    passed = sum(1 for s in schedule.stops if s.iteration <= iteration)
-    return counts[passed]
 
 
 @dataclass(frozen=True)

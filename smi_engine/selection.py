@@ -2,18 +2,21 @@
 
 At every stop of the schedule, ``ratio`` of the patches still being optimised leave the
 optimised set: from then on they are frozen and no longer fed to the teacher, which is what
-makes each later iteration cheaper. A selection policy decides *which* patches leave, and
-whether the patches that leave, and those still optimised at the end, are part of the final
-image (the pool's keep mask is always "the patches present in the final image").
+makes each later iteration cheaper. A selection policy decides *which* patches leave, where they
+go, and whether the patches still optimised at the end form an image (every pool image carries a
+keep mask of exactly the patches it holds).
 
 A plugin registers a factory through ``register_selections``; ``factory(**options)`` returns
 an object with
 
 ``choose(stop: StopContext) -> Tensor``  (B, stop.leaving) positions, in 0..K-1 of
                      ``stop.kept``, of the patches that leave at this stop
-``keeps_leaving``    bool: patches that leave stay in the final image, frozen as they left
-                     (Patch Rebirth), or are dropped from it (SMI)
-``keeps_remaining``  bool: the patches still optimised at the end are in the final image
+``leaving``          where they go: ``"drop"`` (out of every image: SMI), ``"freeze"`` (kept in
+                     the trajectory's final image as they left) or ``"emit"`` (saved at once as
+                     an image of their own, with the trajectory's label: Patch Rebirth, so one
+                     trajectory yields one image per stop plus its final one)
+``keeps_remaining``  bool: the patches still optimised at the end form the final image (with
+                     the frozen ones, under ``"freeze"``)
 
 The built-ins ``smi``, ``pri`` and ``random`` (``smi_plugins.selections``) use this same hook.
 """
@@ -55,8 +58,12 @@ class StopContext:
         return torch.rand(self.kept.shape, generator=self.generator).to(self.kept.device)
 
 
+#: Where the patches that leave go (``Selection.leaving``).
+LEAVING = ("drop", "freeze", "emit")
+
+
 class Selection(Protocol):
-    keeps_leaving: bool
+    leaving: str
     keeps_remaining: bool
 
     def choose(self, stop: StopContext) -> torch.Tensor: ...
@@ -102,13 +109,17 @@ def build_selection(spec: SelectionSpec) -> Selection:
     registration = get_registry().get("selections", spec.name)
     policy = call_factory(registration.factory, spec.options, f"selection {spec.name!r}",
                           f"--selection-option {spec.name}.KEY=VALUE")
-    missing = [a for a in ("choose", "keeps_leaving", "keeps_remaining") if not hasattr(policy, a)]
+    origin = f"selection {spec.name!r} (plugin {registration.plugin})"
+    missing = [a for a in ("choose", "leaving", "keeps_remaining") if not hasattr(policy, a)]
     if missing:
-        raise SmiError(f"selection {spec.name!r} (plugin {registration.plugin}) has no {missing[0]!r}: "
-                       "see the selection contract in README")
-    if not (policy.keeps_leaving or policy.keeps_remaining):
-        raise SmiError(f"selection {spec.name!r} keeps neither the patches that leave nor those that remain: "
-                       "the final image would be empty; set keep_leaving=true or keep_remaining=true")
+        raise SmiError(f"{origin} has no {missing[0]!r}: see the selection contract in README")
+    if not isinstance(policy.leaving, str) or policy.leaving not in LEAVING:
+        raise SmiError(f"{origin} has leaving={policy.leaving!r}: it must be one of {', '.join(LEAVING)}")
+    if not isinstance(policy.keeps_remaining, bool):
+        raise SmiError(f"{origin} has keeps_remaining={policy.keeps_remaining!r}: it must be True or False")
+    if policy.leaving == "drop" and not policy.keeps_remaining:
+        raise SmiError(f"selection {spec.name!r} drops the patches that leave and keeps none that remain: "
+                       f"no image would be made; set {spec.name}.keep_remaining=true or {spec.name}.leaving=emit")
     return policy
 
 

@@ -1,30 +1,32 @@
 """The built-in patch-selection policies, registered through ``register_selections`` like any plugin's.
 
 ``smi``     Sparse Model Inversion (Hu et al., ICML 2024): the *least* attended patches leave
-            and are dropped from the final image; what is inverted to the end is the image.
+            and are dropped; what is inverted to the end is the image.
 ``pri``     Patch Rebirth Inversion (Heo & Choi, arXiv 2509.23235): the *most* attended
-            patches leave, frozen as they are, and stay in the final image; the rest keep
-            evolving, no longer overshadowed, and are part of the final image too.
-``random``  the ablation: patches leave at random (dropped, like smi, unless keep_leaving).
+            patches leave and are saved as a sparse image of their own; the rest keep evolving,
+            no longer overshadowed, and compete at the next stop. One trajectory, one image
+            per stop plus the last one.
+``random``  the ablation: patches leave at random, emitted like pri's.
 
-Every built-in takes ``keep_leaving`` and ``keep_remaining`` to change what the final image holds.
+Every built-in takes ``leaving`` (drop, freeze or emit) and ``keep_remaining``:
+``pri.leaving=freeze`` is the frozen variant (the detached patches stay in the one final image).
 """
 
 from __future__ import annotations
 
 import torch
 
-from smi_engine.checks import flag_value
+from smi_engine.checks import choice, flag_value
 from smi_engine.hookspecs import hookimpl
-from smi_engine.selection import StopContext
+from smi_engine.selection import LEAVING, StopContext
 
 
 class RankedSelection:
     """Patches leave by a per-patch score: the lowest (``lowest=True``) or highest first."""
 
-    def __init__(self, name: str, lowest: bool, keep_leaving, keep_remaining):
+    def __init__(self, name: str, lowest: bool, leaving, keep_remaining):
         self.lowest = lowest
-        self.keeps_leaving = flag_value(f"--selection-option {name}.keep_leaving", keep_leaving)
+        self.leaving = choice(f"--selection-option {name}.leaving", leaving, LEAVING)
         self.keeps_remaining = flag_value(f"--selection-option {name}.keep_remaining", keep_remaining)
 
     def scores(self, stop: StopContext) -> torch.Tensor:
@@ -41,16 +43,16 @@ class RandomSelection(RankedSelection):
         return stop.random_scores()
 
 
-def smi(keep_leaving: bool = False, keep_remaining: bool = True) -> RankedSelection:
-    return RankedSelection("smi", True, keep_leaving, keep_remaining)
+def smi(leaving: str = "drop", keep_remaining: bool = True) -> RankedSelection:
+    return RankedSelection("smi", True, leaving, keep_remaining)
 
 
-def pri(keep_leaving: bool = True, keep_remaining: bool = True) -> RankedSelection:
-    return RankedSelection("pri", False, keep_leaving, keep_remaining)
+def pri(leaving: str = "emit", keep_remaining: bool = True) -> RankedSelection:
+    return RankedSelection("pri", False, leaving, keep_remaining)
 
 
-def random(keep_leaving: bool = False, keep_remaining: bool = True) -> RandomSelection:
-    return RandomSelection("random", True, keep_leaving, keep_remaining)
+def random(leaving: str = "emit", keep_remaining: bool = True) -> RandomSelection:
+    return RandomSelection("random", True, leaving, keep_remaining)
 
 
 @hookimpl

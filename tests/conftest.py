@@ -41,6 +41,19 @@ def make_inverter(loaded: LoadedModel, bus=None, run_dir=None, control=None, **c
     return Inverter(cfg, loaded, build_losses(cfg.losses), torch.device("cpu"), bus, run_dir, control)
 
 
+def step_through_stop(inverter: Inverter, stop_iteration: int):
+    """Run batch 0 up to the stop at ``stop_iteration`` and through it. Returns the run, and from
+    just before the stop: the optimised cells, their patches and their CLS-attention scores."""
+    run = inverter.start_batch(0)
+    while run.state.iteration < stop_iteration:
+        run.step()
+    before, patches = run.state.image.kept.clone(), run.state.image.param.detach().clone()
+    with torch.no_grad():
+        scores = inverter.vit.cls_attention(patches, before)
+    run.step()
+    return run, before, patches, scores
+
+
 def tiny_model(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     args = {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10, "embed_dim": 48, "num_heads": 3, **kwargs}

@@ -65,6 +65,8 @@ def test_state_folds_the_recorded_run():
     assert kept_after_stops == [(0, 44, 4, 44), (0, 22, 4, 22), (1, 44, 4, 44), (1, 22, 4, 22)]
     assert state.finished and state.status == "finished" and state.batches_done == 2
     assert state.done_iterations == state.total_iterations == 24
+    # An older recording: batch_end without its image count means batch_size images per batch.
+    assert state.images_made == state.total_images == 8 and state.images_per_second > 0
     assert len(state.losses.series["deepinversion.ce"]) == 24
     assert 0.0 < state.flops_fraction < 1.0 and state.seconds_per_iteration > 0 and state.eta_seconds is None
     assert state.preview == "previews/batch-00001-it00012.png"
@@ -93,6 +95,7 @@ def test_dashboard_follows_a_growing_file_with_a_half_written_line(recorded):
         assert state.events == len(events) and state.events > seen
         assert "FINISHED" in plain(app.query_one(RunHeader))
         assert "ETA" in plain(app.query_one(Throughput)) and "done" in plain(app.query_one(Throughput))
+        assert "images 8/8" in " ".join(plain(app.query_one(Throughput)).split())  # made, not batch x it/s
         assert "deepinversion.ce" in plain(app.query_one(LossChart))
 
     recorded_at = json.loads(events[first_stop])["time"]  # the clock of the recording, not of today

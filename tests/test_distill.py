@@ -14,7 +14,7 @@ from smi_engine.errors import SmiError
 from smi_engine.files import write_json
 from smi_engine.invert import InversionConfig
 from smi_engine.models import ModelSpec, load_model
-from smi_engine.pool import load_pool, write_shard
+from smi_engine.pool import Pool, load_pool, write_shard
 from smi_engine.selection import SelectionSpec
 
 from .conftest import DIGITS_ARGS, assert_one_line_error, read_events, smi
@@ -40,7 +40,7 @@ def real_pool(tmp_path_factory, digits_teacher):
     (folder / "events.jsonl").touch()
     loaded = load_model(teacher)
     images, labels = next(iter(loader(load_data("digits").train, ModelInput.for_model(loaded.model, loaded.normalizer), 2000)))
-    write_shard(folder / "pool", 0, 0, images, labels, torch.ones(len(images), 4, 4, dtype=torch.bool), {})
+    write_shard(folder / "pool", 0, 0, Pool(images, labels, torch.ones(len(images), 4, 4, dtype=torch.bool)), {})
     return folder
 
 
@@ -51,7 +51,7 @@ def noise_pool(tmp_path_factory, real_pool):
     (folder / "config.json").write_bytes((real_pool / "config.json").read_bytes())
     pool = load_pool(real_pool)
     generator = torch.Generator().manual_seed(0)
-    write_shard(folder / "pool", 0, 0, torch.randn(pool.images.shape, generator=generator), pool.labels, pool.keep, {})
+    write_shard(folder / "pool", 0, 0, Pool(torch.randn(pool.images.shape, generator=generator), pool.labels, pool.keep), {})
     return folder
 
 

@@ -80,11 +80,15 @@ class _StopAfter:
             self.control.request_stop()
 
 
-@pytest.mark.parametrize("stop_at, selection", [((0, 6), "smi"), ((1, 2), "smi"), ((0, 9), "pri"), ((0, 6), "random")])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, stop_at, selection):
-    """Resume restores every piece of state, including what a policy decided (pri keeps patches that
-    left; random draws from the batch's stream)."""
-    config = _config(selection=SelectionSpec(selection))
+@pytest.mark.parametrize("stop_at, selection, options, schedule, images", [
+    ((0, 6), "smi", {}, "4:0.3,8:0.5", 6), ((1, 2), "smi", {}, "4:0.3,8:0.5", 6),
+    ((0, 9), "pri", {}, "4:0.3,8:0.5", 18),  # interrupted after two emissions, mid-trajectory
+    ((0, 9), "pri", {"leaving": "freeze"}, "4:0.3,8:0.5", 6), ((0, 6), "random", {}, "every:3", 18),
+])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, stop_at, selection, options, schedule, images):
+    """Resume restores every piece of state, including what a policy decided (the images pri
+    emitted before the interruption, the patches it froze; random draws from the batch's stream)."""
+    config = _config(selection=SelectionSpec(selection, options), schedule=schedule)
     reference = tmp_path / "reference"
     run_inversion(config, reference, device="cpu")
     out = tmp_path / "interrupted"
@@ -97,9 +101,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, stop_at, select
     for batch in (0, 1):
         a = load_file(str(reference / "pool" / shard_name(batch, 0)))
         b = load_file(str(out / "pool" / shard_name(batch, 0)))
-        assert all(torch.equal(a[k], b[k]) for k in ("images", "labels", "keep"))
+        assert set(a) == set(b) == {"images", "labels", "keep", "trajectory", "emitted_at"}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a["trajectory"].tolist() == [3 * batch + i for i in range(3)] * (images // 6)
     assert not (out / "checkpoint.pt").exists()
-    assert json.loads((out / "summary.json").read_text())["images"] == 6
+    assert json.loads((out / "summary.json").read_text())["images"] == images
 
 
 def test_control_file_stops_a_run(tmp_path):

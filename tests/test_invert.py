@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from smi_engine.augment import Jitter
 from smi_engine.events import EventBus
-from smi_engine.invert import _BatchState, batch_generator, make_targets
+from smi_engine.invert import BatchState, batch_generator, make_targets
 from smi_engine.errors import SmiError
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.sparse_image import SparseImage
@@ -36,21 +36,20 @@ def _with_recorder(inverter):
 
 
 def test_stop_keeps_floor_of_remaining_ranked_by_last_block_cls_attention(tiny_loaded):
-    inverter = make_inverter(tiny_loaded, schedule="3:0.3", attention="explicit")
-    grid = inverter.grid
-    store = torch.randn(4, grid.num_patches, grid.patch_dim)
-    kept = torch.stack([torch.randperm(64)[:50].sort().values for _ in range(4)])
-    state = _BatchState(SparseImage(grid, store, kept), 0.1, (0.5, 0.99))
+    inverter = make_inverter(tiny_loaded, schedule="2:0.25,3:0.3", attention="explicit")
+    run = inverter.start_batch(0)
+    run.step(), run.step(), run.step()  # through the first stop: 48 of 64 cells left, unsorted gaps
+    kept, patches = run.state.image.kept.clone(), run.state.image.param.detach().clone()
     captured = []
     hook = tiny_loaded.model.blocks[-1].attn.attn_drop.register_forward_hook(lambda m, i, o: captured.append(o))
     with torch.no_grad():
-        inverter.vit.forward(state.image.param, kept)
+        inverter.vit.forward(patches, kept)
     hook.remove()
     scores = captured[-1].mean(1)[:, 0, 1:]  # class-token row, heads averaged, patches only
-    inverter._stop(0, 3, state, torch.Generator())
-    assert state.image.kept.shape == (4, math.floor(50 * 0.7))
-    expected = kept.gather(1, scores.topk(35, dim=1).indices).sort(dim=1).values
-    torch.testing.assert_close(state.image.kept, expected)
+    run.step()  # the stop at iteration 3
+    assert run.state.image.kept.shape == (4, math.floor(48 * 0.7))
+    expected = kept.gather(1, scores.topk(33, dim=1).indices).sort(dim=1).values
+    torch.testing.assert_close(run.state.image.kept, expected)
 
 
 def test_kept_sets_only_shrink_and_prefix_tokens_are_always_fed(tiny_loaded):
@@ -147,7 +146,7 @@ def test_pixels_stay_in_the_valid_range(tiny_loaded):
 def test_adam_moments_follow_their_patches_through_a_stop(tiny_loaded):
     inverter = make_inverter(tiny_loaded)
     grid = inverter.grid
-    state = _BatchState(SparseImage(grid, torch.randn(2, 64, 16), torch.arange(64).expand(2, -1).clone()), 0.1, (0.5, 0.99))
+    state = BatchState(SparseImage(grid, torch.randn(2, 64, 16), torch.arange(64).expand(2, -1).clone()), 0.1, (0.5, 0.99))
     state.image.param.grad = torch.randn_like(state.image.param)
     state.optimizer.step()
     moments = state.optimizer.state[state.image.param]["exp_avg"].clone()
@@ -182,7 +181,7 @@ def test_rescored_final_mask_is_the_seeds_top_patches_of_the_final_image(tiny_lo
     inverted), the top ones by the last block's CLS attention on the final image."""
     inverter = make_inverter(tiny_loaded, schedule="3:0.3,6:0.3", final_mask="rescored", attention="explicit")
     result = inverter.invert_batch(0)
-    assert inverter.final_kept == 31 and result.keep.sum(dim=(1, 2)).tolist() == [31] * 4
+    assert inverter.patches_per_image == [31] and result.keep.sum(dim=(1, 2)).tolist() == [31] * 4
     grid = inverter.grid
     patches = grid.patchify(result.images)
     positions = torch.arange(grid.num_patches).expand(4, -1)

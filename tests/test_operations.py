@@ -121,8 +121,8 @@ def test_piped_progress_arrives_while_the_job_runs(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=120)[1]
-    for line in during:  # whole plain lines: count, batch, kept patches, losses, speed, elapsed and ETA
-        assert re.match(r"invert \d+/100000 \(\d+%\) · batch 1/1 · kept \d+/64 \(\d+%\) · loss [-\d.e+]+ .*· [\d.]+ it/s · "
+    for line in during:  # whole plain lines: count, batch, images made, kept patches, losses, speed, elapsed and ETA
+        assert re.match(r"invert \d+/100000 \(\d+%\) · batch 1/1 · images 0/2 · kept \d+/64 \(\d+%\) · loss [-\d.e+]+ .*· [\d.]+ it/s · "
                         r"elapsed \d:\d\d:\d\d · ETA \d+:\d\d:\d\d$", line.rstrip("\n")), line
     assert not ANSI.search("".join(lines) + rest) and "…" not in "".join(lines) + rest
     warning = next(line for line in lines if "random weights" in line)  # one line, never wrapped at 80 columns

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from smi_engine.errors import SmiError
-from smi_engine.schedule import SEED_SCHEDULE_TEXT, Schedule, Stop, block_flops, kept_at, speedup_bound
+from smi_engine.schedule import SEED_SCHEDULE_TEXT, Schedule, Stop, block_flops, speedup_bound
 
 
 def test_parse_round_trips_and_dense():
@@ -19,10 +19,40 @@ def test_kept_counts_floor_the_remaining_patches():
     assert Schedule.parse("1:0.5,2:0.5").kept_patches(7) == [7, 3, 1]
 
 
-def test_stage_lengths_and_kept_at():
-    schedule = Schedule.parse("5:0.5,10:0.5")
-    assert schedule.stage_lengths(20) == [5, 5, 10]
-    assert [kept_at(schedule, 64, i) for i in (0, 4, 5, 9, 10, 19)] == [64, 64, 32, 32, 16, 16]
+def test_every_v_resolves_to_equal_shares_at_multiples_of_t_over_v():
+    schedule = Schedule.parse("every:4")
+    assert str(schedule) == "every:4" and not schedule.is_dense and schedule.stops == ()
+    resolved = schedule.resolved(4000)
+    assert [s.iteration for s in resolved.stops] == [1000, 2000, 3000] and str(resolved) == "every:4"
+    assert [s.ratio for s in resolved.stops] == [0.25, 1 / 3, 0.5]  # nominal: a share of what remains
+    assert schedule.kept_patches(196) == [196, 147, 98, 49]  # 49 patches per image
+    # Where V does not divide N: cumulative floors, so each share is floor(N / V) or one more, the last never smaller.
+    counts = Schedule.parse("every:7").kept_patches(64)
+    assert counts == [64, 55, 46, 37, 28, 19, 10]
+    shares = [a - b for a, b in zip(counts, counts[1:])] + [counts[-1]]
+    assert shares == [9, 9, 9, 9, 9, 9, 10] and sum(shares) == 64
+    assert [s.iteration for s in Schedule.parse("every:7").resolved(400).stops] == [57, 114, 171, 228, 285, 342]
+    assert Schedule.parse("every:4").scaled(100) == Schedule.parse("every:4")
+    # Per trajectory, a uniform v-way split costs about (v + 1) / (2 v) of dense (before attention's
+    # quadratic term and the class token); per image, v times less.
+    bound = speedup_bound(schedule, 4000, 196, 1, 192)
+    assert 1.55 < bound < 1.75 and 6.2 < 4 * bound < 7.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("every:1", "V >= 2"), ("every:x", "V >= 2"), ("every:", "V >= 2"), ("every:-3", "V >= 2"),
+])
+def test_bad_every_schedules_are_one_line_errors(text, message):
+    with pytest.raises(SmiError, match=message):
+        Schedule.parse(text)
+
+
+def test_every_v_needs_v_iterations_and_v_patches():
+    with pytest.raises(SmiError, match="needs at least 8 iterations"):
+        Schedule.parse("every:8").validate(7, 64)
+    with pytest.raises(SmiError, match="use V <= 4"):
+        Schedule.parse("every:5").validate(100, 4)
+    Schedule.parse("every:8").validate(8, 64)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "batch_start": {"batch": int},
     "batch_resumed": {"batch": int, "iteration": int},
     "iteration": {"batch": int, "iteration": int, "kept": int, "tokens": int, "seconds": _NUMBER,
-                  "images_per_s": _NUMBER, "tokens_per_s": _NUMBER, "losses": dict},
+                  "tokens_per_s": _NUMBER, "losses": dict},
     "stop": {"batch": int, "kept": int, "kept_indices": list},
     "preview": {"path": str},
     "epoch_end": {"epoch": int, "epochs": int, "val_top1": _NUMBER},
@@ -49,6 +49,11 @@ def well_formed(event: dict[str, Any]) -> bool:
     if kind == "iteration" and not all(isinstance(v, _NUMBER) for v in event["losses"].values()):
         return False
     return event.get("time") is None or isinstance(event["time"], _NUMBER)
+
+
+def _count(value: Any, default: int) -> int:
+    """A count from an event, or ``default`` where the event has none or a damaged one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else default
 
 
 @dataclass
@@ -75,7 +80,8 @@ class RunState:
     stops: list[tuple[int, float]] = field(default_factory=list)
     iterations: int = 0
     batches: int = 0
-    batch_size: int = 0
+    batch_size: int = 0  # trajectories per batch
+    images_per_trajectory: int = 1  # more than 1 under an emitting selection (Patch Rebirth)
     grid: tuple[int, int] = (0, 0)
     num_patches: int = 0
     prefix_tokens: int = 1
@@ -85,6 +91,7 @@ class RunState:
     batch: int = 0
     iteration: int = -1
     batches_done: int = 0
+    images_made: int = 0  # images written to the pool so far
     open_batches: dict[int, int] = field(default_factory=dict)  # rank -> iterations done in its current batch
     kept: int = 0
     keep: list[list[int]] = field(default_factory=list)  # kept grid indices per image of the current batch
@@ -92,7 +99,6 @@ class RunState:
     paused: bool = False
     # speed (per rank, summed for the header)
     iterations_per_s: dict[int, float] = field(default_factory=dict)
-    images_per_s: dict[int, float] = field(default_factory=dict)
     tokens_per_s: dict[int, float] = field(default_factory=dict)
     cost: CostModel | None = None
     dense_cost: float = 0.0  # cost-model FLOPs of the iterations done, had nothing been stopped
@@ -155,6 +161,7 @@ class RunState:
             self.grid, self.num_patches = tuple(e["grid"]), e["num_patches"]
             self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
             self.world_size = e.get("world_size", 1)
+            self.images_per_trajectory = _count(e.get("images_per_trajectory"), 1)
             self.kept = self.num_patches
             if isinstance(e.get("kept_per_stage"), list):
                 self.cost = CostModel.of([s[0] for s in self.stops], e["kept_per_stage"], self.prefix_tokens,
@@ -190,8 +197,7 @@ class RunState:
         self.paused = False
         self.iteration_seconds += e["seconds"]
         rate = 1.0 / max(e["seconds"], 1e-9)
-        for store, value in ((self.iterations_per_s, rate), (self.images_per_s, e["images_per_s"]),
-                             (self.tokens_per_s, e["tokens_per_s"])):
+        for store, value in ((self.iterations_per_s, rate), (self.tokens_per_s, e["tokens_per_s"])):
             store[rank] = value if rank not in store else (1 - SPEED_SMOOTHING) * store[rank] + SPEED_SMOOTHING * value
         if self.width:
             self.dense_cost += block_flops(self.num_patches + self.prefix_tokens, self.width)
@@ -222,6 +228,7 @@ class RunState:
 
     def _on_batch_end(self, e: dict) -> None:
         self.batches_done += 1
+        self.images_made += _count(e.get("images"), self.batch_size * self.images_per_trajectory)
         self.open_batches.pop(e.get("rank", 0), None)
 
     def _on_epoch_end(self, e: dict) -> None:
@@ -252,6 +259,17 @@ class RunState:
     @property
     def done_iterations(self) -> int:
         return self.batches_done * self.iterations + sum(self.open_batches.values())
+
+    @property
+    def total_images(self) -> int:
+        return self.batches * self.batch_size * self.images_per_trajectory
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Images written to the pool per second of inversion (each rank's time counted once)."""
+        if not self.images_made or not self.iteration_seconds:
+            return None
+        return self.images_made / (self.iteration_seconds / max(self.world_size, 1))
 
     @property
     def iteration_rate(self) -> float:

@@ -173,7 +173,9 @@ class Throughput(Panel):
         else:
             flops = state.flops_fraction
             rows = [
-                ("images/s", f"{sum(state.images_per_s.values()):,.1f}"),
+                # images written to the pool (a Patch Rebirth trajectory writes several), not batch x it/s
+                ("images", f"{state.images_made}/{state.total_images}"),
+                ("images/s", "-" if state.images_per_second is None else f"{state.images_per_second:,.2f}"),
                 ("tokens/s", f"{sum(state.tokens_per_s.values()):,.0f}"),
                 ("iterations/s", f"{state.iteration_rate:,.2f}"),
                 # the cost model, not a speedup: speedups are measured in wall-clock time only
