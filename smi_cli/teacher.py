@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -51,11 +48,13 @@ def train(
     from smi_engine.data import load_data
     from smi_engine.device import resolve_device
     from smi_engine.errors import SmiError
-    from smi_engine.inversion_run import build_sinks
     from smi_engine.models import ModelSpec, load_model
+    from rich.markup import escape
+
+    from smi_cli.signals import stop_on_signals
+    from smi_engine.control import RunControl, RunInterrupted
     from smi_engine.rundir import RunDir
-    from smi_engine.runlock import RunLock
-    from smi_engine.teacher import TrainConfig
+    from smi_engine.teacher import TrainConfig, run_teacher_training
 
     display = open_display(stderr, quiet, progress_every)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -73,45 +72,15 @@ def train(
     loaded = load_model(spec, torch_device, frozen=False)
     if loaded.num_classes != splits.num_classes:
         raise SmiError(f"the model has {loaded.num_classes} classes but {data} has {splits.num_classes}: pass --model-args num_classes={splits.num_classes}")
-    run_dir = RunDir(out)
-    run_config = {"model": spec.to_dict(), "data": data, "train": config.to_dict()}
-    sinks = build_sinks(sink or [], run_dir, run_config)  # a sink that cannot start fails before anything is written
-    run_dir.check_claimable("teacher")
-    with RunLock(out):
-        run_dir.create({"config": run_config, "created": dt.datetime.now().isoformat(timespec="seconds")}, "teacher")
-        _train(run_dir, loaded, spec, splits, config, data, epochs, torch_device, display, sinks, quiet, json_output)
-
-
-def _train(run_dir, loaded, spec, splits, config, data: str, epochs: int, torch_device, display, sinks: list,
-           quiet: bool, json_output: bool) -> None:
-    from smi_cli.signals import stop_on_signals
-    from smi_engine.control import RunControl, RunInterrupted
-    from smi_engine.events import EventBus, JsonlSink
-    from smi_engine.files import write_json
-    from smi_engine.models import save_model
-    from smi_engine.teacher import train_classifier
-
-    out = run_dir.path
-    control = RunControl(run_dir)
-    bus = EventBus([JsonlSink(run_dir.events), TrainingProgress(display, "train", "epoch"), *sinks])
-    bus.emit("run_start", kind="teacher", pid=os.getpid(), host=socket.gethostname(), model=spec.name, data=data,
-             epochs=epochs, device=str(torch_device))
+    control = RunControl(RunDir(out))
     try:
         with stop_on_signals(control, stderr), display:
-            metrics = train_classifier(loaded, splits, config, torch_device, bus, control)
-        save_model(out, loaded, {"data": data, "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
-        summary = {"model_dir": str(out), "model": spec.name, "data": data, **metrics}
-        write_json(run_dir.summary, summary)
-        bus.emit("run_end", summary=summary)
+            summary = run_teacher_training(loaded, data, splits, config, out, torch_device,
+                                           [TrainingProgress(display, "train", "epoch")], sink or [], control)
     except RunInterrupted as exc:
-        bus.emit("run_interrupted", message=str(exc))
         fail(f"{exc}; nothing saved (training restarts from scratch)", code=130)
-    except Exception as exc:  # the log says how the run ended: failed, not dead
-        bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
-        raise
-    finally:
-        bus.close()
     if json_output:
         print_json(summary)
     elif not quiet:
-        stderr.print(f"[bold green]saved[/] {out}  val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['seconds']:.0f} s)", soft_wrap=True)
+        stderr.print(f"[bold green]saved[/] {escape(str(out))}  val top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
+                     f"({summary['seconds']:.0f} s)", soft_wrap=True)

@@ -13,9 +13,6 @@ synthesising).
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -34,15 +31,14 @@ from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
-from smi_engine.events import EventBus, EventSink, JsonlSink
-from smi_engine.files import write_json
+from smi_engine.events import EventBus, EventSink
 from smi_engine.invert import InversionConfig, Inverter
-from smi_engine.inversion_run import build_losses, build_sinks
+from smi_engine.inversion_run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.pool import Pool, load_pool, write_shard
 from smi_engine.resources import MemoryProbe
 from smi_engine.rundir import RunDir
-from smi_engine.runlock import RunLock
+from smi_engine.session import RunSession, build_sinks
 
 RUN_KIND = "distill"
 OPTIMIZERS = ("adamw", "sgd")
@@ -211,30 +207,10 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     # Built (losses, schedule against the teacher) before anything is written.
     synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control, placement)
     plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict()) if placement.is_main else []
-    if placement.is_main:
-        run_dir.check_claimable(RUN_KIND)
-    lock = RunLock(run_dir.path).acquire() if placement.is_main else None
-    try:
-        if placement.is_main:
-            run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
-                            "world_size": placement.world_size}, RUN_KIND)
-        placement.barrier()
-        bus.subscribe(JsonlSink(run_dir.events))
-        for sink in plugin_sinks:
-            bus.subscribe(sink)
-        try:
-            return _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement)
-        except RunInterrupted as exc:
-            bus.emit("run_interrupted", message=str(exc), batch=exc.batch, iteration=exc.iteration)
-            raise
-        except Exception as exc:
-            bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
-            raise
-        finally:
-            bus.close()
-    finally:
-        if lock is not None:
-            lock.release()
+    session = RunSession(run_dir, RUN_KIND, bus, placement)
+    session.check_claimable()
+    with session.claim(config.to_dict(), plugin_sinks):
+        return _train(config, session, teacher, student, splits, fixed, synthesis, device, control)
 
 
 class SyntheticData:
@@ -267,7 +243,7 @@ class SyntheticData:
         (0 without synthesis)."""
         if config.steps_per_round is not None:
             return config.epochs * config.steps_per_round
-        made = config.synth_batches * config.synthesize.batch_size * images_per_trajectory
+        made = config.synth_batches * config.synthesize.batch_size * images_per_trajectory if config.synthesize else 0
         total = 0
         for round_index in range(config.epochs):
             size = self.revealed(round_index) + (round_index + 1) * made
@@ -294,18 +270,18 @@ def _optimizer_and_schedule(config: DistillConfig, student: LoadedModel):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _round: 1.0)
 
 
-def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, bus, control, placement) -> dict[str, Any]:
+def _train(config, session: RunSession, teacher, student, splits, fixed, synthesis, device, control) -> dict[str, Any]:
+    run_dir, bus, placement = session.run_dir, session.bus, session.placement
     data = SyntheticData(fixed, teacher.normalizer, config.grow)
     total_steps = data.planned_steps(config, placement.world_size,
                                      0 if synthesis is None else synthesis.inverter.images_per_trajectory)
     synthesis_plan = None if synthesis is None else {"batches": config.epochs * config.synth_batches,
                                                      "iterations": config.synthesize.iterations,
                                                      "images_per_trajectory": synthesis.inverter.images_per_trajectory}
-    bus.emit("run_start", kind=RUN_KIND, pid=os.getpid(), host=socket.gethostname(), teacher=config.teacher.name,
-             student=config.student.name, epochs=config.epochs, device=str(device), data=config.data,
-             synthesize=synthesis is not None, synthesis=synthesis_plan, world_size=placement.world_size,
-             pool_images=data.fixed_images, steps_per_round=config.steps_per_round, grow=config.grow,
-             total_steps=total_steps)
+    session.start(teacher=config.teacher.name, student=config.student.name, epochs=config.epochs, device=str(device),
+                  data=config.data, synthesize=synthesis is not None, synthesis=synthesis_plan,
+                  pool_images=data.fixed_images, steps_per_round=config.steps_per_round, grow=config.grow,
+                  total_steps=total_steps)
     teacher_feed = ModelFeeder(teacher.model, teacher.normalizer)
     student_forward = _Fed(ModelFeeder(student.model, student.normalizer))
     if placement.distributed:
@@ -374,8 +350,7 @@ def _train(config, run_dir, teacher, student, splits, fixed, synthesis, device, 
         "seconds": time.perf_counter() - started, "student_dir": str(run_dir.path / "student"), "history": history,
         "run_dir": str(run_dir.path),
     }
-    write_json(run_dir.summary, summary)
-    bus.emit("run_end", summary=summary)
+    session.end(summary)
     return summary
 
 

@@ -8,31 +8,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import timm
 import torch
 from safetensors import safe_open
 
-from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.control import RunControl
 from smi_engine.device import resolve_device
 from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink
-from smi_engine.files import write_json
+from smi_engine.events import EventBus, EventSink
 from smi_engine.invert import BatchResult, InversionConfig, Inverter
 from smi_engine.losses import LossSpec, build_loss
 from smi_engine.models import load_model
 from smi_engine.plugins import get_registry
 from smi_engine.pool import shard_batches, write_shard
 from smi_engine.rundir import RunDir
-from smi_engine.runlock import RunLock
 from smi_engine.schedule import Schedule, speedup_bound
+from smi_engine.session import RunSession, build_sinks
 
 RUN_KIND = "invert"
 
@@ -42,40 +37,20 @@ def build_losses(specs: Iterable[LossSpec]) -> list[tuple[LossSpec, Any]]:
     return [(spec, build_loss(spec, registry.get("losses", spec.name).factory)) for spec in specs]
 
 
-def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any]) -> list[EventSink]:
-    registry = get_registry()
-    sinks = []
-    for name in names:
-        registration = registry.get("sinks", name)
-        try:
-            sink = registration.factory(run_dir.path, config)
-        except Exception as exc:
-            raise SmiError(f"event sink {name!r} (plugin {registration.plugin}) failed to start: {exc}") from None
-        sinks.append(GuardedSink(name, sink))
-    return sinks
-
-
 def default_out_dir(config: InversionConfig) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     mode = "dense" if Schedule.parse(config.schedule).is_dense else ("sparse" if config.selection.name == "smi" else config.selection.name)
     return Path("runs") / f"{stamp}-{config.model.name}-{mode}"
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {"smi": version("smi-toolkit"), "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
-
-
 class InversionRun:
     """A validated inversion run whose directory exists: ``prepare`` checks everything and
     claims the directory, ``run`` inverts (so a UI can start in between)."""
 
-    def __init__(self, config: InversionConfig, run_dir: RunDir, inverter: Inverter, bus: EventBus,
-                 device: torch.device, placement: Placement, resume: bool, checkpoint: dict[str, Any] | None,
-                 lock: RunLock | None):
-        self.config, self.run_dir, self.inverter, self.bus = config, run_dir, inverter, bus
-        self.device, self.placement, self.resume, self.checkpoint, self.lock = device, placement, resume, checkpoint, lock
+    def __init__(self, config: InversionConfig, session: RunSession, inverter: Inverter, device: torch.device,
+                 resume: bool, checkpoint: dict[str, Any] | None):
+        self.config, self.session, self.inverter, self.device = config, session, inverter, device
+        self.resume, self.checkpoint = resume, checkpoint
 
     @classmethod
     def prepare(
@@ -94,45 +69,20 @@ class InversionRun:
         control.listeners.append(lambda change: bus.emit(change))
         inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir, control)
         plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
+        session = RunSession(run_dir, RUN_KIND, bus, placement, resumable=True)
         # Refusals come before the lock file is touched, so a refused start or resume writes nothing.
-        if not resume and placement.is_main:
-            run_dir.check_claimable(RUN_KIND, resumable=True)
+        if not resume:
+            session.check_claimable()
         checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None
         # Rank 0 holds the run's lock; a second process (or job) on the same folder is refused here.
-        lock = RunLock(run_dir.path).acquire() if placement.is_main else None
-        try:
-            placement.barrier()  # every rank has read the old state before rank 0 clears the stop request
-            if not resume and placement.is_main:
-                run_dir.create({"config": config.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds"),
-                                "versions": _versions(), "world_size": placement.world_size}, RUN_KIND, resumable=True)
-            if resume and placement.is_main:
-                run_dir.clear_request()  # the stop that ended the previous attempt
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        placement.barrier()  # the other ranks write into the directory rank 0 claimed
+        session.claim(None if resume else config.to_dict(), plugin_sinks)
         run_dir.pool.mkdir(parents=True, exist_ok=True)
-        bus.subscribe(JsonlSink(run_dir.events))
-        for sink in plugin_sinks:
-            bus.subscribe(sink)
-        return cls(config, run_dir, inverter, bus, torch_device, placement, resume, checkpoint, lock)
+        return cls(config, session, inverter, torch_device, resume, checkpoint)
 
     def run(self) -> dict[str, Any]:
         """Invert every pending batch; returns the summary (written to summary.json by rank 0)."""
-        try:
-            return _run(self.config, self.run_dir, self.inverter, self.bus, self.device, self.placement, self.resume,
-                        self.checkpoint)
-        except RunInterrupted as exc:
-            self.bus.emit("run_interrupted", batch=exc.batch, iteration=exc.iteration, message=str(exc))
-            raise
-        except Exception as exc:
-            self.bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
-            raise
-        finally:
-            self.bus.close()
-            if self.lock is not None:
-                self.lock.release()
+        with self.session:
+            return _run(self.config, self.session, self.inverter, self.device, self.resume, self.checkpoint)
 
 
 def run_inversion(config: InversionConfig | None, out: str | Path, **options: Any) -> dict[str, Any]:
@@ -141,21 +91,20 @@ def run_inversion(config: InversionConfig | None, out: str | Path, **options: An
     return InversionRun.prepare(config, out, **options).run()
 
 
-def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, placement: Placement, resume: bool,
-         checkpoint: dict[str, Any] | None):
+def _run(config, session: RunSession, inverter: Inverter, device, resume: bool, checkpoint: dict[str, Any] | None):
+    run_dir, bus, placement = session.run_dir, session.bus, session.placement
     started = time.perf_counter()
     grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
     done = shard_batches(run_dir.pool)
     pending = [b for b in range(config.batches) if b not in done and placement.owns(b)]
-    bus.emit(
-        "run_resumed" if resume else "run_start",
-        kind=RUN_KIND, pid=os.getpid(), host=socket.gethostname(), model=config.model.name, model_has_weights=config.model.has_weights,
+    session.start(
+        resumed=resume, model=config.model.name, model_has_weights=config.model.has_weights,
         device=str(device), schedule=str(schedule), selection=str(config.selection),
         stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
         batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],
         num_patches=grid.num_patches, prefix_tokens=vit.num_prefix_tokens, width=vit.width,
         kept_per_stage=inverter.kept_per_stage, images_per_trajectory=inverter.images_per_trajectory,
-        patches_per_image=inverter.patches_per_image, losses=[s.name for s in config.losses], world_size=placement.world_size,
+        patches_per_image=inverter.patches_per_image, losses=[s.name for s in config.losses],
         pending_batches=pending,
         speedup_bound=speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
     )
@@ -175,8 +124,7 @@ def _run(config, run_dir: RunDir, inverter: Inverter, bus: EventBus, device, pla
     _wait_for_shards(run_dir, config.batches)
     summary = {**summarise(config, run_dir, inverter), "wall_seconds": time.perf_counter() - started,
                "world_size": placement.world_size}
-    write_json(run_dir.summary, summary)
-    bus.emit("run_end", summary=summary)
+    session.end(summary)
     return summary
 
 

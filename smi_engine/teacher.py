@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +19,11 @@ from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.data import DataSplits, ModelInput, loader
 from smi_engine.evaluate import evaluate
-from smi_engine.events import EventBus
-from smi_engine.models import LoadedModel
+from smi_engine.events import EventBus, EventSink
+from smi_engine.models import LoadedModel, save_model
 from smi_engine.resources import MemoryProbe
+from smi_engine.rundir import RunDir
+from smi_engine.session import RunSession, build_sinks
 
 
 @dataclass
@@ -129,3 +133,24 @@ def train_classifier(
         "top1": final["val_top1"], "top5": final["val_top5"], "epochs": config.epochs,
         "seconds": time.perf_counter() - started, "history": history,
     }
+
+
+def run_teacher_training(loaded: LoadedModel, data: str, splits: DataSplits, config: TrainConfig, out: Path,
+                         device: torch.device, sinks: list[EventSink] = (), sink_names: list[str] = (),
+                         control: RunControl | None = None) -> dict[str, Any]:
+    """Train ``loaded`` in the run directory ``out``, which then is a model folder (``--teacher
+    DIR`` loads it). ``sinks`` see every event; the plugin sinks ``sink_names`` start before
+    anything is written. Returns the summary; a stop request ends it with RunInterrupted, nothing
+    saved."""
+    run_dir = RunDir(out)
+    run_config = {"model": loaded.spec.to_dict(), "data": data, "train": config.to_dict()}
+    plugin_sinks = build_sinks(sink_names, run_dir, run_config)
+    session = RunSession(run_dir, "teacher", EventBus(list(sinks)))
+    session.check_claimable()
+    with session.claim(run_config, plugin_sinks):
+        session.start(model=loaded.spec.name, data=data, epochs=config.epochs, device=str(device))
+        metrics = train_classifier(loaded, splits, config, device, session.bus, control or RunControl(run_dir))
+        save_model(out, loaded, {"data": data, "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
+        summary = {"model_dir": str(out), "model": loaded.spec.name, "data": data, **metrics}
+        session.end(summary)
+    return summary

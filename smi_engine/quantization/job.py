@@ -9,9 +9,6 @@ With an output folder the job is a run directory like any other (``config.json``
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,11 +21,11 @@ from smi_engine.checks import at_least, number
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
-from smi_engine.events import EventBus, JsonlSink
-from smi_engine.files import check_writable, write_json
+from smi_engine.events import EventBus
+from smi_engine.files import check_writable
 from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
 from smi_engine.rundir import RunDir
-from smi_engine.runlock import RunLock
+from smi_engine.session import RunSession
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model
 
 RUN_KIND = "quantize"
@@ -93,25 +90,16 @@ def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | Non
         raise SmiError(f"the model has {loaded.num_classes} classes but {job.data} has {splits.num_classes}: evaluate on the data it was trained for")
     if out is None:
         return _quantize(job, loaded, splits, device, bus, None)
-    run_dir = RunDir(out)
-    with RunLock(out):  # two processes writing into one folder never interleave their files
-        run_dir.create({"config": job.to_dict(), "created": dt.datetime.now().isoformat(timespec="seconds")}, RUN_KIND)
-        bus.subscribe(JsonlSink(run_dir.events))
-        try:
-            return _quantize(job, loaded, splits, device, bus, run_dir)
-        except Exception as exc:
-            bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
-            raise
-        finally:
-            bus.close()
+    with RunSession(RunDir(out), RUN_KIND, bus).claim(job.to_dict()) as session:
+        return _quantize(job, loaded, splits, device, bus, session)
 
 
 def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.device, bus: EventBus,
-              run_dir: RunDir | None) -> dict[str, Any]:
+              session: RunSession | None) -> dict[str, Any]:
     bits = f"W{job.quant.w_bit}A{job.quant.a_bit}"
-    bus.emit("run_start", kind=RUN_KIND, pid=os.getpid(), host=socket.gethostname(), model=job.model.name,
-             device=str(device), scheme=job.quant.scheme, w_bit=job.quant.w_bit, a_bit=job.quant.a_bit,
-             calib=job.calib, data=job.data)
+    if session is not None:
+        session.start(model=job.model.name, device=str(device), scheme=job.quant.scheme, w_bit=job.quant.w_bit,
+                      a_bit=job.quant.a_bit, calib=job.calib, data=job.data)
     started = time.perf_counter()
     qmodel, calibration = calibrate(loaded, job, device, bus)
     bus.emit("calibrated", **calibration, seconds=time.perf_counter() - started)
@@ -129,10 +117,10 @@ def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.devic
         "seconds": time.perf_counter() - started,
     }
     bus.emit("quantized", **result)
-    if run_dir is not None:
+    if session is not None:
+        path = session.run_dir.path
         spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
-        save_model(run_dir.path, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
-        result.update(run_dir=str(run_dir.path), saved=str(run_dir.path))
-        write_json(run_dir.summary, result)
-        bus.emit("run_end", summary=result)
+        save_model(path, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
+        result.update(run_dir=str(path), saved=str(path))
+        session.end(result)
     return result

@@ -1,0 +1,129 @@
+"""One run's lifecycle, the same for every command that writes a run directory.
+
+    session = RunSession(run_dir, "distill", bus, placement)
+    session.claim(config, sinks)        # lock (rank 0), create or reopen, subscribe the log
+    with session:                       # exactly one of run_end / run_interrupted / run_error
+        session.start(teacher=..., ...) # run_start (or run_resumed) with pid, host, versions
+        ...
+        session.end(summary)            # summary.json (rank 0), then run_end
+
+Leaving the ``with`` block closes the bus and releases the lock on every path; a failure inside
+``claim`` releases the lock before it propagates, so a refused start holds nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import socket
+from typing import Any, Iterable
+
+from smi_engine.control import RunInterrupted
+from smi_engine.distributed import Placement
+from smi_engine.errors import SmiError
+from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink
+from smi_engine.files import write_json
+from smi_engine.rundir import RunDir
+from smi_engine.runlock import RunLock
+
+
+def versions() -> dict[str, str]:
+    """The software that wrote a run (recorded in config.json and run_start)."""
+    from importlib.metadata import version
+
+    import timm
+    import torch
+
+    return {"smi": version("smi-toolkit"), "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any]) -> list[EventSink]:
+    """The plugin sinks a run names (``--sink``), started on its directory and configuration."""
+    from smi_engine.plugins import get_registry
+
+    registry = get_registry()
+    sinks = []
+    for name in names:
+        registration = registry.get("sinks", name)
+        try:
+            sink = registration.factory(run_dir.path, config)
+        except Exception as exc:
+            raise SmiError(f"event sink {name!r} (plugin {registration.plugin}) failed to start: {exc}") from None
+        sinks.append(GuardedSink(name, sink))
+    return sinks
+
+
+class RunSession:
+    """A command's hold on one run directory, from the claim to the run's last event."""
+
+    def __init__(self, run_dir: RunDir, kind: str, bus: EventBus, placement: Placement = Placement(),
+                 resumable: bool = False):
+        self.run_dir, self.kind, self.bus, self.placement, self.resumable = run_dir, kind, bus, placement, resumable
+        self.lock: RunLock | None = None
+        self.ended = False
+
+    def check_claimable(self) -> None:
+        """Refuse a directory this session could not create (rank 0 checks; nothing is written)."""
+        if self.placement.is_main:
+            self.run_dir.check_claimable(self.kind, resumable=self.resumable)
+
+    def claim(self, config: dict[str, Any] | None, sinks: Iterable[EventSink] = ()) -> "RunSession":
+        """Take the run: rank 0 locks the directory, then creates it with ``config`` or, with
+        ``None``, reopens it to resume (clearing the stop request that ended the last attempt).
+        Then every rank logs to ``events.jsonl`` and to ``sinks``."""
+        self.lock = RunLock(self.run_dir.path).acquire() if self.placement.is_main else None
+        try:
+            self.placement.barrier()  # every rank has read the old state before rank 0 changes it
+            if self.placement.is_main and config is not None:
+                self.run_dir.create({"config": config, "created": dt.datetime.now().isoformat(timespec="seconds"),
+                                     "versions": versions(), "world_size": self.placement.world_size},
+                                    self.kind, resumable=self.resumable)
+            elif self.placement.is_main:
+                self.run_dir.clear_request()
+            self.placement.barrier()  # the other ranks write into the directory rank 0 claimed
+        except BaseException:
+            self._release()
+            raise
+        self.bus.subscribe(JsonlSink(self.run_dir.events))
+        for sink in sinks:
+            self.bus.subscribe(sink)
+        return self
+
+    def start(self, resumed: bool = False, **fields: Any) -> None:
+        """``run_start`` (``run_resumed``) naming the run's kind, the writing process and its software."""
+        self.bus.emit("run_resumed" if resumed else "run_start", kind=self.kind, pid=os.getpid(),
+                      host=socket.gethostname(), versions=versions(), world_size=self.placement.world_size, **fields)
+
+    def end(self, summary: dict[str, Any]) -> None:
+        """The run's result: ``summary.json`` (written last, it marks the run finished), then ``run_end``."""
+        if self.placement.is_main:
+            write_json(self.run_dir.summary, summary)
+            self.bus.emit("run_end", summary=summary)
+        self.ended = True
+
+    def __enter__(self) -> "RunSession":
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        try:
+            if exc is None or self.ended:
+                pass
+            elif isinstance(exc, RunInterrupted):
+                self.bus.emit("run_interrupted", message=str(exc), batch=exc.batch, iteration=exc.iteration)
+            elif isinstance(exc, KeyboardInterrupt):  # a command without a stop point of its own
+                self.bus.emit("run_interrupted", message="interrupted")
+            else:
+                self.bus.emit("run_error", message=str(exc) or type(exc).__name__, error=type(exc).__name__)
+        finally:
+            try:
+                self.bus.close()
+            finally:
+                self._release()
+        return False
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
