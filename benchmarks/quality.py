@@ -1,6 +1,7 @@
 """Quality benchmark on Fashion-MNIST: does sparse inversion serve the data-free tasks as well as
-dense inversion, for less inversion time? Every selection policy (smi, pri, random), the seed's
-downstream protocols, 3 seeds.
+dense inversion, for less inversion time? Every selection policy (smi; Patch Rebirth as published,
+every:V with attention and random selection; the frozen variant), the seed's downstream protocols,
+3 seeds.
 
     python benchmarks/quality.py [--out benchmarks/results/fashion-mnist] [--device cpu] [--seeds 0 1 2]
         [--schemes seed matmul repq]
@@ -9,9 +10,10 @@ downstream protocols, 3 seeds.
    classes 0-4 only (data disjoint from the task, standing in for the seed's ImageNet DeiT),
    both by `smi teacher train`.
 2. Per seed: pools of --batches x 64 images: noise (the starting Gaussian noise), dense
-   inversion, and for each selection policy (smi, pri, random at the seed's schedule scaled,
-   and pri at a steeper schedule) a pool of the same image budget and one given the dense
-   pool's inversion time (as many batches as fit).
+   inversion, and for each selection (smi and the frozen pri and dropping random at the seed's
+   schedule scaled; pri and random emitting at every:2, every:4 and every:7, each batch of
+   64 // V trajectories making about 64 images) a pool of the same image budget and one given
+   the dense pool's inversion time (as many batches as fit).
 3. Quantisation (the seed's test_quant.py protocol: calibrate on one draw of 64 images, top-1
    on the 10,000 test images), for every scheme (seed, matmul, repq; --schemes), W/A in W8A8,
    W4A8, W4A4, W4A3, W3A3, calibrated on noise, dense, smi and real images; W4A4 and W3A3 on
@@ -40,8 +42,13 @@ from pathlib import Path
 
 MODEL_ARGS = "img_size=32,patch_size=4,in_chans=1,embed_dim=64,depth=4,num_heads=4,mlp_ratio=2"
 SPARSE = "20:0.3,40:0.3,80:0.3,120:0.3"  # the seed's 50,100,200,300 @ 0.3 for 4000 iterations, scaled to 400 (x2)
-STEEP = "10:0.5,20:0.5,40:0.5"  # 8 of 64 patches left to evolve after iteration 40
-SELECTIONS = {"smi": ("smi", SPARSE), "pri": ("pri", SPARSE), "random": ("random", SPARSE), "pri-steep": ("pri", STEEP)}
+#: name -> (--selection with its options, --schedule, trajectories per batch): every batch makes about BATCH images.
+SELECTIONS = {
+    "smi": (["smi"], SPARSE, 64),
+    "pri-frozen": (["pri", "--selection-option", "pri.leaving=freeze"], SPARSE, 64),
+    "random-drop": (["random", "--selection-option", "random.leaving=drop"], SPARSE, 64),
+    **{f"{name}-v{v}": ([name], f"every:{v}", 64 // v) for v in (2, 4, 7) for name in ("pri", "random")},
+}
 BITS = ((8, 8), (4, 8), (4, 4), (4, 3), (3, 3))
 LOW_BITS = ((4, 4), (3, 3))  # the settings where the calibration data matters
 SCHEMES = ("seed", "matmul", "repq")
@@ -98,18 +105,19 @@ def main() -> dict:
     run(commands, train + ["--data", f"{data}@0-4", "--epochs", str(opts.student_epochs), "--out", str(student)],
         "student-backbone", student / "summary.json")
 
-    invert = ["invert", "--teacher", str(teacher), "--batch-size", str(BATCH), "--lr", "0.1", "--loss-option",
+    invert = ["invert", "--teacher", str(teacher), "--lr", "0.1", "--loss-option",
               "deepinversion.tv_l2=3e-3", "--checkpoint-every", "0", "--quiet", *device]
     iterations = ["--iterations", str(opts.iterations)]
     quant, kt = {}, {}
     for seed in opts.seeds:
         folder = out / f"seed-{seed}"
         pools = {  # "noise": one step from the starting Gaussian noise, the no-inversion baseline
-            "noise": ["--schedule", "dense", "--iterations", "1", "--batches", str(opts.batches)],
-            "dense": ["--schedule", "dense", *iterations, "--batches", str(opts.batches)],
+            "noise": ["--schedule", "dense", "--batch-size", str(BATCH), "--iterations", "1", "--batches", str(opts.batches)],
+            "dense": ["--schedule", "dense", "--batch-size", str(BATCH), *iterations, "--batches", str(opts.batches)],
         }
-        for name, (selection, schedule) in SELECTIONS.items():
-            pools[name] = ["--schedule", schedule, "--selection", selection, *iterations, "--batches", str(opts.batches)]
+        for name, (selection, schedule, trajectories) in SELECTIONS.items():
+            pools[name] = ["--schedule", schedule, "--selection", *selection, "--batch-size", str(trajectories),
+                           *iterations, "--batches", str(opts.batches)]
 
         def invert_pool(name: str, extra: list[str]) -> None:
             run(commands, invert + extra + ["--seed", str(seed), "--out", str(folder / name)], f"invert-{name}-{seed}",
@@ -119,10 +127,9 @@ def main() -> dict:
             invert_pool(name, extra)
         # Equal inversion time: as many batches as fit in the dense pool's time.
         dense_time = summary(folder / "dense")["seconds"]
-        for name, (selection, schedule) in SELECTIONS.items():
+        for name in SELECTIONS:
             fitting = max(opts.batches, int(opts.batches * dense_time / summary(folder / name)["seconds"]))
-            invert_pool(f"{name}-equal-time", ["--schedule", schedule, "--selection", selection, *iterations,
-                                               "--batches", str(fitting)])
+            invert_pool(f"{name}-equal-time", [*pools[name][:-1], str(fitting)])
         quant[seed] = quantisation_matrix(folder, teacher, data, seed, opts.device, opts.schemes)
         for name in POOLS:
             target = folder / f"kt-{name}"
@@ -197,25 +204,28 @@ def report(out: Path, teacher: Path, student: Path, seeds: list[int], quant: dic
         f"Student backbone: the same ViT trained on classes 0-4 only ({student_summary['top1']:.2f}% on their test images, "
         f"{student_summary['seconds'] / 60:.1f} min). Seeds {', '.join(map(str, seeds))}: mean ± std.",
         "",
-        f"Selections at the schedule {SPARSE} (pri-steep: {STEEP}); `-equal-time`: as many batches as fit in the "
-        "dense pool's inversion time. Per pool: images, inversion time, patches in the final image, the teacher's "
+        f"smi, pri-frozen and random-drop at the schedule {SPARSE}; pri-vV and random-vV emit at every:V (64 // V "
+        "trajectories a batch); `-equal-time`: as many batches as fit in the dense pool's inversion time. Per pool: "
+        "images, inversion time, images per second, patches per image, the teacher's "
         "accuracy on the pool under its keep masks, quantised top-1 calibrated on it (repq: RepQ-ViT), and the "
         "knowledge-transfer student's best top-1 (the seed's protocol, `smi distill --recipe seed`), on the 10,000 "
         f"test images (fp32 teacher {fp32:.2f}%); `=`: an equal-time pool calibrates on the same 64 images as its "
         "equal-budget twin:",
         "",
-        "| pool | images | inversion time (s) | speedup vs dense | patches in image | teacher acc. on pool (%) | "
+        "| pool | images | inversion time (s) | images/s | per image vs dense | patches per image | teacher acc. on pool (%) | "
         + " | ".join(f"{scheme} W{w}A{a}" for scheme in schemes for w, a in LOW_BITS) + " | KT student top-1 |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(schemes) * len(LOW_BITS) + 1),
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(schemes) * len(LOW_BITS) + 1),
     ]
-    dense_seconds = [pools[(s, "dense")]["seconds"] for s in seeds]
+    dense_rate = [pools[(s, "dense")]["images_per_second"] for s in seeds]
     for name in POOLS:
         runs = [pools[(s, name)] for s in seeds]
-        speedup = "" if name == "noise" else cell([d / r["seconds"] for d, r in zip(dense_seconds, runs)]) + "x"
+        speedup = "" if name == "noise" else cell([r["images_per_second"] / d for d, r in zip(dense_rate, runs)]) + "x"
+        per_image = "/".join(str(n) for n in dict.fromkeys(runs[0]["patches_per_image"]))
         quantised = " | ".join("=" if name.endswith("-equal-time") else cell([quant[s][f"{scheme}-w{w}a{a}-{name}"] for s in seeds])
                                for scheme in schemes for w, a in LOW_BITS)
-        lines.append(f"| {name} | {counts([r['images'] for r in runs])} | {cell([r['seconds'] for r in runs])} | {speedup} | "
-                     f"{runs[0]['kept_patches']}/{runs[0]['num_patches']} | {cell([100 * r['teacher_accuracy'] for r in runs])} | "
+        lines.append(f"| {name} | {counts([r['images'] for r in runs])} | {cell([r['seconds'] for r in runs])} | "
+                     f"{cell([r['images_per_second'] for r in runs])} | {speedup} | "
+                     f"{per_image}/{runs[0]['num_patches']} | {cell([100 * r['teacher_accuracy'] for r in runs])} | "
                      f"{quantised} | {cell([kt[(s, name)]['best_top1'] for s in seeds])} |")
     lines += ["", f"Quantised top-1 (%) on the 10,000 test images (fp32 {fp32:.2f}%), {BATCH} calibration images:", "",
               "| scheme | W/A | " + " | ".join(SOURCES) + " |", "|---|---|" + "---:|" * len(SOURCES)]
@@ -240,8 +250,9 @@ def plot(out: Path, seeds: list[int], pools: dict, quant: dict, kt: dict, scheme
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"noise": "tab:gray", "dense": "black", "smi": "tab:blue", "pri": "tab:red", "random": "tab:green",
-               "pri-steep": "tab:purple"}
+    colours = {"noise": "tab:gray", "dense": "black", "smi": "tab:blue", "pri-frozen": "tab:pink", "random-drop": "olive",
+               "pri-v2": "salmon", "pri-v4": "tab:red", "pri-v7": "darkred",
+               "random-v2": "lightgreen", "random-v4": "tab:green", "random-v7": "darkgreen"}
     panels = [(f"{scheme} W{w}A{a}", lambda s, n, key=f"{scheme}-w{w}a{a}-": quant[s][key + n])
               for scheme in schemes[-1:] for w, a in LOW_BITS]
     panels.append(("knowledge transfer (seed protocol)", lambda s, n: kt[(s, n)]["best_top1"]))

@@ -64,6 +64,7 @@ CAPTION = ("one row per stage; speedup: dense iteration time / this stage's; FLO
 
 def print_report(result: dict) -> None:
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     from smi_engine.bench import DENSE
@@ -92,11 +93,12 @@ def print_report(result: dict) -> None:
     show(table)
     for label, run in result["runs"].items():
         if label == DENSE:
-            console.print(f"dense: {result['dense_seconds']:.1f} s end to end")
+            console.print(f"dense: {result['dense_seconds']:.1f} s end to end, {run['images_per_second']:.2f} images/s")
             continue
-        console.print(f"{label} ({run['schedule']}): {run['seconds']:.1f} s -> [bold]{run['speedup']:.2f}x[/] vs dense; "
-                      f"token-FLOP bound {run['bound']:.2f}x; efficiency {run['efficiency']:.2f} of the bound",
-                      soft_wrap=True)
+        per = f" per image ({run['images_per_trajectory']} a trajectory)" if run["images_per_trajectory"] > 1 else ""
+        console.print(f"{escape(label)} ({run['schedule']}): {run['seconds']:.1f} s, {run['images_per_second']:.2f} images/s "
+                      f"-> [bold]{run['speedup']:.2f}x[/] vs dense{per}; token-FLOP bound {run['bound']:.2f}x; "
+                      f"efficiency {run['efficiency']:.2f} of the bound", soft_wrap=True)
     memory = result["memory"]
     if memory:
         for key, label in (("saved_for_backward_mb", "activations saved for backward"), ("cuda_peak_mb", "CUDA peak allocated")):

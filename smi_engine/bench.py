@@ -100,8 +100,9 @@ def _synchronize(device: str) -> None:
 
 
 def _plans(config: BenchConfig) -> dict[str, tuple[Schedule, SelectionSpec]]:
+    """Each run's schedule, its stops resolved for the benchmark's length (``every:V``)."""
     plans = {DENSE: (Schedule(), SelectionSpec())}
-    plans.update({c.label: (c.schedule, c.selection) for c in config.contenders()})
+    plans.update({c.label: (c.schedule.resolved(config.iterations), c.selection) for c in config.contenders()})
     return plans
 
 
@@ -178,8 +179,10 @@ def _median(rounds: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float
 def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     config.validate()
     loaded = load_model(ModelSpec(config.model, config.model_args or {}), config.device)
+    images_per_trajectory = {DENSE: 1}
     for contender in config.contenders():  # validates each schedule and selection before timing
-        _inverter(loaded, config, contender.schedule, config.iterations, contender.selection)
+        inverter = _inverter(loaded, config, contender.schedule, config.iterations, contender.selection)
+        images_per_trajectory[contender.label] = inverter.images_per_trajectory
     probe = _inverter(loaded, config, Schedule(), config.iterations)
     grid, vit = probe.grid, probe.vit
     rounds = []
@@ -190,7 +193,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda 
     dense_ms = _median(rounds, lambda r: r[DENSE]["stage_ms"][0])
     runs = {}
     for label, (schedule, _) in _plans(config).items():
-        kept = schedule.kept_patches(grid.num_patches)
+        kept, images = schedule.kept_patches(grid.num_patches), images_per_trajectory[label]
         stages = []
         for index, count in enumerate(kept):
             tokens = count + vit.num_prefix_tokens
@@ -205,8 +208,11 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda 
             })
         seconds = _median(rounds, lambda r: r[label]["seconds"])
         bound = speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width)
-        runs[label] = {"schedule": str(schedule), "seconds": seconds, "speedup": dense_seconds / seconds,
-                       "bound": bound, "efficiency": dense_seconds / seconds / bound, "stages": stages}
+        # Per image: a dense trajectory makes one image, an emitting one (Patch Rebirth) several.
+        runs[label] = {"schedule": str(schedule), "seconds": seconds, "images_per_trajectory": images,
+                       "images_per_second": config.batch_size * images / seconds,
+                       "speedup": dense_seconds / seconds * images, "bound": bound * images,
+                       "efficiency": dense_seconds / seconds / bound, "stages": stages}
     memory = None
     if config.memory:
         progress("memory: one steady-state iteration per run")

@@ -73,18 +73,27 @@ def test_data_info_fashion_mnist():
 
 def test_benchmark_times_every_compared_run_per_stage_and_phase_against_the_bound():
     config = BenchConfig(model="vit_tiny_patch16_224", model_args={"img_size": 32, "patch_size": 4, "depth": 2},
-                         batch_size=2, iterations=12, schedule="2:0.5,4:0.5", compare=["smi", "pri", "random@3:0.75"])
+                         batch_size=2, iterations=12, schedule="2:0.5,4:0.5",
+                         compare=["smi", "pri", "random@3:0.75", "pri@every:4"])
     result = run_benchmark(config)
     runs = result["runs"]
-    assert list(runs) == ["dense", "smi", "pri", "random@3:0.75"]
+    assert list(runs) == ["dense", "smi", "pri", "random@3:0.75", "pri@every:4"]
     assert runs["smi"]["bound"] == pytest.approx(speedup_bound(Schedule.parse("2:0.5,4:0.5"), 12, 64, 1, 192))
-    assert runs["random@3:0.75"]["bound"] == pytest.approx(speedup_bound(Schedule.parse("3:0.75"), 12, 64, 1, 192))
+    # Per image: pri and random emit one image per stop plus the final one.
+    assert runs["pri"]["bound"] == pytest.approx(3 * runs["smi"]["bound"])
+    assert runs["random@3:0.75"]["bound"] == pytest.approx(2 * speedup_bound(Schedule.parse("3:0.75"), 12, 64, 1, 192))
+    assert runs["pri@every:4"]["bound"] == pytest.approx(4 * speedup_bound(Schedule.parse("every:4"), 12, 64, 1, 192))
+    assert [runs[r]["images_per_trajectory"] for r in runs] == [1, 1, 3, 2, 4]
     for label in ("smi", "pri"):
         assert [s["kept"] for s in runs[label]["stages"]] == [64, 32, 16]
         assert [s["iterations"] for s in runs[label]["stages"]] == [2, 2, 8]
     assert [s["kept"] for s in runs["random@3:0.75"]["stages"]] == [64, 16]
+    assert [s["kept"] for s in runs["pri@every:4"]["stages"]] == [64, 48, 32, 16]
+    assert [s["iterations"] for s in runs["pri@every:4"]["stages"]] == [3, 3, 3, 3]
     for run in runs.values():
-        assert run["speedup"] == pytest.approx(result["dense_seconds"] / run["seconds"])
+        images = run["images_per_trajectory"]
+        assert run["speedup"] == pytest.approx(result["dense_seconds"] / run["seconds"] * images)
+        assert run["images_per_second"] == pytest.approx(2 * images / run["seconds"])
         assert run["efficiency"] == pytest.approx(run["speedup"] / run["bound"])
         for stage in run["stages"]:  # the phases account for (nearly all of) each stage's time
             assert sum(stage["phase_ms"].values()) == pytest.approx(stage["ms_per_iteration"], rel=0.25)
@@ -97,7 +106,8 @@ def test_bench_command_prints_every_run_and_writes_json(tmp_path):
     proc = smi("bench", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4,depth=1",
                "--batch-size", "1", "--iterations", "6", "--schedule", "2:0.5", "--compare", "pri", "--compare",
                "random@3:0.75", "--no-memory", "--out", out, check=True)
-    for text in ("dense", "pri (2:0.5)", "random@3:0.75 (3:0.75)", "of the bound", "fwd"):
+    for text in ("dense", "pri (2:0.5)", "random@3:0.75 (3:0.75)", "of the bound", "fwd", "images/s",
+                 "vs dense per image (2 a trajectory)"):
         assert text in proc.stdout
     assert list(json.loads(out.read_text())["runs"]) == ["dense", "pri", "random@3:0.75"]
 

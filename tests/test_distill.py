@@ -79,9 +79,11 @@ def test_synthesize_inverts_fresh_batches_every_epoch(tmp_path, digits_teacher):
                             selection=SelectionSpec("pri"))
     config = DistillConfig(teacher, STUDENT, "digits", synthesize=synth, synth_batches=2, epochs=2, batch_size=8, limit=64)
     summary = run_distillation(config, tmp_path / "kt", torch.device("cpu"))
-    assert summary["synthetic_images"] == 32
+    assert summary["synthetic_images"] == 64  # Patch Rebirth: 2 images (the detached half, the rest) per trajectory
     assert len(list((tmp_path / "kt" / "pool").iterdir())) == 4
-    assert bool(load_pool(tmp_path / "kt").keep.all())  # Patch Rebirth keeps the detached patches in the image
+    pool = load_pool(tmp_path / "kt")
+    assert pool.keep.flatten(1).sum(1).tolist() == [8] * 64  # 16 patches, halved at iteration 3
+    assert pool.trajectory.unique().numel() == 32 and pool.emitted_at.unique().tolist() == [3, 6]
     events = read_events(tmp_path / "kt")
     kinds = [e["event"] for e in events]
     assert kinds.count("batch_start") == 4 and kinds.count("stop") == 4 and kinds.count("epoch_end") == 2
@@ -89,9 +91,9 @@ def test_synthesize_inverts_fresh_batches_every_epoch(tmp_path, digits_teacher):
     # progress totals are known from the start: every batch to invert, every training step
     start = events[0]
     steps = [e for e in events if e["event"] == "train_step"]
-    assert start["synthesis"] == {"batches": 4, "iterations": 6}
-    assert start["total_steps"] == len(steps) == 2 + 4  # one pass over 16, then over 32 images, 8 at a time
-    assert [e["done_steps"] for e in steps] == list(range(1, 7)) and {e["total_steps"] for e in steps} == {6}
+    assert start["synthesis"] == {"batches": 4, "iterations": 6, "images_per_trajectory": 2}
+    assert start["total_steps"] == len(steps) == 4 + 8  # one pass over 32, then over 64 images, 8 at a time
+    assert [e["done_steps"] for e in steps] == list(range(1, 13)) and {e["total_steps"] for e in steps} == {12}
 
 
 def test_distill_refuses_an_unknown_selection_before_writing(tmp_path, digits_teacher):

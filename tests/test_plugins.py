@@ -71,11 +71,12 @@ def test_a_third_party_selection_decides_which_patches_stay(plugin_env, tmp_path
     out = tmp_path / "run"
     summary = json.loads(smi("invert", *TINY, "--iterations", "4", "--batch-size", "2", "--schedule", "2:0.75",
                              "--selection", "centre", "--device", "cpu", "--out", out, "--json", env=plugin_env, check=True).stdout)
-    assert summary["selection"] == "centre" and summary["kept_patches"] == 16
+    assert summary["selection"] == "centre" and summary["patches_per_image"] == [48, 16] and summary["images"] == 4
     keep = load_file(str(next((out / "pool").glob("*.safetensors"))))["keep"]
     centre = torch.zeros(8, 8, dtype=torch.bool)
     centre[2:6, 2:6] = True  # on the 8 x 8 grid, the 16 patches nearest the centre
-    assert torch.equal(keep, centre.expand(2, -1, -1))
+    assert torch.equal(keep[2:], centre.expand(2, -1, -1))  # the trajectories' final images
+    assert torch.equal(keep[:2], (~centre).expand(2, -1, -1))  # what left at the stop: an image of its own
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["selection"] == {"name": "centre", "options": {}}
 

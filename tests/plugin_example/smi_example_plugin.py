@@ -24,10 +24,10 @@ class Brightness:
 
 
 class CentreFirst:
-    """A selection policy: at each stop the patches farthest from the image centre leave, dropped."""
+    """A selection policy: at each stop the patches farthest from the image centre leave, as an image."""
 
-    keeps_leaving = False                               # patches that leave are not in the final image
-    keeps_remaining = True                              # the patches inverted to the end are
+    leaving = "emit"                                    # they make an image of their own ("drop", "freeze")
+    keeps_remaining = True                              # the patches inverted to the end make the last one
 
     def choose(self, stop):                             # stop: smi_engine.selection.StopContext
         grid = stop.grid
