@@ -16,7 +16,7 @@ from smi_cli.help import command
 from smi_cli.progress import duration
 from smi_engine.errors import SmiError
 from smi_engine.events import parse_lines, read_events
-from smi_engine.files import read_json
+from smi_engine.files import open_regular, read_json
 from smi_engine.rundir import RunDir
 
 SEARCH_DEPTH = 3  # folders below a given one searched for runs (a demo folder holds one run per mode)
@@ -84,7 +84,7 @@ def read_run(path: Path) -> RunState:
         for event in read_events(run_dir.events):
             state.apply(event)
         return state
-    with open(run_dir.events, "rb") as log:
+    with os.fdopen(open_regular(run_dir.events, os.O_RDONLY), "rb") as log:
         for line in log:
             events, _, _ = parse_lines(line.rstrip(b"\n") + b"\n")
             for event in events:
@@ -112,7 +112,7 @@ def row(path: Path) -> dict[str, Any]:
 def _summary(path: Path) -> dict[str, Any]:
     try:
         return read_json(RunDir(path).summary) if RunDir(path).is_finished else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, SmiError):
         return {}
 
 

@@ -209,7 +209,7 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict()) if placement.is_main else []
     session = RunSession(run_dir, RUN_KIND, bus, placement)
     session.check_claimable()
-    with session.claim(config.to_dict(), plugin_sinks):
+    with session.claim(config.to_dict(), plugin_sinks, folders=[run_dir.pool] if synthesis is not None else []):
         return _train(config, session, teacher, student, splits, fixed, synthesis, device, control)
 
 

@@ -33,6 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from smi_engine.files import open_regular
+
 EventSink = Callable[[dict[str, Any]], None]
 
 
@@ -66,7 +68,7 @@ class JsonlSink:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
     def __call__(self, event: dict[str, Any]) -> None:
         os.write(self._fd, (json.dumps(event, separators=(",", ":")) + "\n").encode())
@@ -120,5 +122,6 @@ def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], bytes, int]:
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
     """All complete events of a JSON-lines file (a half-written last line and damaged lines are skipped)."""
-    events, _, _ = parse_lines(Path(path).read_bytes())
+    with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as handle:  # never through a link or a FIFO
+        events, _, _ = parse_lines(handle.read())
     return events

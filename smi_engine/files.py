@@ -1,13 +1,69 @@
-"""Crash-safe file writing: write beside the target, then rename over it."""
+"""Files of a run: crash-safe writing (write beside the target, then rename over it), and
+opening that never follows a symbolic link nor blocks on a special file.
+
+Run folders are shared on multi-user machines, so whatever sits in one is untrusted: a
+``.lock`` or ``events.jsonl`` that is a link to someone's file must not be written through, a
+FIFO must not hang the reader, and what is read is bounded.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+#: Most bytes read from a small run file (config, summary, control request, lock, model card).
+SMALL_FILE_LIMIT = 16 * 2**20
+
+
+def _refuse(path: Path, what: str):
+    from smi_engine.errors import SmiError
+
+    return SmiError(f"{path} is {what}: smi only reads and writes regular files in a run folder; remove it")
+
+
+def open_regular(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` for a run's own file: a symbolic link is never followed, and anything but a
+    regular file (a FIFO, a device, a folder) is refused at once instead of blocking."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse(path, "a symbolic link") from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO with no reader; a folder
+            raise _refuse(path, "not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refuse(path, "not a regular file")
+    return fd
+
+
+def read_regular(path: str | Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The bytes of a run's own file, refused past ``limit`` (never a link or a special file)."""
+    fd = open_regular(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise _refuse(Path(path), f"larger than {limit // 2**20} MB")
+    return data
+
+
+def ensure_folder(path: str | Path) -> Path:
+    """A run's own sub-folder (``pool/``, ``previews/``), created if missing, never a link."""
+    path = Path(path)
+    if path.is_symlink():
+        raise _refuse(path, "a symbolic link")
+    path.mkdir(parents=True, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise _refuse(path, "not a folder")
+    return path
 
 
 @contextlib.contextmanager
@@ -39,7 +95,8 @@ def write_json(target: str | Path, data: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A run's JSON file, read as ``read_regular`` does (bounded, no links, no special files)."""
+    return json.loads(read_regular(path))
 
 
 def check_writable(target: str | Path, flag: str, folder: bool = True) -> None:

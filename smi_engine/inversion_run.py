@@ -75,8 +75,7 @@ class InversionRun:
             session.check_claimable()
         checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None
         # Rank 0 holds the run's lock; a second process (or job) on the same folder is refused here.
-        session.claim(None if resume else config.to_dict(), plugin_sinks)
-        run_dir.pool.mkdir(parents=True, exist_ok=True)
+        session.claim(None if resume else config.to_dict(), plugin_sinks, folders=(run_dir.pool, run_dir.previews))
         return cls(config, session, inverter, torch_device, resume, checkpoint)
 
     def run(self) -> dict[str, Any]:

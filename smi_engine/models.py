@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from smi_engine.errors import SmiError
+from smi_engine.files import read_regular
 from smi_engine.files import atomic_path, unreadable_reason, write_json
 from smi_engine.quantization.scheme import QuantConfig, freeze_quantizers, quantize_model
 
@@ -94,7 +95,7 @@ class ModelSpec:
                 "pass a folder written by `smi teacher train`, or use --model/--checkpoint"
             )
         try:
-            meta = json.loads(card.read_text())
+            meta = json.loads(read_regular(card))
             return cls(
                 name=meta["model"],
                 args=meta.get("model_args", {}),
@@ -269,7 +270,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu", frozen: bool
 def read_card(folder: str | Path) -> dict[str, Any]:
     """The metadata of a model folder (``smi-model.json``)."""
     try:
-        return json.loads((Path(folder) / MODEL_CARD).read_text())
+        return json.loads(read_regular(Path(folder) / MODEL_CARD))
     except (OSError, ValueError) as exc:
         raise SmiError(f"cannot read {Path(folder) / MODEL_CARD} ({exc}): pass a folder from `smi teacher train`") from None
 

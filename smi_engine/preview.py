@@ -4,19 +4,36 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from smi_engine.files import write_bytes
+from smi_engine.errors import SmiError
+from smi_engine.files import read_regular, write_bytes
 from smi_engine.models import Normalizer
 from smi_engine.patches import PatchGrid
 
 STOPPED_TINT = (0.42, 0.46, 0.56)  # slate grey: stands out from grey pixels of greyscale images
 STOPPED_VISIBILITY = 0.15  # how much of a stopped patch still shows through
 MIN_TILE = 96  # small images are enlarged (nearest neighbour) to at least this many pixels
+#: What a run's ``preview`` event may name: one of its own previews, nothing else.
+PREVIEW_NAME = re.compile(r"^previews/batch-\d{5}-it\d{5}\.png$")
+PREVIEW_BYTES, PREVIEW_PIXELS = 32 * 2**20, 64 * 2**20  # a decompression bomb stops here
+
+
+def read_preview(run_dir: Path, relative: str) -> Image.Image:
+    """A preview a run's events name, as RGB: only a PNG of its own ``previews/`` folder, read
+    without following links or waiting on a FIFO, bounded in bytes and in pixels."""
+    if not isinstance(relative, str) or not PREVIEW_NAME.match(relative):
+        raise SmiError(f"preview {relative!r} is not one of the run's previews/*.png: not shown")
+    data = read_regular(Path(run_dir) / relative, PREVIEW_BYTES)
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width * image.height > PREVIEW_PIXELS:
+            raise SmiError(f"preview {relative} is {image.width}x{image.height} pixels: too large to show")
+        return image.convert("RGB")
 
 
 def preview_pixels(

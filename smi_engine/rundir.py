@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from smi_engine.errors import SmiError
-from smi_engine.files import atomic_path, read_json, unreadable_reason, write_json
+from smi_engine.files import atomic_path, open_regular, read_json, read_regular, unreadable_reason, write_json
 from smi_engine.runlock import LOCK_NAME, in_use, is_locked
 
 
@@ -74,7 +75,7 @@ class RunDir:
         self._check_empty(kind, resumable)
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.config, {"kind": kind, **config})
-        self.events.touch()
+        os.close(open_regular(self.events, os.O_WRONLY | os.O_CREAT))
 
     def check_claimable(self, kind: str, resumable: bool = False) -> None:
         """Raise SmiError unless ``create`` could claim this directory (nothing is written)."""
@@ -120,7 +121,10 @@ class RunDir:
         import torch
 
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as handle:
+                return torch.load(handle, map_location="cpu", weights_only=True)
+        except SmiError:
+            raise
         except Exception as exc:  # a torn or foreign file
             raise SmiError(f"resume checkpoint {path} is unreadable ({unreadable_reason(exc)}): delete it to restart "
                            "its batch from the beginning, then --resume") from None
@@ -134,8 +138,8 @@ class RunDir:
 
     def pending_request(self) -> str | None:
         try:
-            return json.loads(self.control.read_text()).get("action")
-        except (OSError, ValueError, AttributeError):
+            return json.loads(read_regular(self.control, limit=4096)).get("action")
+        except (OSError, ValueError, AttributeError, SmiError):
             return None
 
     def clear_request(self) -> None:

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from smi_engine.errors import SmiError
+from smi_engine.files import open_regular, read_regular
 
 LOCK_NAME = ".lock"
 
@@ -24,7 +25,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Take the lock (creating the folder), or raise SmiError naming the process that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)  # never through a link, never a FIFO
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -57,17 +58,18 @@ def in_use(folder: str | Path) -> SmiError:
 def holder_of(folder: str | Path) -> dict | None:
     """The pid and host recorded by the last process that held the folder's lock."""
     try:
-        return json.loads((Path(folder) / LOCK_NAME).read_text())
-    except (OSError, ValueError):
+        holder = json.loads(read_regular(Path(folder) / LOCK_NAME, limit=4096))
+    except (OSError, ValueError, SmiError):
         return None
+    return holder if isinstance(holder, dict) else None
 
 
 def is_locked(folder: str | Path) -> bool:
     """Whether a live process holds the folder's lock now."""
     path = Path(folder) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = open_regular(path, os.O_RDONLY)
+    except (OSError, SmiError):  # no lock, or one no process of ours could hold
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -17,13 +17,14 @@ import datetime as dt
 import os
 import platform
 import socket
+from pathlib import Path
 from typing import Any, Iterable
 
 from smi_engine.control import RunInterrupted
 from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink
-from smi_engine.files import write_json
+from smi_engine.files import ensure_folder, write_json
 from smi_engine.rundir import RunDir
 from smi_engine.runlock import RunLock
 
@@ -69,24 +70,35 @@ class RunSession:
         if self.placement.is_main:
             self.run_dir.check_claimable(self.kind, resumable=self.resumable)
 
-    def claim(self, config: dict[str, Any] | None, sinks: Iterable[EventSink] = ()) -> "RunSession":
+    def claim(self, config: dict[str, Any] | None, sinks: Iterable[EventSink] = (),
+              folders: Iterable[Path] = ()) -> "RunSession":
         """Take the run: rank 0 locks the directory, then creates it with ``config`` or, with
-        ``None``, reopens it to resume (clearing the stop request that ended the last attempt).
-        Then every rank logs to ``events.jsonl`` and to ``sinks``."""
-        self.lock = RunLock(self.run_dir.path).acquire() if self.placement.is_main else None
+        ``None``, reopens it to resume (clearing the stop request that ended the last attempt);
+        the run's sub-``folders`` are made, or checked to be real folders, not links. Then every
+        rank logs to ``events.jsonl`` and to ``sinks``."""
+        main = self.placement.is_main
+        self.lock = RunLock(self.run_dir.path).acquire() if main else None
+        log = None
         try:
             self.placement.barrier()  # every rank has read the old state before rank 0 changes it
-            if self.placement.is_main and config is not None:
-                self.run_dir.create({"config": config, "created": dt.datetime.now().isoformat(timespec="seconds"),
-                                     "versions": versions(), "world_size": self.placement.world_size},
-                                    self.kind, resumable=self.resumable)
-            elif self.placement.is_main:
-                self.run_dir.clear_request()
+            if main:
+                if config is not None:
+                    self.run_dir.create({"config": config, "created": dt.datetime.now().isoformat(timespec="seconds"),
+                                         "versions": versions(), "world_size": self.placement.world_size},
+                                        self.kind, resumable=self.resumable)
+                for folder in folders:
+                    ensure_folder(folder)
+                log = JsonlSink(self.run_dir.events)  # a link or FIFO is refused before the old state changes
+                if config is None:
+                    self.run_dir.clear_request()
             self.placement.barrier()  # the other ranks write into the directory rank 0 claimed
+            log = log or JsonlSink(self.run_dir.events)
         except BaseException:
+            if log is not None:
+                log.close()
             self._release()
             raise
-        self.bus.subscribe(JsonlSink(self.run_dir.events))
+        self.bus.subscribe(log)
         for sink in sinks:
             self.bus.subscribe(sink)
         return self

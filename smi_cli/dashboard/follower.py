@@ -5,11 +5,14 @@ in the file stops the following."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from smi_engine.errors import SmiError
 from smi_engine.events import parse_lines
+from smi_engine.files import open_regular
 
 CHUNK = 1 << 20
 POLL_SECONDS = 0.1
@@ -27,10 +30,10 @@ class EventFollower(threading.Thread):
     def read_new(self) -> list[dict[str, Any]]:
         """Every complete event written since the last call."""
         try:
-            with open(self.path, "rb") as handle:
+            with os.fdopen(open_regular(self.path, os.O_RDONLY), "rb") as handle:
                 handle.seek(self.position)
                 data = handle.read(CHUNK)
-        except FileNotFoundError:
+        except (FileNotFoundError, SmiError):  # not there yet, or a link or FIFO that is never read
             return []
         self.position += len(data)
         events, self.tail, damaged = parse_lines(self.tail + data)

@@ -13,7 +13,8 @@ from smi_cli.dashboard.drawing import bar_chart, half_blocks
 from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.progress import duration
 from smi_engine.liveness import Liveness
-from smi_engine.preview import split_tiles
+from smi_engine.errors import SmiError
+from smi_engine.preview import read_preview, split_tiles
 
 COLOURS = ("cyan", "magenta", "yellow", "green", "blue", "red")
 KEPT, STOPPED = "█", "·"
@@ -205,9 +206,8 @@ class Preview(Panel):
             self.update(Text("the first preview comes at the first stop or batch end", "dim"))
             return
         try:
-            with Image.open(run_dir / state.preview) as image:
-                tiles = split_tiles(image.convert("RGB"), state.batch_size or 1)
-        except OSError:
+            tiles = split_tiles(read_preview(run_dir, state.preview), state.batch_size or 1)
+        except (OSError, SmiError, Image.DecompressionBombError):
             self.update(Text(f"preview {state.preview} not readable yet", "dim"))
             return
         self.update(self._mosaic(tiles))

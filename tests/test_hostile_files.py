@@ -1,0 +1,132 @@
+"""A run folder is untrusted: links and special files in it are refused, never followed or
+waited on, and nothing outside the run is written (real subprocesses, real links and FIFOs)."""
+
+import os
+
+import pytest
+
+from smi_cli.dashboard.follower import EventFollower
+from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.invert import InversionConfig
+from smi_engine.inversion_run import run_inversion
+from smi_engine.rundir import RunDir
+
+from .conftest import TINY_MODEL_ARGS, assert_one_line_error, smi, tiny_spec, tree_snapshot
+
+INVERT = ("invert", "--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS, "--mean", "0.5", "--std", "0.5",
+          "--iterations", "4", "--batch-size", "2", "--schedule", "2:0.5", "--device", "cpu", "--quiet")
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """Somebody else's file, which a link in a run folder points at."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    return victim
+
+
+def _unfinished_run(out):
+    """An inversion interrupted in its first batch: resumable."""
+    control = RunControl(RunDir(out))
+
+    def stop(event):
+        if event["event"] == "iteration" and event["iteration"] == 1:
+            control.request_stop()
+
+    config = InversionConfig(model=tiny_spec(), schedule="2:0.5", iterations=4, batch_size=2, checkpoint_every=0)
+    with pytest.raises(RunInterrupted):
+        run_inversion(config, out, device="cpu", sinks=[stop], control=control)
+
+
+@pytest.mark.parametrize("command", [INVERT, ("quantize", "--model", "vit_tiny_patch16_224", "--model-args",
+                                              "img_size=16,patch_size=4,depth=1,in_chans=1,num_classes=10",
+                                              "--mean", "0.5", "--std", "0.5", "--calib", "noise", "--data", "digits",
+                                              "--calib-size", "2", "--limit", "8", "--device", "cpu", "--quiet")])
+def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, outside, command):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(outside)
+    proc = smi(*command, "--out", out, timeout=120)
+    assert_one_line_error(proc, "is a symbolic link", "remove it")
+    assert outside.read_text() == "precious\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_a_lock_that_is_a_fifo_neither_hangs_a_run_nor_a_listing(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / ".lock")
+    proc = smi(*INVERT, "--out", out, timeout=120)  # before: blocked for ever opening the FIFO
+    assert_one_line_error(proc, "is not a regular file")
+    _unfinished_run(tmp_path / "other")
+    os.unlink(tmp_path / "other" / ".lock")
+    os.mkfifo(tmp_path / "other" / ".lock")
+    listed = smi("runs", tmp_path / "other", "--json", timeout=120)
+    assert listed.returncode == 0 and '"status"' in listed.stdout
+
+
+@pytest.mark.parametrize("name", ["events.jsonl", ".lock"])
+def test_a_resume_through_a_replaced_file_writes_nothing_anywhere(tmp_path, outside, name):
+    out = tmp_path / "run"
+    _unfinished_run(out)
+    (out / name).unlink()
+    (out / name).symlink_to(outside)
+    before = _without_lock(tree_snapshot(out))
+    proc = smi("invert", "--resume", "--out", out, "--device", "cpu", "--quiet", timeout=120)
+    assert_one_line_error(proc, f"{name} is a symbolic link")
+    assert outside.read_text() == "precious\n" and _without_lock(tree_snapshot(out)) == before
+
+
+def _without_lock(tree):
+    """The run's files but its lock, which names the last process that held it (the refusal's)."""
+    return {name: data for name, data in tree.items() if name != ".lock"}
+
+
+@pytest.mark.parametrize("name", ["pool", "previews"])
+def test_pool_and_previews_that_are_links_receive_nothing(tmp_path, name):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    _unfinished_run(out)
+    elsewhere.mkdir()
+    for item in (out / name).iterdir():
+        item.rename(elsewhere / item.name)
+    (out / name).rmdir()
+    (out / name).symlink_to(elsewhere, target_is_directory=True)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    proc = smi("invert", "--resume", "--out", out, "--device", "cpu", "--quiet", timeout=120)
+    assert_one_line_error(proc, f"{name} is a symbolic link")
+    assert sorted(p.name for p in elsewhere.iterdir()) == before
+
+
+def test_the_event_follower_skips_a_log_that_is_a_fifo_or_a_link(tmp_path, outside):
+    fifo = tmp_path / "events.jsonl"
+    os.mkfifo(fifo)
+    assert EventFollower(fifo, lambda events: None).read_new() == []  # at once: no writer is waited for
+    link = tmp_path / "linked.jsonl"
+    outside.write_text('{"event": "run_start", "time": 1}\n')
+    link.symlink_to(outside)
+    assert EventFollower(link, lambda events: None).read_new() == []
+
+
+def test_the_dashboard_shows_only_the_runs_own_bounded_previews(tmp_path, outside):
+    from PIL import Image
+
+    from smi_engine.errors import SmiError
+    from smi_engine.preview import read_preview
+
+    previews = tmp_path / "previews"
+    previews.mkdir()
+    Image.new("RGB", (8, 4), (255, 0, 0)).save(previews / "batch-00000-it00004.png")
+    assert read_preview(tmp_path, "previews/batch-00000-it00004.png").size == (8, 4)
+    for named in ("../victim.txt", "/etc/passwd", "previews/../../victim.txt", 42, "previews/x.png"):
+        with pytest.raises(SmiError, match="not one of the run's previews"):
+            read_preview(tmp_path, named)
+    os.mkfifo(previews / "batch-00000-it00008.png")
+    with pytest.raises(SmiError, match="not a regular file"):  # at once, where Image.open would wait for a writer
+        read_preview(tmp_path, "previews/batch-00000-it00008.png")
+    (previews / "batch-00000-it00012.png").symlink_to(outside)
+    with pytest.raises(SmiError, match="symbolic link"):
+        read_preview(tmp_path, "previews/batch-00000-it00012.png")
+    Image.new("1", (10000, 10000)).save(previews / "batch-00000-it00016.png")  # 100 M pixels in a few kB
+    assert (previews / "batch-00000-it00016.png").stat().st_size < 200_000
+    with pytest.raises(SmiError, match="too large to show"):
+        read_preview(tmp_path, "previews/batch-00000-it00016.png")
