@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json, show, stderr, stdout
+from smi_cli.console import markup_safe, print_json, show, stderr, stdout
 from smi_cli.help import command
 
 
@@ -64,7 +64,6 @@ CAPTION = ("one row per stage; speedup: dense iteration time / this stage's; FLO
 
 def print_report(result: dict) -> None:
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
 
     from smi_engine.bench import DENSE
@@ -96,7 +95,7 @@ def print_report(result: dict) -> None:
             console.print(f"dense: {result['dense_seconds']:.1f} s end to end, {run['images_per_second']:.2f} images/s")
             continue
         per = f" per image ({run['images_per_trajectory']} a trajectory)" if run["images_per_trajectory"] > 1 else ""
-        console.print(f"{escape(label)} ({run['schedule']}): {run['seconds']:.1f} s, {run['images_per_second']:.2f} images/s "
+        console.print(f"{markup_safe(label)} ({markup_safe(run['schedule'])}): {run['seconds']:.1f} s, {run['images_per_second']:.2f} images/s "
                       f"-> [bold]{run['speedup']:.2f}x[/] vs dense{per}; token-FLOP bound {run['bound']:.2f}x; "
                       f"efficiency {run['efficiency']:.2f} of the bound", soft_wrap=True)
     memory = result["memory"]

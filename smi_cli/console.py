@@ -25,6 +25,21 @@ stderr = _console(True)
 stdout = _console(False)
 
 
+def plain(text: Any) -> str:
+    """Text from a run, a plugin or the user, safe for a terminal: every character that is not
+    printable (ESC and the other controls, bidi overrides, newlines) is written as its escape,
+    so no sequence reaches the terminal and nothing spans lines."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def markup_safe(text: Any) -> str:
+    """``plain`` text to interpolate into Rich markup: brackets are never read as tags."""
+    from rich.markup import escape
+
+    return escape(plain(text))
+
+
 def show(renderable: RenderableType, console: Console = stdout) -> None:
     """Print a table or text; off a terminal without the padding rich adds to fill columns."""
     if console.is_terminal:
@@ -38,12 +53,12 @@ def show(renderable: RenderableType, console: Console = stdout) -> None:
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """The one exit for user errors: a single red line on stderr."""
-    stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    stderr.print(f"[bold red]error:[/] {markup_safe(message)}", soft_wrap=True, markup=True)
     raise SystemExit(code)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True, markup=True)
+    stderr.print(f"[yellow]warning:[/] {markup_safe(message)}", soft_wrap=True, markup=True)
 
 
 def print_json(data: Any) -> None:

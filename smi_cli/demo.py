@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json, show, stderr, stdout
+from smi_cli.console import markup_safe, print_json, show, stderr, stdout
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
 
@@ -50,7 +50,7 @@ def demo(
     torch_device = resolve_device(device)
     display = open_display(stderr, quiet, progress_every)
     if not quiet:
-        stderr.print(f"teacher: {folder}", soft_wrap=True)
+        stderr.print(f"teacher: {markup_safe(folder)}", soft_wrap=True)
     summaries = {}
     with display:
         folder, trained = recipe.ensure_teacher(folder, torch_device, retrain, EventBus([TrainingProgress(display, "teacher")]))
@@ -99,11 +99,13 @@ def _print_comparison(result: dict) -> None:
         table.add_row(label, *(cell(mode, summary) for mode, summary in runs.items()))
     console = stdout
     teacher = f"{result['teacher_top1']:.1f}% val top-1" if result["teacher_top1"] is not None else "cached"
-    console.print(f"teacher: {result['teacher']} ({teacher}{', trained now' if result['teacher_trained_now'] else ''})")
+    console.print(f"teacher: {markup_safe(result['teacher'])} ({markup_safe(teacher)}"
+                  f"{', trained now' if result['teacher_trained_now'] else ''})")
     show(table)
     for mode, summary in runs.items():
-        console.print(f"{mode:6s} run {summary['run_dir']}  preview {summary['preview']}", soft_wrap=True)
-    console.print("open the dashboard: [bold]smi watch " + " ".join(s["run_dir"] for s in list(runs.values())[:2]) + "[/]", soft_wrap=True)
+        console.print(f"{mode:6s} run {markup_safe(summary['run_dir'])}  preview {markup_safe(summary['preview'])}", soft_wrap=True)
+    console.print("open the dashboard: [bold]smi watch " + markup_safe(" ".join(s["run_dir"] for s in list(runs.values())[:2]))
+                  + "[/]", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import fail, print_json, show, stderr, stdout, warn
+from smi_cli.console import fail, markup_safe, plain, print_json, show, stderr, stdout, warn
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, open_display
 from smi_engine.errors import SmiError
@@ -149,6 +149,7 @@ def warn_random_weights(event: dict) -> None:
 
 def print_summary(summary: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -172,8 +173,8 @@ def print_summary(summary: dict) -> None:
         ("pool", summary["pool"]),
         ("preview", summary["preview"]),
     ):
-        table.add_row(key, value)
-    stdout.print(f"[bold green]done[/] {summary['run_dir']}")
+        table.add_row(key, Text(plain(value)))  # paths and plugin names are text, never markup
+    stdout.print(f"[bold green]done[/] {markup_safe(summary['run_dir'])}")
     show(table)
 
 

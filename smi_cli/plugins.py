@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json, show
+from smi_cli.console import plain, print_json, show
 from smi_cli.help import command
 
 
@@ -25,6 +25,7 @@ def plugins(
       SMI_LOAD_PLUGINS= smi plugins --json    # the built-ins only
     """
     from rich.table import Table
+    from rich.text import Text
 
     from smi_engine.plugins import KINDS, get_registry
 
@@ -39,15 +40,15 @@ def plugins(
     if quiet:
         for i in infos:
             if i.error:
-                typer.echo(f"{i.name}: {i.error}")
+                typer.echo(plain(f"{i.name}: {i.error}"))
         return
     table = Table(title="smi plugins")
     for column in ("plugin", "distribution", *KINDS, "status"):
         table.add_column(column, overflow="fold")  # wrap, never cut a name a user has to type
     for i in infos:
-        status = f"[red]{i.error}[/]" if i.error else ("built-in" if i.builtin else "ok")
-        table.add_row(i.name, f"{i.distribution or '?'} {i.version or ''}".strip(),
-                      *(", ".join(i.registers[kind]) for kind in KINDS), status)
+        status = Text(plain(i.error), style="red") if i.error else Text("built-in" if i.builtin else "ok")
+        cells = [i.name, f"{i.distribution or '?'} {i.version or ''}".strip(), *(", ".join(i.registers[kind]) for kind in KINDS)]
+        table.add_row(*(Text(plain(c)) for c in cells), status)  # a plugin's words are text, never markup
     show(table)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json, stderr
+from smi_cli.console import markup_safe, print_json, stderr
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
@@ -66,7 +66,8 @@ def quantize(
             f"top-5 {result['fp32_top5']:.2f}%  ({result['eval_images']} images of {data})"
         )
         if out is not None:
-            stderr.print(f"results and the quantised model in {out} (load it with --teacher {out})", soft_wrap=True)
+            stderr.print(f"results and the quantised model in {markup_safe(out)} (load it with --teacher {markup_safe(out)})",
+                         soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

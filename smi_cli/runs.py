@@ -10,7 +10,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json, show, stderr, stdout
+from rich.text import Text
+
+from smi_cli.console import markup_safe, plain, print_json, show, stderr, stdout
 from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.help import command
 from smi_cli.progress import duration
@@ -46,9 +48,9 @@ def runs(
     if json_output:
         print_json(found)
     elif quiet:
-        typer.echo("\n".join(r["run"] for r in found) if found else "", nl=bool(found))
+        typer.echo("\n".join(plain(r["run"]) for r in found) if found else "", nl=bool(found))
     elif not found:
-        stderr.print(f"no runs under {', '.join(str(f) for f in folders or ['runs'])}", soft_wrap=True)
+        stderr.print(f"no runs under {markup_safe(', '.join(str(f) for f in folders or ['runs']))}", soft_wrap=True)
     else:
         show_runs(found)
 
@@ -165,10 +167,11 @@ def show_runs(rows: list[dict[str, Any]]) -> None:
         show(grid, stdout)
         return
     for r in rows:
-        stdout.print(f"[bold]{r['run']}[/]  {r['kind']} · [{STATUS_STYLES.get(r['status'], '')}]{_status(r)}[/] · "
+        stdout.print(f"[bold]{markup_safe(r['run'])}[/]  {markup_safe(r['kind'])} · "
+                     f"[{STATUS_STYLES.get(r['status'], '')}]{markup_safe(_status(r))}[/] · "
                      f"{duration(r['wall_seconds'])} · {_result_text(r) or 'no result yet'}")
         details = [r["model"], r["schedule"], r["kept"] and f"kept {r['kept']}", r["images"] is not None and f"{r['images']} images"]
-        stdout.print("    " + " · ".join(d for d in details if d), style="dim")
+        stdout.print(Text("    " + " · ".join(plain(d) for d in details if d), style="dim"))
 
 
 def _status(r: dict[str, Any]) -> str:
@@ -187,10 +190,11 @@ def table(rows: list[dict[str, Any]]):
     for name in COLUMNS:  # short columns stay whole; in a narrow terminal the long ones wrap (never cut)
         grid.add_column(name, overflow="fold", no_wrap=name in SHORT_COLUMNS,
                         justify="right" if name in ("kept", "images", "wall") else "left")
-    for r in rows:
-        grid.add_row(r["run"], r["kind"], f"[{STATUS_STYLES.get(r['status'], '')}]{_status(r)}[/]", r["model"],
-                     r["schedule"] or "-", r["kept"] or "-", "-" if r["images"] is None else str(r["images"]),
-                     duration(r["wall_seconds"]), _result_text(r) or "-")
+    for r in rows:  # cells are Text, never markup: names and messages come from the run's files
+        cells = [r["run"], r["kind"], _status(r), r["model"], r["schedule"] or "-", r["kept"] or "-",
+                 "-" if r["images"] is None else str(r["images"]), duration(r["wall_seconds"]), _result_text(r) or "-"]
+        grid.add_row(*(Text(plain(c), style=STATUS_STYLES.get(r["status"], "") if i == 2 else "")
+                       for i, c in enumerate(cells)))
     return grid
 
 

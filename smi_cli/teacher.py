@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import fail, print_json, stderr
+from smi_cli.console import fail, markup_safe, print_json, stderr
 from smi_cli.help import command, new_app
 from smi_cli.progress import DEFAULT_EVERY, TrainingProgress, open_display
 
@@ -49,8 +49,6 @@ def train(
     from smi_engine.device import resolve_device
     from smi_engine.errors import SmiError
     from smi_engine.models import ModelSpec, load_model
-    from rich.markup import escape
-
     from smi_cli.signals import stop_on_signals
     from smi_engine.control import RunControl, RunInterrupted
     from smi_engine.rundir import RunDir
@@ -82,5 +80,5 @@ def train(
     if json_output:
         print_json(summary)
     elif not quiet:
-        stderr.print(f"[bold green]saved[/] {escape(str(out))}  val top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
+        stderr.print(f"[bold green]saved[/] {markup_safe(out)}  val top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
                      f"({summary['seconds']:.0f} s)", soft_wrap=True)

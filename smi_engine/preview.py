@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,15 @@ def read_preview(run_dir: Path, relative: str) -> Image.Image:
     if not isinstance(relative, str) or not PREVIEW_NAME.match(relative):
         raise SmiError(f"preview {relative!r} is not one of the run's previews/*.png: not shown")
     data = read_regular(Path(run_dir) / relative, PREVIEW_BYTES)
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > PREVIEW_PIXELS:
-            raise SmiError(f"preview {relative} is {image.width}x{image.height} pixels: too large to show")
-        return image.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > PREVIEW_PIXELS:
+                    raise Image.DecompressionBombWarning(f"{image.width}x{image.height} pixels")
+                return image.convert("RGB")
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise SmiError(f"preview {relative} is too large to show ({exc})") from None
 
 
 def preview_pixels(

@@ -19,6 +19,7 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
+from smi_cli.console import plain
 from smi_cli.dashboard.follower import EventFollower
 from smi_cli.dashboard.messages import EngineFinished, EventsArrived
 from smi_cli.dashboard.state import RunState
@@ -179,7 +180,7 @@ class Dashboard(App):
         if message.interrupted and self.control is not None and self.control.stop_requested and getattr(self, "_quit_after_stop", False):
             self.exit()
         elif message.error:
-            self.notify(f"the run failed: {message.error}", severity="error", timeout=30)
+            self.notify(f"the run failed: {plain(message.error)}", severity="error", timeout=30, markup=False)
 
     @property
     def views(self) -> list[RunView]:
@@ -205,7 +206,7 @@ class Dashboard(App):
         table's speedup (which is this ratio over whole runs)."""
         views = self.views
         text = Text("wall-clock per iteration so far: ", "bold")
-        timed = [(view.run_dir.name, view.state.seconds_per_iteration) for view in views]
+        timed = [(plain(view.run_dir.name), view.state.seconds_per_iteration) for view in views]
         text.append(" · ".join(f"{name} {'-' if t is None else f'{1000 * t:.1f} ms'}" for name, t in timed))
         known = [(name, t) for name, t in timed if t]
         if len(known) > 1:
@@ -248,14 +249,14 @@ class Dashboard(App):
     def action_screenshot(self) -> None:
         path = self.run_dirs[0] / f"screenshot-{dt.datetime.now():%Y%m%d-%H%M%S}.svg"
         write_bytes(path, self.export_screenshot().encode())
-        self.notify(f"saved {path}")
+        self.notify(f"saved {plain(path)}", markup=False)
 
     def action_stop_run(self) -> None:
         live = [view for view in self.views if not view.liveness.ended]
         if not live:  # nothing to ask: say so, and write nothing into a finished or dead run
-            self.notify(" · ".join(f"{v.run_dir.name} is {v.liveness.status}"
+            self.notify(" · ".join(f"{plain(v.run_dir.name)} is {v.liveness.status}"
                                    + (f" ({v.liveness.reason})" if v.liveness.reason else "") for v in self.views)
-                        + ": nothing to stop", severity="warning")
+                        + ": nothing to stop", severity="warning", markup=False)
             return
 
         def answered(stop: bool | None) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smi_cli.console import plain
 from smi_engine.liveness import Liveness, assess
 from smi_engine.schedule import CostModel, block_flops
 
@@ -41,8 +42,11 @@ def well_formed(event: dict[str, Any]) -> bool:
     kind = event.get("event")
     if not isinstance(kind, str):
         return False
-    if kind in ("run_start", "run_resumed") and event.get("kind", "invert") == "invert":
-        kind = "run_start_invert"
+    if kind in ("run_start", "run_resumed"):
+        if not isinstance(event.get("kind", "invert"), str):
+            return False
+        if event.get("kind", "invert") == "invert":
+            kind = "run_start_invert"
     fields = FIELDS.get(kind, {})
     if any(not isinstance(event.get(name), types) or isinstance(event.get(name), bool) for name, types in fields.items()):
         return False
@@ -51,7 +55,26 @@ def well_formed(event: dict[str, Any]) -> bool:
     return event.get("time") is None or isinstance(event["time"], _NUMBER)
 
 
-def _count(value: Any, default: int) -> int:
+def terminal_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` with every string in it (keys too) passed through ``plain``; deeper than any
+    event of ours goes, the rest is dropped."""
+    if isinstance(value, str):
+        return plain(value)
+    if depth > 8:
+        return None
+    if isinstance(value, dict):
+        return {plain(k): terminal_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [terminal_safe(v, depth + 1) for v in value]
+    return value
+
+
+def _text(value: Any, default: Any) -> Any:
+    """A string from an event, or ``default`` where the event has another type."""
+    return value if isinstance(value, str) else default
+
+
+def _count(value: Any, default: Any) -> Any:
     """A count from an event, or ``default`` where the event has none or a damaged one."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else default
 
@@ -131,10 +154,12 @@ class RunState:
 
     # -- folding ----------------------------------------------------------------------------
     def apply(self, event: Any) -> None:
-        """Fold one event in; anything malformed is counted and skipped, never raised."""
+        """Fold one event in; anything malformed is counted and skipped, never raised. Its text is
+        made terminal-safe here, once, so no panel or listing shows a control character."""
         if not isinstance(event, dict) or event.get("event") == "damaged_line" or not well_formed(event):
             self.damaged += 1
             return
+        event = terminal_safe(event)
         self.events += 1
         handler = getattr(self, f"_on_{event.get('event')}", None)
         if event.get("time") is not None:
@@ -148,15 +173,15 @@ class RunState:
                 self.damaged += 1
 
     def _on_run_start(self, e: dict) -> None:
-        self.kind = e.get("kind", self.kind)
-        self.model = e.get("model") or e.get("student") or self.model
-        self.device = e.get("device", self.device)
+        self.kind = _text(e.get("kind"), self.kind)
+        self.model = _text(e.get("model"), "") or _text(e.get("student"), "") or self.model
+        self.device = _text(e.get("device"), self.device)
         if e.get("rank", 0) == 0:  # the process that holds the run's lock
-            self.pid, self.host = e.get("pid"), e.get("host")
+            self.pid, self.host = _count(e.get("pid"), None), _text(e.get("host"), None)
         self.model_has_weights = e.get("model_has_weights", True)
         if self.kind == "invert":
             self.schedule, self.stops = e["schedule"], [tuple(s) for s in e["stops"]]
-            self.selection = e.get("selection", "")
+            self.selection = _text(e.get("selection"), "")
             self.iterations, self.batches, self.batch_size = e["iterations"], e["batches"], e["batch_size"]
             self.grid, self.num_patches = tuple(e["grid"]), e["num_patches"]
             self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
@@ -242,10 +267,10 @@ class RunState:
         self.finished, self.summary = True, e.get("summary", {})
 
     def _on_run_interrupted(self, e: dict) -> None:
-        self.interrupted = e.get("message", "interrupted")
+        self.interrupted = _text(e.get("message"), "interrupted")
 
     def _on_run_error(self, e: dict) -> None:
-        self.error = e.get("message", "failed")
+        self.error = _text(e.get("message"), "failed")
 
     # -- derived ------------------------------------------------------------------------------
     @property

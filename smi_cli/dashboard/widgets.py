@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from smi_cli.dashboard.drawing import bar_chart, half_blocks
+from smi_cli.console import plain
 from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.progress import duration
 from smi_engine.liveness import Liveness
@@ -50,7 +51,7 @@ class RunHeader(Panel):
     def render_state(self, state: RunState, run_dir: Path) -> Text:
         live = self.liveness or Liveness(state.status)
         text = Text()
-        text.append(f"{run_dir.name}  ", "bold")
+        text.append(f"{plain(run_dir.name)}  ", "bold")
         text.append(live.status.upper(), STATUS_STYLES.get(live.status, ""))
         if live.reason:
             text.append(f" ({live.reason})", STATUS_STYLES.get(live.status, ""))
@@ -269,5 +270,5 @@ class Problem(Panel):
         if state.interrupted:
             if state.kind != "invert":
                 return Text(state.interrupted, "yellow")
-            return Text(f"{state.interrupted}; continue with: smi invert --resume --out {run_dir}", "yellow")
+            return Text(f"{state.interrupted}; continue with: smi invert --resume --out {plain(run_dir)}", "yellow")
         return Text("")

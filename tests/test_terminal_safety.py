@@ -1,0 +1,87 @@
+"""No text from a run, a plugin or a folder name reaches a terminal raw, nor is read as markup."""
+
+import json
+import random
+
+import pytest
+
+from smi_cli.console import markup_safe, plain
+from smi_cli.dashboard.state import RunState
+
+from .conftest import TINY_MODEL_ARGS, smi
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1b[6n[bold red]x[/] a[/]c \u202eevil\r\n"
+INVERT = ("invert", "--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS, "--mean", "0.5", "--std", "0.5",
+          "--iterations", "2", "--batch-size", "2", "--schedule", "1:0.5", "--device", "cpu")
+
+
+def _controls(text: str) -> list[str]:
+    return [c for c in text if not c.isprintable() and c not in "\n"]
+
+
+def test_plain_writes_every_control_character_as_its_escape():
+    assert plain("ok [b]") == "ok [b]"
+    cleaned = plain(HOSTILE)
+    assert cleaned.isprintable() and "\\x1b]0;owned\\x07" in cleaned and "\\u202e" in cleaned and "\\n" in cleaned
+    assert markup_safe("a[/]c") == "a\\[/]c"
+
+
+def test_a_run_named_like_markup_finishes_and_lists(tmp_path):
+    out = tmp_path / "a[/]c [bold]"
+    done = smi(*INVERT, "--out", out)
+    assert done.returncode == 0, done.stderr  # before: MarkupError, exit 1, after the summary was written
+    assert "a[/]c [bold]" in done.stdout
+    for flags in ((), ("--quiet",), ("--json",)):
+        listed = smi("runs", tmp_path, *flags)
+        assert listed.returncode == 0, listed.stderr
+        assert "a[/]c" in listed.stdout
+
+
+def test_hostile_text_in_a_runs_files_never_reaches_the_terminal(tmp_path):
+    out = tmp_path / "run"
+    assert smi(*INVERT, "--out", out, "--quiet").returncode == 0
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    events[0]["model"] = HOSTILE
+    events[0]["schedule"] = HOSTILE
+    events[0]["selection"] = HOSTILE
+    (out / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    summary = json.loads((out / "summary.json").read_text())
+    summary["model"] = HOSTILE
+    (out / "summary.json").write_text(json.dumps(summary))
+    hostile_dir = tmp_path / ("run\x1b[2J" + "x")
+    (tmp_path / "run").rename(hostile_dir)
+    for flags, columns in (((), "200"), ((), "40"), (("--quiet",), "200")):
+        listed = smi("runs", tmp_path, *flags, env={"COLUMNS": columns})
+        assert listed.returncode == 0, listed.stderr
+        assert _controls(listed.stdout) == [] and _controls(listed.stderr) == []
+        assert "\\x1b" in listed.stdout  # shown, as its escape
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    choices = [lambda: rng.choice([float("nan"), float("inf"), -1, 0, 2**40, 1e308, True, None]),
+               lambda: "".join(rng.choice(["\x1b", "[", "]", "/", "a", "\x07", "\u202e", "\n", "é", "[red]"])
+                               for _ in range(rng.randint(0, 12)))]
+    if depth < 3:
+        choices += [lambda: [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))],
+                    lambda: {str(_random_value(rng, 3)): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}]
+    return rng.choice(choices)()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_and_adversarial_events_never_raise_nor_leave_control_characters(seed):
+    rng = random.Random(seed)
+    kinds = ["run_start", "run_resumed", "batch_start", "batch_resumed", "iteration", "stop", "preview", "batch_end",
+             "epoch_end", "train_step", "run_end", "run_error", "run_interrupted", "paused", "unpaused", "?"]
+    fields = ["kind", "model", "schedule", "selection", "stops", "iterations", "batches", "batch_size", "grid",
+              "num_patches", "prefix_tokens", "width", "batch", "iteration", "kept", "tokens", "seconds", "losses",
+              "kept_indices", "path", "summary", "message", "tokens_per_s", "val_top1", "epoch", "epochs", "loss",
+              "images", "images_per_trajectory", "gpu", "rss_mb", "pid", "host", "time", "world_size"]
+    state = RunState()
+    for _ in range(400):
+        event = {"event": rng.choice(kinds), **{rng.choice(fields): _random_value(rng) for _ in range(rng.randint(0, 8))}}
+        state.apply(event)
+    texts = [state.model, state.device, state.schedule, state.selection, state.error or "", state.interrupted or "",
+             state.preview or "", *state.losses.series]
+    assert all(isinstance(t, str) and _controls(t) == [] for t in texts)
+    # every derived figure still computes
+    state.eta_seconds, state.images_per_second, state.seconds_per_iteration, state.flops_fraction, state.status
