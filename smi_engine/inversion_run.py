@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -64,6 +65,7 @@ class InversionRun:
             raise SmiError("nothing to run: give a configuration or --resume")
         torch_device = device if isinstance(device, torch.device) else resolve_device(device)
         loaded = load_model(config.model, torch_device)
+        config = replace(config, model=loaded.spec)  # config.json records the normalisation the pool is stored in
         bus = EventBus(sinks, rank=placement.rank)
         control = control or RunControl(run_dir)
         control.listeners.append(lambda change: bus.emit(change))

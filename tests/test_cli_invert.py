@@ -20,7 +20,7 @@ QUICK = ("--iterations", "10", "--batch-size", "2", "--device", "cpu")
 
 def test_help_lists_every_command():
     proc = smi("--help", check=True)
-    for command in ("invert", "quantize", "distill", "teacher", "eval", "watch", "plugins", "bench", "demo"):
+    for command in ("invert", "quantize", "distill", "teacher", "eval", "export", "watch", "plugins", "bench", "demo"):
         assert command in proc.stdout
     assert smi("--version", check=True).stdout.startswith("smi ")
 

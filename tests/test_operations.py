@@ -232,8 +232,8 @@ def test_help_completion_and_smi_runs_start_without_torch():
             assert proc.stdout.split() == ["invert"]
 
 
-COMMANDS = (["invert"], ["quantize"], ["distill"], ["eval"], ["runs"], ["watch"], ["task"], ["plugins"], ["bench"],
-            ["demo"], ["teacher", "train"], ["data", "info"], ["data", "fetch"])
+COMMANDS = (["invert"], ["quantize"], ["distill"], ["eval"], ["export"], ["runs"], ["watch"], ["task"], ["plugins"],
+            ["bench"], ["demo"], ["teacher", "train"], ["data", "info"], ["data", "fetch"])
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
