@@ -11,9 +11,8 @@ import sys
 from importlib.metadata import version
 
 import typer
-from rich.markup import escape
 
-from smi_cli import bench, data, demo, distill, evaluate, invert, plugins, quantize, runs, task, teacher, watch
+from smi_cli import bench, data, demo, distill, evaluate, export, invert, plugins, quantize, runs, task, teacher, watch
 from smi_cli.console import describe_failure, fail
 from smi_cli.help import new_app
 from smi_engine.errors import SmiError
@@ -41,7 +40,7 @@ def root(
     """Sparse Model Inversion toolkit."""
 
 
-for module in (invert, quantize, distill, evaluate, runs, watch, task, plugins, bench, demo):
+for module in (invert, quantize, distill, evaluate, export, runs, watch, task, plugins, bench, demo):
     module.register(app)
 app.add_typer(teacher.app, name="teacher")
 app.add_typer(data.app, name="data")
@@ -68,7 +67,8 @@ except ImportError:  # pragma: no cover - depends on the installed Typer
 
 def main() -> None:
     # Under torchrun every rank speaks: say which one.
-    rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "?")
+    rank = f"rank {rank}: " if world.strip().isdigit() and int(world) > 1 else ""  # a bad value is start()'s to refuse
     try:
         _register_plugin_commands()
         code = app(prog_name="smi", standalone_mode=False)
@@ -77,16 +77,16 @@ def main() -> None:
         raise SystemExit(2) from None
     except click_exceptions.ClickException as exc:  # a usage error (bad type, unknown option): one line too
         command = exc.ctx.command_path if getattr(exc, "ctx", None) else "smi"
-        fail(rank + escape(f"{exc.format_message()} (see `{command} --help`)"), code=exc.exit_code)
+        fail(rank + f"{exc.format_message()} (see `{command} --help`)", code=exc.exit_code)
     except SmiError as exc:
-        fail(rank + escape(str(exc)))
+        fail(rank + str(exc))
     except KeyboardInterrupt:
         fail(rank + "interrupted", code=130)
     except Exception as exc:  # no traceback reaches the user: one line, and the traceback on request
         if os.environ.get("SMI_DEBUG"):
             raise
         message, code = describe_failure(exc)
-        fail(rank + escape(message), code=code)
+        fail(rank + message, code=code)
     if isinstance(code, int) and code:  # a command's typer.Exit(code)
         raise SystemExit(code)
 

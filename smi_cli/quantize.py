@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import markup_safe, print_json, stderr
+from smi_cli.console import fail, markup_safe, print_json, stderr
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
@@ -45,18 +45,25 @@ def quantize(
         --data fashion-mnist --scheme repq --w-bit 4 --a-bit 4 --out runs/w4a4
       smi quantize --teacher runs/teacher --calib noise --data digits --json
     """
+    from smi_cli.signals import stop_on_signals
+    from smi_engine.control import RunControl, RunInterrupted
     from smi_engine.device import resolve_device
-    from smi_engine.plugins import get_registry
-    from smi_engine.tasks import TaskContext
+    from smi_engine.events import EventBus
+    from smi_engine.quantization import QuantConfig
+    from smi_engine.quantization.job import QuantizeJob, run_quantization
+    from smi_engine.rundir import RunDir
 
     display = open_display(stderr, quiet, progress_every)
-    spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher)
-    options = {"teacher": spec.to_dict(), "calib": calib, "data": data, "scheme": scheme, "w_bit": w_bit, "a_bit": a_bit,
-               "calibrator": calibrator, "percentile": percentile, "calib_size": calib_size, "batch_size": batch_size,
-               "limit": limit or None, "seed": seed}
-    task = get_registry().get("tasks", "quantize").factory()
-    with display:
-        result = task.run(options, TaskContext(resolve_device(device), out, [PhaseProgress(display)]))
+    job = QuantizeJob(model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), calib=calib,
+                      data=data, quant=QuantConfig(w_bit, a_bit, calibrator, percentile, scheme), calib_size=calib_size,
+                      batch_size=batch_size, limit=limit or None, seed=seed)
+    control = RunControl(RunDir(out) if out is not None else None)
+    try:
+        with stop_on_signals(control, stderr), display:
+            result = run_quantization(job, resolve_device(device), EventBus([PhaseProgress(display)]), out, control)
+    except RunInterrupted as exc:
+        again = f"; delete {out} to run it again" if out is not None else ""
+        fail(f"{exc}; nothing saved{again}", code=130)
     if json_output:
         print_json(result)
     elif not quiet:

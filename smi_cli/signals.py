@@ -1,4 +1,5 @@
-"""Ctrl-C (and SIGTERM from job schedulers) ask a run to stop cleanly between iterations."""
+"""Ctrl-C, SIGTERM (job schedulers) and SIGHUP (an SSH session that dropped) ask a run to stop
+cleanly between iterations, checkpoint first."""
 
 from __future__ import annotations
 
@@ -18,16 +19,22 @@ def stop_on_signals(control: RunControl, console: Console) -> Iterator[None]:
         yield
         return
 
+    def say(message: str) -> None:
+        try:
+            console.print(f"[yellow]{message}[/]")
+        except OSError:  # the terminal is gone (SIGHUP): the run still stops cleanly
+            pass
+
     def handler(signum, frame):
         if control.saving:  # never cut a checkpoint short: the stop follows right after it
-            console.print("[yellow]still saving the checkpoint; the run stops as soon as it is written[/]")
+            say("still saving the checkpoint; the run stops as soon as it is written")
             return
-        if control.stop_requested:  # second Ctrl-C: give up at once
+        if control.stop_requested:  # a second signal (Ctrl-C): give up at once
             raise KeyboardInterrupt
         control.request_stop()
-        console.print("[yellow]stopping after this iteration and saving a checkpoint (Ctrl-C again to abort without saving)[/]")
+        say("stopping after this iteration and saving a checkpoint (Ctrl-C again to abort without saving)")
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from smi_cli.console import plain
 from smi_cli.help import command
 from smi_engine.errors import SmiError
 from smi_engine.rundir import RunDir
@@ -58,8 +59,8 @@ def _stop(runs: list[Path], kinds: list[str], quiet: bool) -> None:
     for path, kind in zip(runs, kinds):
         RunDir(path).request("stop")
         if not quiet:
-            typer.echo(f"asked {path} to stop; it saves a checkpoint first (smi invert --resume --out {path})"
-                       if kind == "invert" else f"asked {path} to stop")
+            typer.echo(plain(f"asked {path} to stop; it saves a checkpoint first (smi invert --resume --out {path})"
+                             if kind == "invert" else f"asked {path} to stop"))
 
 
 def run_kind(path: Path) -> str:

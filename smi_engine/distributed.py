@@ -59,12 +59,26 @@ class Placement:
         return tensor.tolist()
 
 
+def launcher_value(name: str, default: str | None = None) -> int:
+    """A whole number torchrun sets in the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), checked."""
+    text = os.environ.get(name, default)
+    if text is None or not text.strip().isdigit() or (name == "WORLD_SIZE" and int(text) < 1):
+        raise SmiError(f"{name}={text!r} in the environment is not a {'count' if name == 'WORLD_SIZE' else 'rank'}: "
+                       "launch with torchrun, or unset it")
+    return int(text)
+
+
 def start(device: str = "auto") -> tuple[Placement, torch.device]:
     """This process's placement (from torchrun's environment) and device; joins the process
     group when there are several ranks (NCCL on GPUs, gloo on CPUs)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world = launcher_value("WORLD_SIZE", "1")
+    if world == 1:
         return Placement(), resolve_device(device)
-    placement = Placement(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" not in os.environ:
+        raise SmiError(f"WORLD_SIZE is {world} but RANK is not set: launch with torchrun, or unset WORLD_SIZE")
+    placement = Placement(launcher_value("RANK"), world, launcher_value("LOCAL_RANK", "0"))
+    if not 0 <= placement.rank < world:
+        raise SmiError(f"RANK {placement.rank} is outside 0..{world - 1} (WORLD_SIZE {world}): launch with torchrun")
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":
         if placement.local_rank >= torch.cuda.device_count():

@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from smi_engine.calibration import ModelFeeder, calibration_batches
 from smi_engine.checks import at_least, number
+from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
@@ -55,10 +56,11 @@ class QuantizeJob:
                 "calib_size": self.calib_size, "batch_size": self.batch_size, "limit": self.limit, "seed": self.seed}
 
 
-def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device,
-              bus: EventBus | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: EventBus | None = None,
+              control: RunControl | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A calibrated fake-quantised copy of the model, and what it was calibrated on."""
     bus = bus or EventBus()
+    report = _reporter(bus, control)
     qmodel = quantize_model(loaded.model, job.quant).to(device)
     feeder = ModelFeeder(qmodel, loaded.normalizer)
     generator = torch.Generator().manual_seed(job.seed)
@@ -71,13 +73,24 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device,
                 kept.append(batch.keep.float().mean().item())
             feeder(batch, source)
             seen += len(batch.images)
-            bus.emit("progress", phase="calibrate", done=seen, total=max(job.calib_size, seen))
+            report("calibrate", seen, max(job.calib_size, seen))
     finish_calibration(qmodel, job.quant)
     return qmodel, {"calib": label, "calib_images": seen, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0}
 
 
-def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Calibrate and evaluate; with ``out``, as a run directory that keeps the quantised model."""
+def _reporter(bus: EventBus, control: RunControl | None) -> Callable[[str, int, int], None]:
+    """Emits ``progress``; between batches is where a requested stop (Ctrl-C, ``smi watch --stop``) ends the job."""
+    def report(phase: str, done: int, total: int) -> None:
+        bus.emit("progress", phase=phase, done=done, total=total)
+        if control is not None and control.should_stop():
+            raise RunInterrupted(f"stopped while {phase} ({done}/{total} images)", -1, -1)
+    return report
+
+
+def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | None = None, out: Path | None = None,
+                     control: RunControl | None = None) -> dict[str, Any]:
+    """Calibrate and evaluate; with ``out``, as a run directory that keeps the quantised model.
+    A stop asked of ``control`` ends the job with RunInterrupted (nothing saved)."""
     job.validate()
     if out is not None:
         check_writable(out, "--out")
@@ -89,24 +102,26 @@ def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | Non
     if splits.num_classes != loaded.num_classes:
         raise SmiError(f"the model has {loaded.num_classes} classes but {job.data} has {splits.num_classes}: evaluate on the data it was trained for")
     if out is None:
-        return _quantize(job, loaded, splits, device, bus, None)
+        return _quantize(job, loaded, splits, device, bus, None, control)
     with RunSession(RunDir(out), RUN_KIND, bus).claim(job.to_dict()) as session:
-        return _quantize(job, loaded, splits, device, bus, session)
+        return _quantize(job, loaded, splits, device, bus, session, control or RunControl(RunDir(out)))
 
 
 def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.device, bus: EventBus,
-              session: RunSession | None) -> dict[str, Any]:
+              session: RunSession | None, control: RunControl | None) -> dict[str, Any]:
     bits = f"W{job.quant.w_bit}A{job.quant.a_bit}"
     if session is not None:
         session.start(model=job.model.name, device=str(device), scheme=job.quant.scheme, w_bit=job.quant.w_bit,
                       a_bit=job.quant.a_bit, calib=job.calib, data=job.data)
     started = time.perf_counter()
-    qmodel, calibration = calibrate(loaded, job, device, bus)
+    qmodel, calibration = calibrate(loaded, job, device, bus, control)
     bus.emit("calibrated", **calibration, seconds=time.perf_counter() - started)
     val = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), job.batch_size)
 
+    report = _reporter(bus, control)
+
     def progress(phase: str):
-        return lambda done, total: bus.emit("progress", phase=phase, done=done, total=total)
+        return lambda done, total: report(phase, done, total)
 
     fp32 = evaluate(loaded.model, val, device, job.limit, progress("eval fp32"))
     quantized = evaluate(qmodel, val, device, job.limit, progress(f"eval {bits}"))
