@@ -111,7 +111,7 @@ def distill(
         sinks = [] if quiet else [TrainingProgress(display, "train", "round")] + (
             [InversionProgress(display, "synthesise")] if synthesize else [])
         task = get_registry().get("tasks", "kt").factory()
-        with stop_on_signals(control, stderr), display:
+        with stop_on_signals(control, stderr, "stopping after this step; the best student so far is kept"), display:
             summary = task.run(options, TaskContext(torch_device, out, sinks, control, placement))
     except RunInterrupted as exc:
         fail(f"{exc}; the best student so far is in {out / 'student'}", code=130)

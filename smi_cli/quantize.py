@@ -59,7 +59,7 @@ def quantize(
                       batch_size=batch_size, limit=limit or None, seed=seed)
     control = RunControl(RunDir(out) if out is not None else None)
     try:
-        with stop_on_signals(control, stderr), display:
+        with stop_on_signals(control, stderr, "stopping after this batch; nothing is saved"), display:
             result = run_quantization(job, resolve_device(device), EventBus([PhaseProgress(display)]), out, control)
     except RunInterrupted as exc:
         again = f"; delete {out} to run it again" if out is not None else ""

@@ -98,24 +98,49 @@ def read_run(path: Path) -> RunState:
 
 
 def row(path: Path) -> dict[str, Any]:
+    """One run's line; a run whose files are damaged is listed as such, with the reason, and
+    never hides the others."""
+    try:
+        return _row(path)
+    except Exception as exc:  # whatever a damaged or foreign file makes the reading raise
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return dict.fromkeys(ROW_FIELDS) | {"run": str(path), "kind": "?", "status": "damaged", "reason": plain(reason)}
+
+
+ROW_FIELDS = ("run", "kind", "status", "reason", "model", "schedule", "kept", "images", "wall_seconds", "result",
+              "started", "host", "pid", "summary")
+
+
+def _row(path: Path) -> dict[str, Any]:
     state = read_run(path)
     liveness = state.liveness(path, time.time())
     summary = _summary(path) or state.summary
+    wall = summary.get("wall_seconds") or summary.get("seconds") or state.elapsed
+    images = _images(state, summary)
+    if not _number(wall) or not (images is None or _number(images)):
+        raise ValueError(f"summary.json holds a {type(wall if not _number(wall) else images).__name__} "
+                         "where a number belongs")
     return {
         "run": str(path), "kind": state.kind, "status": liveness.status, "reason": liveness.reason,
         "model": summary.get("model") or state.model, "schedule": _schedule(state, summary),
-        "kept": _kept(state, summary), "images": _images(state, summary),
-        "wall_seconds": summary.get("wall_seconds") or summary.get("seconds") or state.elapsed,
+        "kept": _kept(state, summary), "images": images, "wall_seconds": wall,
         "result": _result(state.kind, summary), "started": state.started,
         "host": state.host, "pid": state.pid, "summary": summary or None,
     }
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _summary(path: Path) -> dict[str, Any]:
     try:
-        return read_json(RunDir(path).summary) if RunDir(path).is_finished else {}
+        summary = read_json(RunDir(path).summary) if RunDir(path).is_finished else {}
     except (OSError, ValueError, SmiError):
         return {}
+    if not isinstance(summary, dict):
+        raise ValueError("summary.json is not a JSON object")
+    return summary
 
 
 def _schedule(state: RunState, summary: dict) -> str | None:
@@ -145,14 +170,20 @@ def _result(kind: str, summary: dict) -> dict[str, float] | None:
     if not summary:
         return None
     if kind == "invert":
-        return {"teacher_accuracy": 100 * summary["teacher_accuracy"]}
+        return {"teacher_accuracy": 100 * _numbers({"a": summary["teacher_accuracy"]})["a"]}
     if kind == "distill":
-        return {"top1": summary["best_top1"]}
+        return _numbers({"top1": summary["best_top1"]})
     if kind == "teacher":
-        return {"top1": summary["top1"]}
+        return _numbers({"top1": summary["top1"]})
     if kind == "quantize":
-        return {"top1": summary["top1"], "fp32_top1": summary["fp32_top1"]}
+        return _numbers({"top1": summary["top1"], "fp32_top1": summary["fp32_top1"]})
     return None
+
+
+def _numbers(result: dict[str, Any]) -> dict[str, float]:
+    if not all(_number(v) for v in result.values()):
+        raise ValueError("summary.json holds a result that is not a number")
+    return result
 
 
 RESULT_LABELS = {"teacher_accuracy": "teacher acc", "top1": "top-1", "fp32_top1": "fp32"}
@@ -191,7 +222,7 @@ def table(rows: list[dict[str, Any]]):
         grid.add_column(name, overflow="fold", no_wrap=name in SHORT_COLUMNS,
                         justify="right" if name in ("kept", "images", "wall") else "left")
     for r in rows:  # cells are Text, never markup: names and messages come from the run's files
-        cells = [r["run"], r["kind"], _status(r), r["model"], r["schedule"] or "-", r["kept"] or "-",
+        cells = [r["run"], r["kind"], _status(r), r["model"] or "-", r["schedule"] or "-", r["kept"] or "-",
                  "-" if r["images"] is None else str(r["images"]), duration(r["wall_seconds"]), _result_text(r) or "-"]
         grid.add_row(*(Text(plain(c), style=STATUS_STYLES.get(r["status"], "") if i == 2 else "")
                        for i, c in enumerate(cells)))

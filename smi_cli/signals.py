@@ -13,8 +13,12 @@ from rich.console import Console
 from smi_engine.control import RunControl
 
 
+CHECKPOINT = "stopping after this iteration and saving a checkpoint"
+
+
 @contextlib.contextmanager
-def stop_on_signals(control: RunControl, console: Console) -> Iterator[None]:
+def stop_on_signals(control: RunControl, console: Console, stopping: str = CHECKPOINT) -> Iterator[None]:
+    """``stopping`` says what the command does when asked to stop (the default: an inversion's)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -32,7 +36,7 @@ def stop_on_signals(control: RunControl, console: Console) -> Iterator[None]:
         if control.stop_requested:  # a second signal (Ctrl-C): give up at once
             raise KeyboardInterrupt
         control.request_stop()
-        say("stopping after this iteration and saving a checkpoint (Ctrl-C again to abort without saving)")
+        say(f"{stopping} (Ctrl-C again to abort at once)")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -72,7 +72,7 @@ def train(
         raise SmiError(f"the model has {loaded.num_classes} classes but {data} has {splits.num_classes}: pass --model-args num_classes={splits.num_classes}")
     control = RunControl(RunDir(out))
     try:
-        with stop_on_signals(control, stderr), display:
+        with stop_on_signals(control, stderr, "stopping after this step; nothing is saved"), display:
             summary = run_teacher_training(loaded, data, splits, config, out, torch_device,
                                            [TrainingProgress(display, "train", "epoch")], sink or [], control)
     except RunInterrupted as exc:

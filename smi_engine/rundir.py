@@ -65,9 +65,12 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any]:
         try:
-            return read_json(self.config)
+            config = read_json(self.config)
         except (OSError, ValueError) as exc:
             raise SmiError(f"{self.config} is unreadable ({exc}): this run cannot be resumed; start a new one") from None
+        if not isinstance(config, dict):
+            raise SmiError(f"{self.config} is not a JSON object: this run cannot be resumed; start a new one")
+        return config
 
     def create(self, config: dict[str, Any], kind: str, resumable: bool = False) -> None:
         """Claim a fresh directory; refuse anything that already holds files (its lock aside).

@@ -85,3 +85,22 @@ def test_random_and_adversarial_events_never_raise_nor_leave_control_characters(
     assert all(isinstance(t, str) and _controls(t) == [] for t in texts)
     # every derived figure still computes
     state.eta_seconds, state.images_per_second, state.seconds_per_iteration, state.flops_fraction, state.status
+
+
+@pytest.mark.parametrize("damage", [
+    ("config.json", "[]"), ("config.json", '{"kind": "invert", "conf'), ("summary.json", '{"teacher_accuracy": "high"}'),
+    ("summary.json", '{"wall_seconds": "long", "teacher_accuracy": 0.5}'), ("summary.json", "[1, 2]"),
+])
+def test_one_damaged_run_is_listed_as_damaged_and_hides_no_other(tmp_path, damage):
+    for name in ("good", "bad"):
+        assert smi(*INVERT, "--out", tmp_path / name, "--quiet").returncode == 0
+    file, text = damage
+    (tmp_path / "bad" / file).write_text(text)
+    listed = json.loads(smi("runs", tmp_path, "--json", check=True).stdout)
+    status = {r["run"].rsplit("/", 1)[-1]: r["status"] for r in listed}
+    assert status == {"good": "finished", "bad": "damaged"}
+    bad = next(r for r in listed if r["run"].endswith("bad"))
+    assert bad["reason"] and (file in bad["reason"] or "number" in bad["reason"] or "object" in bad["reason"])
+    for columns in ("200", "40"):
+        shown = smi("runs", tmp_path, env={"COLUMNS": columns})
+        assert shown.returncode == 0 and "damaged" in shown.stdout and "finished" in shown.stdout, shown.stderr

@@ -34,7 +34,7 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 #: How each status is coloured, in the dashboard header and in `smi runs`.
 STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
-                 "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red"}
+                 "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red", "damaged": "bold red"}
 RECENT_EVENTS = 64  # event times kept to measure a run's usual interval between events
 
 
