@@ -49,14 +49,29 @@ app.add_typer(data.app, name="data")
 def _register_plugin_commands() -> None:
     """Each plugin's commands, one plugin at a time: a broken one is skipped with a warning,
     like its other hooks, and never takes `smi` (or `smi --help`) down with it."""
-    from smi_engine.plugins import command_hooks, warn
+    from smi_engine.plugins import command_hooks, plugin_code, warn
 
     for impl in command_hooks().get_hookimpls():
+        taken = {_command_name(c) for c in app.registered_commands} | {g.name for g in app.registered_groups}
+        known = len(app.registered_commands)
         try:
-            impl.function(cli=app)
+            with plugin_code():
+                impl.function(cli=app)
         except Exception as exc:
+            del app.registered_commands[known:]
             warn(f"plugin {impl.plugin_name!r} failed in register_commands: {type(exc).__name__}: {exc}; "
                  "continuing without its commands")
+            continue
+        for info in app.registered_commands[known:]:  # like every other kind: the first registration stays
+            if _command_name(info) in taken:
+                app.registered_commands.remove(info)
+                warn(f"plugin {impl.plugin_name!r} registers command {_command_name(info)!r}, which smi already has; "
+                     "keeping smi's")
+
+
+def _command_name(info) -> str:
+    """The name a Typer command is called by (its function's name, dashed, unless given)."""
+    return info.name or info.callback.__name__.replace("_", "-")
 
 
 try:  # current Typer vendors click; older releases use click itself

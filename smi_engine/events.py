@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -87,18 +86,23 @@ class GuardedSink:
         self.name, self.sink, self.failed = name, sink, False
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if self.failed:
-            return
-        try:
-            self.sink(event)
-        except Exception as exc:  # a plugin's bug must not end the run
-            self.failed = True
-            warnings.warn(f"event sink {self.name!r} failed and was disabled: {exc}", stacklevel=2)
+        if not self.failed:
+            self._guarded(self.sink, event)
 
     def close(self) -> None:
         close = getattr(self.sink, "close", None)
         if close is not None and not self.failed:
-            close()
+            self._guarded(close)
+
+    def _guarded(self, call: Callable[..., Any], *args: Any) -> None:
+        from smi_engine.plugins import plugin_code, warn
+
+        try:
+            with plugin_code():  # what it prints is kept off stdout; sys.exit is its failure, not the run's
+                call(*args)
+        except Exception as exc:  # a plugin's bug must not end the run
+            self.failed = True
+            warn(f"event sink {self.name!r} failed and was disabled: {type(exc).__name__}: {exc}")
 
 
 def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], bytes, int]:

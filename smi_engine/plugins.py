@@ -6,13 +6,14 @@ point names, or empty for none (built-ins always load).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pluggy
 
@@ -59,7 +60,24 @@ class Registry:
 
 
 def warn(message: str) -> None:
-    print(f"smi: warning: {message}", file=sys.stderr)
+    """One line on stderr, whatever the message holds (a plugin's words included)."""
+    text = " ".join(str(message).split())
+    print(f"smi: warning: {text if text.isprintable() else text.encode('unicode_escape').decode()}", file=sys.stderr)
+
+
+class PluginExit(Exception):
+    """A plugin called ``sys.exit``: a failure of that plugin like any other, never the end of smi."""
+
+
+@contextlib.contextmanager
+def plugin_code() -> Iterator[None]:
+    """Run third-party code: what it prints goes to stderr (stdout is for ``--json`` alone), and
+    a ``sys.exit`` in it becomes ``PluginExit``."""
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            yield
+        except SystemExit as exc:
+            raise PluginExit(f"called sys.exit({exc.code!r})") from None
 
 
 def call_factory(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str) -> Any:
@@ -111,7 +129,8 @@ def third_party_plugins() -> list[tuple[PluginInfo, Any]]:
         dist = entry_point.dist.name if entry_point.dist else None
         info = PluginInfo(entry_point.name, dist, entry_point.dist.version if entry_point.dist else None, builtin=False)
         try:
-            module = entry_point.load()
+            with plugin_code():
+                module = entry_point.load()
         except Exception as exc:  # a broken plugin must not break the toolkit
             info.error = f"failed to load: {type(exc).__name__}: {exc}"
             warn(f"plugin {entry_point.name!r} ({dist}) {info.error}; continuing without it")
@@ -154,7 +173,8 @@ def _collect(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> d
                 plugins[_plugin].registers[_kind].append(name)
 
             try:
-                impl.function(register=register)
+                with plugin_code():
+                    impl.function(register=register)
             except Exception as exc:
                 info.error = f"failed in {hook_name}: {type(exc).__name__}: {exc}"
                 warn(f"plugin {plugin!r} {info.error}; continuing without what it registers there")

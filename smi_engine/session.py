@@ -42,14 +42,15 @@ def versions() -> dict[str, str]:
 
 def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any]) -> list[EventSink]:
     """The plugin sinks a run names (``--sink``), started on its directory and configuration."""
-    from smi_engine.plugins import get_registry
+    from smi_engine.plugins import get_registry, plugin_code
 
     registry = get_registry()
     sinks = []
     for name in names:
         registration = registry.get("sinks", name)
         try:
-            sink = registration.factory(run_dir.path, config)
+            with plugin_code():
+                sink = registration.factory(run_dir.path, config)
         except Exception as exc:
             raise SmiError(f"event sink {name!r} (plugin {registration.plugin}) failed to start: {exc}") from None
         sinks.append(GuardedSink(name, sink))

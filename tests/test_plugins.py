@@ -161,3 +161,36 @@ def test_a_loss_or_task_raising_at_run_time_is_named_in_one_line(plugin_env, tmp
     assert not (out / "summary.json").exists()  # unfinished: `smi invert --resume` continues it once fixed
     task = smi("task", "exploding", env=env)
     assert_one_line_error(task, "task 'exploding' (plugin faulty-runtime) failed: RuntimeError: the task exploded")
+
+
+def test_a_plugin_cannot_take_smi_down_or_over(plugin_env, tmp_path):
+    """sys.exit at import, printing at import, a command named like smi's own."""
+    takeover = {**plugin_env, "SMI_LOAD_PLUGINS": "hostile-takeover"}
+    exits = smi("--help", env={**takeover, "SMI_HOSTILE_EXIT": "1"})
+    assert exits.returncode == 0 and "invert" in exits.stdout  # before: every command, --help too, exited 3
+    assert "'hostile-takeover'" in exits.stderr and "sys.exit(3)" in exits.stderr
+    listed = smi("plugins", "--json", env=takeover)
+    assert listed.returncode == 0 and json.loads(listed.stdout)  # what it printed at import is not on stdout
+    assert "hostile plugin says hello" in listed.stderr
+    ran = smi("invert", *TINY, "--iterations", "2", "--batch-size", "2", "--device", "cpu", "--out", tmp_path / "r",
+              "--json", env=takeover)
+    assert ran.returncode == 0 and json.loads(ran.stdout)["images"] == 2  # smi's invert, not the plugin's
+    assert "registers command 'invert', which smi already has; keeping smi's" in ran.stderr
+    assert smi("hostile-hello", env=takeover).stdout.strip() == "hello from a hostile plugin"
+
+
+@pytest.mark.parametrize("sink, message", [
+    ("chatty", None), ("exiting", "event sink 'exiting' failed and was disabled: PluginExit: called sys.exit(0)"),
+    ("bad-close", "event sink 'bad-close' failed and was disabled: RuntimeError: close exploded"),
+])
+def test_a_sink_never_breaks_json_nor_ends_a_run(plugin_env, tmp_path, sink, message):
+    out = tmp_path / "run"
+    proc = smi("invert", *TINY, "--iterations", "3", "--batch-size", "2", "--device", "cpu", "--out", out,
+               "--sink", sink, "--json", env={**plugin_env, "SMI_LOAD_PLUGINS": "hostile-sinks"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["images"] == 2  # stdout holds the JSON alone
+    assert [e["event"] for e in read_events(out)][-1] == "run_end"
+    if message is None:
+        assert "sink saw iteration" in proc.stderr
+    else:
+        assert [line for line in proc.stderr.splitlines() if "sink" in line] == [f"smi: warning: {message}"]  # one line
