@@ -73,6 +73,10 @@ def describe_failure(exc: BaseException) -> tuple[str, int]:
     if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
         return ("the disk is full (No space left on device): free some space and run the command again; "
                 "an inversion continues where it stopped with `smi invert --resume --out RUN_DIR`"), 2
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(
+            sign in str(exc) for sign in ("out of memory", "can't allocate memory", "not enough memory")):
+        return ("out of memory: lower --batch-size (or the model's image size); an inversion continues where it "
+                "stopped with `smi invert --resume --out RUN_DIR`"), 2
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
         return f"cannot use{where}: {exc.strerror or text}; check the path and its permissions", 2

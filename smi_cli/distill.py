@@ -12,7 +12,6 @@ from smi_cli import options as o
 from smi_cli.console import fail, print_json, stderr
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
-from smi_engine.errors import SmiError
 
 STUDENT, SYNTH, ROUNDS = "Student options", "Synthesis options (with --synthesize)", "Training rounds"
 
@@ -71,14 +70,12 @@ def distill(
     from smi_cli.signals import stop_on_signals
     from smi_engine import distributed
     from smi_engine.control import RunControl, RunInterrupted
-    from smi_engine.distill import resolve_recipe
+    from smi_engine.distill import DistillConfig, resolve_grow, resolve_recipe, run_distillation
     from smi_engine.invert import InversionConfig
     from smi_engine.losses import LossSpec, attach_options
     from smi_engine.models import ModelSpec, parse_model_args
-    from smi_engine.plugins import get_registry
     from smi_engine.rundir import RunDir
     from smi_engine.selection import SelectionSpec
-    from smi_engine.tasks import TaskContext
 
     display = open_display(stderr, quiet, progress_every)
     teacher_spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher)
@@ -87,22 +84,25 @@ def distill(
     else:
         student_spec = ModelSpec(student, parse_model_args(student_args), student_pretrained,
                                  str(student_checkpoint) if student_checkpoint else None)
-    options = resolve_recipe(recipe, {
+    settings = resolve_recipe(recipe, {
         "synth_batches": synth_batches, "synth_batch_size": synth_batch_size, "epochs": epochs,
         "steps_per_round": steps_per_round, "grow": grow, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
         "lr_schedule": lr_schedule, "weight_decay": weight_decay, "temperature": temperature,
         "linear_probe": linear_probe, "flip": flip, "val_every": val_every,
     })
-    options.update({"teacher": teacher_spec.to_dict(), "student": student_spec.to_dict(), "data": data,
-                    "pools": list(pool or []), "seed": seed, "limit": limit or None, "sinks": list(sink or [])})
+    synthesis = None
     if synthesize:
         specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
-        options["synthesize"] = InversionConfig(model=teacher_spec, schedule=schedule, iterations=iterations,
-                                                selection=SelectionSpec.parse(selection, selection_option),
-                                                batch_size=options.get("synth_batch_size") or 32, lr=inversion_lr,
-                                                losses=specs, flip=options.get("flip", True), seed=seed).to_dict()
-    elif not pool:
-        raise SmiError("no synthetic data: pass --pool RUN_DIR (repeatable) or --synthesize")
+        synthesis = InversionConfig(model=teacher_spec, schedule=schedule, iterations=iterations,
+                                    selection=SelectionSpec.parse(selection, selection_option),
+                                    batch_size=settings.get("synth_batch_size") or 32, lr=inversion_lr,
+                                    losses=specs, flip=settings.get("flip", True), seed=seed)
+    pools = list(map(str, pool or []))
+    config = DistillConfig(  # typed all the way: a bad value is named by the option the user wrote
+        teacher=teacher_spec, student=student_spec, data=data, pools=pools, synthesize=synthesis,
+        grow=resolve_grow(settings.get("grow"), pools, synthesis), seed=seed, limit=limit or None, sinks=list(sink or []),
+        **{k: v for k, v in settings.items() if k in DistillConfig.__dataclass_fields__ and k != "grow"})
+    config.validate()
     placement, torch_device = distributed.start(device)
     try:
         out = out or placement.agree(Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-distill")
@@ -110,9 +110,8 @@ def distill(
         quiet = quiet or not placement.is_main
         sinks = [] if quiet else [TrainingProgress(display, "train", "round")] + (
             [InversionProgress(display, "synthesise")] if synthesize else [])
-        task = get_registry().get("tasks", "kt").factory()
         with stop_on_signals(control, stderr, "stopping after this step; the best student so far is kept"), display:
-            summary = task.run(options, TaskContext(torch_device, out, sinks, control, placement))
+            summary = run_distillation(config, out, torch_device, sinks, control, placement)
     except RunInterrupted as exc:
         fail(f"{exc}; the best student so far is in {out / 'student'}", code=130)
     finally:

@@ -32,6 +32,7 @@ from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.evaluate import evaluate
 from smi_engine.events import EventBus, EventSink
+from smi_engine.files import read_json
 from smi_engine.invert import InversionConfig, Inverter
 from smi_engine.inversion_run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
@@ -65,11 +66,24 @@ def resolve_recipe(name: str, explicit: dict[str, Any]) -> dict[str, Any]:
 
 
 def pool_batch_size(run_dir: str | Path) -> int:
-    """Images per inverted batch of a pool: what ``grow: batch`` reveals per round."""
+    """Images per inverted batch of a pool (its trajectories times the images each makes): what
+    ``grow: batch`` reveals per round."""
+    run = RunDir(Path(run_dir))
     try:
-        return int(RunDir(Path(run_dir)).read_config()["config"]["batch_size"])
-    except (KeyError, TypeError, ValueError):
+        if run.is_finished:
+            summary = read_json(run.summary)
+            return int(summary["images"]) // int(summary["batches"])
+        return int(run.read_config()["config"]["batch_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OSError, SmiError):
         raise SmiError(f"{run_dir} does not record its batch size: pass --grow N") from None
+
+
+def resolve_grow(grow: int | str | None, pools: list[str], synthesize: "InversionConfig | None") -> int | None:
+    """``--grow N``, or a recipe's ``"batch"``: one inverted batch of the first fixed pool per round
+    (nothing to reveal when the batches are synthesised during training)."""
+    if grow == "batch":
+        return pool_batch_size(pools[0]) if pools and synthesize is None else None
+    return grow
 
 
 @dataclass

@@ -49,6 +49,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: per iteration (on CPU there is nothing to overlap, so every iteration reports at once).
 CUDA_EVENT_WINDOW = 16
 PHASES = ("forward", "backward", "optimizer", "reporting")
+#: More batches than any run makes (a million batches of one image take days on a GPU); the run
+#: plans its batches up front, so an absurd count is refused rather than built.
+MAX_BATCHES = 10**6
 
 
 @dataclass
@@ -96,7 +99,8 @@ class InversionConfig:
     def validate(self) -> None:
         at_least("--iterations", self.iterations, 1, 4000)
         at_least("--batch-size", self.batch_size, 1, 32)
-        at_least("--batches", self.batches, 1, 8)
+        number("--batches", self.batches, 8, low=1, high=MAX_BATCHES, integer=True)
+        number("--seed", self.seed, 0, low=0, high=2**63 - 1, integer=True)  # what a torch generator takes
         positive("--lr", self.lr, 0.25)
         for beta in self.betas:
             number("Adam beta", beta, 0.9, low=0, high=1, high_open=True)

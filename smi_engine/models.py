@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -215,6 +216,7 @@ def create_model(spec: ModelSpec) -> nn.Module:
         close = difflib.get_close_matches(spec.name, timm.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models('*vit*')`"
         raise SmiError(f"unknown model {spec.name!r}: {hint}")
+    check_model_args(spec.args)
     try:
         # Models without trained weights (speed runs, tests) start from the same random weights
         # every time, so a run can be resumed or repeated; the caller's RNG is left untouched.
@@ -223,19 +225,42 @@ def create_model(spec: ModelSpec) -> nn.Module:
             model = timm.create_model(spec.name, pretrained=spec.pretrained and not spec.checkpoint, **spec.args)
     except TypeError as exc:
         raise SmiError(f"bad --model-args for {spec.name} ({exc}): use keyword arguments of timm's model") from None
-    except (OSError, RuntimeError, ValueError) as exc:
-        if spec.pretrained:
+    except (OSError, RuntimeError, ValueError, AssertionError, ZeroDivisionError) as exc:
+        if spec.pretrained and not isinstance(exc, (AssertionError, ZeroDivisionError)):
             raise SmiError(
                 f"could not fetch pretrained weights for {spec.name} ({str(exc).splitlines()[0][:120]}): "
                 "check the network, or pass --checkpoint FILE"
             ) from None
         raise SmiError(f"cannot build {spec.name}({_format_args(spec.args)}): {exc}") from None
+    if getattr(model, "num_classes", 1) < 1:
+        raise SmiError(f"{spec.name} has no classes (num_classes={model.num_classes}): inversion needs a classifier; "
+                       "pass --model-args num_classes=N")
     if spec.quantization is not None:  # rebuild the quantised structure its weights belong to
         model = quantize_model(model, QuantConfig(**spec.quantization))
         freeze_quantizers(model)
     if spec.checkpoint:
         _fit_state_dict(model, read_state_dict(spec.checkpoint), spec.checkpoint, spec)
     return model.eval()
+
+
+#: timm ViT arguments that count something: each must be a whole number of at least 1.
+COUNT_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "depth", "num_heads", "embed_dim")
+
+
+def check_model_args(args: dict[str, Any]) -> None:
+    """Refuse, before timm builds anything, ViT arguments that cannot make a model (timm would
+    fail with an assertion, a division by zero, or build one with no patches)."""
+    counts = {k: args[k] for k in COUNT_ARGS if k in args}
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SmiError(f"--model-args {key}={value!r} is not a whole number of at least 1: e.g. {key}="
+                           f"{ {'img_size': 32, 'patch_size': 4, 'in_chans': 3, 'num_classes': 10, 'depth': 12, 'num_heads': 3, 'embed_dim': 192}[key]}")
+    if isinstance(counts.get("img_size"), int) and counts.get("patch_size", 0) > counts["img_size"]:
+        raise SmiError(f"--model-args patch_size={counts['patch_size']} is larger than img_size={counts['img_size']}: "
+                       "the image would hold no patch; use a smaller patch_size")
+    if "embed_dim" in counts and "num_heads" in counts and counts["embed_dim"] % counts["num_heads"]:
+        raise SmiError(f"--model-args embed_dim={counts['embed_dim']} does not split into num_heads={counts['num_heads']} "
+                       "heads: choose num_heads dividing embed_dim")
 
 
 def resolve_normalizer(model: nn.Module, spec: ModelSpec) -> Normalizer:
@@ -253,6 +278,8 @@ def resolve_normalizer(model: nn.Module, spec: ModelSpec) -> Normalizer:
             f"--mean/--std have {len(mean)}/{len(std)} values but the model takes {in_chans} channels: "
             "give one value per channel"
         )
+    if not all(math.isfinite(v) for v in (*mean, *std)):
+        raise SmiError(f"--mean/--std must be finite numbers, got {mean}/{std}: e.g. --mean 0.5 --std 0.25")
     if any(s <= 0 for s in std):
         raise SmiError("--std values must be positive")
     return Normalizer(mean, std)

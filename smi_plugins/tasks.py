@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from smi_engine.distill import DistillConfig, pool_batch_size, resolve_recipe, run_distillation
+from smi_engine.distill import DistillConfig, resolve_grow, resolve_recipe, run_distillation
 from smi_engine.hookspecs import hookimpl
 from smi_engine.invert import InversionConfig
 from smi_engine.quantization.job import QuantizeJob, run_quantization
@@ -51,11 +51,7 @@ class KnowledgeTransferTask:
         if synthesize is not None and synth_batch_size:
             synthesize = replace(synthesize, batch_size=synth_batch_size)
         pools = o.texts("pools")
-        grow = o.text("grow")
-        if grow == "batch":  # the recipe's "one inverted batch per round", for a fixed pool only
-            grow = pool_batch_size(pools[0]) if pools and synthesize is None else None
-        else:
-            grow = o.integer("grow")
+        grow = resolve_grow("batch" if o.text("grow") == "batch" else o.integer("grow"), pools, synthesize)
         config = DistillConfig(
             teacher=teacher, student=o.model("student"), data=o.text("data"), pools=pools, synthesize=synthesize,
             synth_batches=o.integer("synth_batches", 1), epochs=o.integer("epochs", 10),
