@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -53,6 +54,15 @@ def read_regular(path: str | Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
     if len(data) > limit:
         raise _refuse(Path(path), f"larger than {limit // 2**20} MB")
     return data
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file, read in chunks (never through a link)."""
+    digest = hashlib.sha256()
+    with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def ensure_folder(path: str | Path) -> Path:

@@ -21,7 +21,8 @@ from smi_engine.device import resolve_device
 from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.events import EventBus, EventSink
-from smi_engine.invert import BatchResult, InversionConfig, Inverter
+from smi_engine.files import file_digest
+from smi_engine.invert import BatchResult, InversionConfig, Inverter, config_digest
 from smi_engine.losses import LossSpec, build_loss
 from smi_engine.models import load_model
 from smi_engine.plugins import get_registry
@@ -61,8 +62,11 @@ class InversionRun:
         run_dir = RunDir(Path(out))
         if resume:
             config = InversionConfig.from_dict(run_dir.open_existing(RUN_KIND)["config"])
+            check_teacher_unchanged(config, run_dir)
         elif config is None:
             raise SmiError("nothing to run: give a configuration or --resume")
+        else:
+            config = pin_teacher(config)
         torch_device = device if isinstance(device, torch.device) else resolve_device(device)
         loaded = load_model(config.model, torch_device)
         config = replace(config, model=loaded.spec)  # config.json records the normalisation the pool is stored in
@@ -76,6 +80,8 @@ class InversionRun:
         if not resume:
             session.check_claimable()
         checkpoint = run_dir.load_checkpoint(placement.rank) if resume else None
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, config, inverter, run_dir.checkpoint(placement.rank))
         # Rank 0 holds the run's lock; a second process (or job) on the same folder is refused here.
         session.claim(None if resume else config.to_dict(), plugin_sinks, folders=(run_dir.pool, run_dir.previews))
         return cls(config, session, inverter, torch_device, resume, checkpoint)
@@ -84,6 +90,44 @@ class InversionRun:
         """Invert every pending batch; returns the summary (written to summary.json by rank 0)."""
         with self.session:
             return _run(self.config, self.session, self.inverter, self.device, self.resume, self.checkpoint)
+
+
+def pin_teacher(config: InversionConfig) -> InversionConfig:
+    """The run's teacher as it is now: its weights file by absolute path (a resume from another
+    folder finds the same file) and that file's digest (a resume refuses other weights)."""
+    spec = config.model
+    if not spec.checkpoint:
+        return config
+    path = Path(spec.checkpoint).resolve()
+    if not path.is_file():
+        return config  # load_model names the missing file
+    return replace(config, model=replace(spec, checkpoint=str(path)), teacher_sha256=file_digest(path))
+
+
+def check_teacher_unchanged(config: InversionConfig, run_dir: RunDir) -> None:
+    path = config.model.checkpoint
+    if config.teacher_sha256 and path and Path(path).is_file() and file_digest(path) != config.teacher_sha256:
+        raise SmiError(f"the teacher's weights {path} changed since {run_dir.path} started: resuming would mix two "
+                       "teachers in one pool; start a new run")
+
+
+def check_checkpoint(data: dict[str, Any], config: InversionConfig, inverter: Inverter, path: Path) -> None:
+    """A resume checkpoint belongs to this run, as it is configured now, or a one-line error."""
+    fix = "delete it to restart its batch, then --resume"
+    for key, kind in (("batch", int), ("iteration", int), ("store", torch.Tensor), ("kept", torch.Tensor),
+                      ("param", torch.Tensor)):
+        if not isinstance(data.get(key), kind):
+            raise SmiError(f"resume checkpoint {path} has no valid {key!r}: it is not a checkpoint of this run; {fix}")
+    grid = inverter.grid
+    if not 0 <= data["batch"] < config.batches or not 0 <= data["iteration"] <= config.iterations:
+        raise SmiError(f"resume checkpoint {path} is at batch {data['batch']}, iteration {data['iteration']}, outside "
+                       f"this run's {config.batches} x {config.iterations}; {fix}")
+    if tuple(data["store"].shape) != (config.batch_size, grid.num_patches, grid.patch_dim):
+        raise SmiError(f"resume checkpoint {path} holds images of shape {tuple(data['store'].shape)}, not this run's "
+                       f"{(config.batch_size, grid.num_patches, grid.patch_dim)}; {fix}")
+    if data.get("config_digest") not in (None, config_digest(config)):
+        raise SmiError(f"config.json of {path.parent} changed since its checkpoint was saved (schedule, iterations or "
+                       "another setting): the pool would disagree with its own summary; restore it or start a new run")
 
 
 def run_inversion(config: InversionConfig | None, out: str | Path, **options: Any) -> dict[str, Any]:

@@ -13,6 +13,8 @@ loop with an empty schedule. Loss values reach the host once per reporting windo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,6 +80,7 @@ class InversionConfig:
     compile: bool = False
     checkpoint_every: float = 60.0
     sinks: list[str] = field(default_factory=list)
+    teacher_sha256: str | None = None  # of the teacher's weights file when the run started: --resume checks it
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -114,6 +117,12 @@ class InversionConfig:
             raise SmiError(f"unknown --precision {self.precision!r}: use {', '.join(PRECISIONS)}")
         if self.final_mask not in FINAL_MASKS:
             raise SmiError(f"unknown --final-mask {self.final_mask!r}: use {' or '.join(FINAL_MASKS)}")
+
+
+def config_digest(config: InversionConfig) -> str:
+    """What a checkpoint was made under: every setting but those a resume may change freely."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_every", "sinks")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def batch_generator(seed: int, batch: int) -> torch.Generator:
@@ -469,6 +478,7 @@ class Inverter:
         data["batch"] = batch
         data["generator"] = generator.get_state()
         data["losses"] = {spec.name: loss.state_dict() for spec, loss in self.losses if hasattr(loss, "state_dict")}
+        data["config_digest"] = config_digest(self.config)
         with self.control.saving_state():
             self.run_dir.save_checkpoint(data, self.bus.rank)
 

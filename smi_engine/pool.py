@@ -11,17 +11,18 @@ emitting selection (Patch Rebirth) holds E * B images, each stop's B in order, t
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch.utils.data import Dataset
 
 from smi_engine.errors import SmiError
-from smi_engine.files import atomic_path
+from smi_engine.files import atomic_path, open_regular
 from smi_engine.patches import PatchGrid
 
 SHARD_PATTERN = re.compile(r"^batch-(\d+)-r(\d+)\.safetensors$")
@@ -87,9 +88,12 @@ def load_pool(run_dir: str | Path) -> Pool:
     parts = []
     for path in shards.values():
         try:
-            parts.append(load_file(str(path)))
+            with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as handle:  # never through a link
+                part = load(handle.read())
         except (SafetensorError, OSError) as exc:
             raise SmiError(f"pool shard {path} is unreadable ({exc}): delete it and `smi invert --resume`") from None
+        check_shard(path, part)
+        parts.append(part)
     try:
         pool = Pool(*(torch.cat([p[key] for p in parts]) for key in ("images", "labels", "keep")))
         for key in OPTIONAL_FIELDS:
@@ -98,6 +102,34 @@ def load_pool(run_dir: str | Path) -> Pool:
         return pool
     except (KeyError, RuntimeError) as exc:
         raise SmiError(f"pool shards in {pool_dir} do not belong together ({exc}): keep one run per folder") from None
+
+
+def check_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A shard is what ``write_shard`` writes, or a one-line error naming the file and the field:
+    float32 finite images (M, C, H, W), int64 labels and bool keep masks for the same M images, a
+    mask grid that divides the image, and at least one patch in every image."""
+    def bad(field: str, why: str) -> SmiError:
+        return SmiError(f"pool shard {path}: {field} {why}; delete the shard (smi invert --resume remakes it)")
+
+    for key, dtype in (("images", torch.float32), ("labels", torch.int64), ("keep", torch.bool)):
+        if key not in tensors:
+            raise bad(key, "is missing")
+        if tensors[key].dtype != dtype:
+            raise bad(key, f"is {tensors[key].dtype}, not {dtype}")
+    images, labels, keep = tensors["images"], tensors["labels"], tensors["keep"]
+    if images.dim() != 4 or labels.dim() != 1 or keep.dim() != 3:
+        raise bad("images/labels/keep", f"have shapes {tuple(images.shape)}/{tuple(labels.shape)}/{tuple(keep.shape)}")
+    if not len(images) == len(labels) == len(keep):
+        raise bad("labels/keep", f"count {len(labels)}/{len(keep)} for {len(images)} images")
+    (h, w), (rows, cols) = images.shape[2:], keep.shape[1:]
+    if not (0 < rows <= h and 0 < cols <= w and h % rows == 0 and w % cols == 0):
+        raise bad("keep", f"is a {rows}x{cols} grid, which does not tile {h}x{w} images")
+    if not bool(torch.isfinite(images).all()):
+        raise bad("images", "hold NaN or infinite values")
+    if len(keep) and not bool(keep.flatten(1).any(1).all()):
+        raise bad("keep", "leaves an image with no patch")
+    if bool((labels < 0).any()):
+        raise bad("labels", "hold a negative class")
 
 
 def blank_stopped(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

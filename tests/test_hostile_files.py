@@ -2,8 +2,13 @@
 waited on, and nothing outside the run is written (real subprocesses, real links and FIFOs)."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 from smi_cli.dashboard.follower import EventFollower
 from smi_engine.control import RunControl, RunInterrupted
@@ -130,3 +135,79 @@ def test_the_dashboard_shows_only_the_runs_own_bounded_previews(tmp_path, outsid
     assert (previews / "batch-00000-it00016.png").stat().st_size < 200_000
     with pytest.raises(SmiError, match="too large to show"):
         read_preview(tmp_path, "previews/batch-00000-it00016.png")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.update(images=t["images"].half()), "images is torch.float16"),
+    (lambda t: t["images"].__setitem__((0, 0, 0, 0), float("nan")), "images hold NaN or infinite values"),
+    (lambda t: t.update(keep=torch.ones(len(t["keep"]), 5, 5, dtype=torch.bool)), "keep is a 5x5 grid"),
+    (lambda t: t["keep"][0].zero_(), "keep leaves an image with no patch"),
+    (lambda t: t.update(labels=t["labels"][:1]), "labels/keep count 1/2 for 2 images"),
+    (lambda t: t.pop("labels"), "labels is missing"),
+])
+def test_a_damaged_pool_shard_is_named_before_it_is_used(tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    from smi_engine.errors import SmiError
+    from smi_engine.pool import load_pool
+
+    out = tmp_path / "run"
+    assert smi(*INVERT, "--out", out).returncode == 0
+    shard = next((out / "pool").glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    damage(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(shard))
+    with pytest.raises(SmiError, match=f"pool shard {shard}: {message}"):
+        load_pool(out)
+    proc = smi("quantize", "--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS, "--mean", "0.5", "--std",
+               "0.5", "--calib", out, "--data", "digits", "--device", "cpu", "--limit", "4")
+    assert_one_line_error(proc, message)
+
+
+def _snapshot(out):
+    return {name: data for name, data in tree_snapshot(out).items() if name != ".lock"}
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda out: (out / "config.json").write_text((out / "config.json").read_text().replace('"iterations": 4', '"iterations": 8')),
+     "changed since its checkpoint was saved"),
+    (lambda out: torch.save({"anything": torch.zeros(1)}, out / "checkpoint.pt"), "has no valid 'batch'"),
+    (lambda out: torch.save({"batch": 0, "iteration": 1, "store": torch.zeros(5, 64, 16), "kept": torch.zeros(1),
+                             "param": torch.zeros(1)}, out / "checkpoint.pt"), "holds images of shape (5, 64, 16)"),
+])
+def test_a_resume_refuses_a_run_changed_since_its_checkpoint_and_writes_nothing(tmp_path, tamper, message):
+    out = tmp_path / "run"
+    _unfinished_run(out)
+    tamper(out)
+    before = _snapshot(out)
+    proc = smi("invert", "--resume", "--out", out, "--device", "cpu", "--quiet", timeout=120)
+    assert_one_line_error(proc, message)
+    assert _snapshot(out) == before  # no run_resumed, no run_error: a refused resume writes nothing
+
+
+def test_a_run_records_its_teachers_weights_by_absolute_path_and_digest(tmp_path, digits_teacher):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(digits_teacher, teacher)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "smi_cli", "invert", "--teacher", "teacher", "--iterations", "100000",
+                             "--batch-size", "2", "--device", "cpu", "--out", "run", "--quiet", "--checkpoint-every", "0"],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "events.jsonl").exists() and b'"iteration"' in (out / "events.jsonl").read_bytes()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["model"]["checkpoint"] == str((teacher / "model.safetensors").resolve())  # not relative to the cwd
+    assert len(config["teacher_sha256"]) == 64
+    weights = load_file(str(teacher / "model.safetensors"))
+    save_file({k: v + 1 for k, v in weights.items()}, str(teacher / "model.safetensors"))  # retrained in place
+    before = _snapshot(out)
+    assert_one_line_error(smi("invert", "--resume", "--out", out, "--device", "cpu"), "teacher's weights",
+                          "changed since", "start a new run")
+    assert _snapshot(out) == before
