@@ -17,8 +17,8 @@ from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.help import command
 from smi_cli.progress import duration
 from smi_engine.errors import SmiError
-from smi_engine.events import parse_lines, read_events
-from smi_engine.files import open_regular, read_json
+from smi_engine.events import iter_events
+from smi_engine.files import read_json
 from smi_engine.rundir import RunDir
 
 SEARCH_DEPTH = 3  # folders below a given one searched for runs (a demo folder holds one run per mode)
@@ -82,18 +82,12 @@ def read_run(path: Path) -> RunState:
     events)."""
     run_dir = RunDir(path)
     state = RunState(kind=run_dir.read_config().get("kind", "invert"))
-    if not run_dir.is_finished:
-        for event in read_events(run_dir.events):
-            state.apply(event)
-        return state
-    with os.fdopen(open_regular(run_dir.events, os.O_RDONLY), "rb") as log:
-        for line in log:
-            events, _, _ = parse_lines(line.rstrip(b"\n") + b"\n")
-            for event in events:
-                state.apply(event)
-            if any(event.get("event") == "run_start" for event in events):
-                break
-    state.finished = True  # summary.json is written last: its presence marks a finished run
+    finished = run_dir.is_finished
+    for event in iter_events(run_dir.events):  # streamed: a long log is never held whole
+        state.apply(event)
+        if finished and event.get("event") == "run_start":
+            break
+    state.finished = state.finished or finished  # summary.json is written last: its presence marks a finished run
     return state
 
 

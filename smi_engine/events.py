@@ -30,7 +30,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from smi_engine.files import open_regular
 
@@ -122,6 +122,28 @@ def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], bytes, int]:
         else:
             damaged += 1
     return events, tail, damaged
+
+
+#: The longest line an event may be; a longer one is damage, skipped without being held whole.
+MAX_EVENT_LINE = 2**20
+
+
+def iter_events(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete events of a JSON-lines file, one at a time, in bounded memory (a line past
+    ``MAX_EVENT_LINE`` bytes yields ``{"event": "damaged_line"}``; never through a link or FIFO)."""
+    with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as handle:
+        while line := handle.readline(MAX_EVENT_LINE + 1):
+            if len(line) > MAX_EVENT_LINE:
+                while line and not line.endswith(b"\n"):  # the rest of the over-long line
+                    line = handle.readline(MAX_EVENT_LINE)
+                yield {"event": "damaged_line"}
+                continue
+            if not line.endswith(b"\n"):
+                return  # half-written: the writer is mid-way
+            events, _, damaged = parse_lines(line)
+            yield from events
+            for _ in range(damaged):
+                yield {"event": "damaged_line"}
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

@@ -391,3 +391,33 @@ def test_damaged_lines_are_counted_and_following_goes_on(recorded):
 
     run_app(Dashboard([recorded], ["invert"], follow=False), steps)
     run_app(Dashboard([recorded], ["invert"], follow=True), steps)
+
+
+def test_the_dashboard_survives_hostile_events_appended_to_a_run(recorded):
+    """Each of these crashed the dashboard (a Rich traceback, or a MemoryError) when appended to a
+    run's log; now each is skipped as damage, or its bad field ignored, and every panel renders."""
+    lines = (recorded / "events.jsonl").read_text().splitlines(keepends=True)
+    iteration = json.loads(next(line for line in lines if '"event":"iteration"' in line))
+    start = json.loads(lines[0])
+    hostile = [
+        {**iteration, "losses": {"total": float("nan")}}, {**iteration, "time": float("nan")},
+        {**iteration, "rss_mb": "lots", "gpu": {"utilization": 5}}, {**iteration, "seconds": float("inf")},
+        {**start, "grid": [30000, 30000], "num_patches": 900000000}, {**start, "stops": [[1, 2, 3], "x"]},
+        {**start, "world_size": "many", "pid": "me"}, {**start, "batches": 10**12},
+        {"event": "stop", "batch": 0, "kept": 4, "kept_indices": [[1, 2, 99999999999]]},
+        {"event": "stop", "batch": 0, "kept": 4, "kept_indices": "everything"},
+        {"event": "preview", "path": "../../../etc/passwd"}, {"event": "preview", "path": "previews/\x1b[2J.png"},
+    ]
+    text = "".join(lines[:-1]) + "".join(json.dumps(e) + "\n" for e in hostile)  # still running: no run_end
+    (recorded / "events.jsonl").write_text(text)
+
+    async def steps(app, pilot):
+        await pilot.pause(0.5)
+        state = app.views[0].state
+        assert state.damaged >= 8 and state.grid == (8, 8) and state.world_size == 1
+        assert state.rss_mb is None or isinstance(state.rss_mb, float)
+        for panel in (RunHeader, PatchRetention, Throughput, LossChart):
+            assert "Traceback" not in plain(app.query_one(panel))
+        assert not app._exception
+
+    run_app(Dashboard([recorded], ["invert"]), steps)

@@ -104,3 +104,12 @@ def test_one_damaged_run_is_listed_as_damaged_and_hides_no_other(tmp_path, damag
     for columns in ("200", "40"):
         shown = smi("runs", tmp_path, env={"COLUMNS": columns})
         assert shown.returncode == 0 and "damaged" in shown.stdout and "finished" in shown.stdout, shown.stderr
+
+
+def test_event_logs_are_streamed_with_bounded_lines(tmp_path):
+    from smi_engine.events import MAX_EVENT_LINE, iter_events
+
+    log = tmp_path / "events.jsonl"
+    huge = json.dumps({"event": "iteration", "pad": "x" * (MAX_EVENT_LINE + 10)})
+    log.write_text('{"event": "run_start"}\n' + huge + "\n" + "not json\n" + '{"event": "run_end"}\n' + '{"event": "ha')
+    assert [e["event"] for e in iter_events(log)] == ["run_start", "damaged_line", "damaged_line", "run_end"]

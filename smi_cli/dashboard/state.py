@@ -6,6 +6,7 @@ the events themselves, so a recorded run always renders the same.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,13 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
                  "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red", "damaged": "bold red"}
 RECENT_EVENTS = 64  # event times kept to measure a run's usual interval between events
+#: Bounds of what an event may say, far past any real run: a log is untrusted, and a 30000 x
+#: 30000 grid or a 10^12-batch plan must be refused as damage, not allocated.
+MAX_NUMBER, MAX_GRID_SIDE, MAX_BATCHES, MAX_ITEMS = 2.0**53, 4096, 10**6, 2**22
 
 
 def well_formed(event: dict[str, Any]) -> bool:
+    """Whether an event holds the fields its handler reads, with their types and within bounds."""
     kind = event.get("event")
     if not isinstance(kind, str):
         return False
@@ -47,12 +52,36 @@ def well_formed(event: dict[str, Any]) -> bool:
             return False
         if event.get("kind", "invert") == "invert":
             kind = "run_start_invert"
-    fields = FIELDS.get(kind, {})
-    if any(not isinstance(event.get(name), types) or isinstance(event.get(name), bool) for name, types in fields.items()):
+    for name, types in FIELDS.get(kind, {}).items():
+        value = event.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            return False
+        if isinstance(value, _NUMBER) and not (_finite(value) and (value >= 0 or not isinstance(value, int))):
+            return False
+    if kind == "run_start_invert" and not _plan_bounded(event):
         return False
-    if kind == "iteration" and not all(isinstance(v, _NUMBER) for v in event["losses"].values()):
+    if kind == "iteration" and not (len(event["losses"]) <= 64 and all(_finite(v) for v in event["losses"].values())):
         return False
-    return event.get("time") is None or isinstance(event["time"], _NUMBER)
+    if kind == "stop" and not _index_rows(event["kept_indices"]):
+        return False
+    return event.get("time") is None or _finite(event["time"])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool) and math.isfinite(value) and abs(value) <= MAX_NUMBER
+
+
+def _plan_bounded(e: dict[str, Any]) -> bool:
+    grid, stops = e["grid"], e["stops"]
+    return (len(grid) == 2 and all(isinstance(v, int) and 1 <= v <= MAX_GRID_SIDE for v in grid)
+            and e["num_patches"] == grid[0] * grid[1] and e["batches"] <= MAX_BATCHES and e["batch_size"] <= MAX_ITEMS
+            and len(stops) <= 4096 and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], int)
+                                           and _finite(s[1]) for s in stops))
+
+
+def _index_rows(rows: Any) -> bool:
+    return (len(rows) <= MAX_ITEMS and all(isinstance(r, list) and len(r) <= MAX_ITEMS for r in rows)
+            and all(isinstance(i, int) and 0 <= i < MAX_GRID_SIDE**2 for r in rows for i in r))
 
 
 def terminal_safe(value: Any, depth: int = 0) -> Any:
@@ -67,6 +96,16 @@ def terminal_safe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [terminal_safe(v, depth + 1) for v in value]
     return value
+
+
+GPU_FIELDS = ("utilization", "memory_used_mb", "memory_total_mb", "temperature_c")
+
+
+def _gpu(value: Any, default: Any) -> Any:
+    """An NVML reading from an event (every field a finite number), or ``default``."""
+    if isinstance(value, dict) and all(_finite(value.get(k)) for k in GPU_FIELDS):
+        return {k: value[k] for k in GPU_FIELDS}
+    return default
 
 
 def _text(value: Any, default: Any) -> Any:
@@ -185,7 +224,7 @@ class RunState:
             self.iterations, self.batches, self.batch_size = e["iterations"], e["batches"], e["batch_size"]
             self.grid, self.num_patches = tuple(e["grid"]), e["num_patches"]
             self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
-            self.world_size = e.get("world_size", 1)
+            self.world_size = max(_count(e.get("world_size"), 1), 1)
             self.images_per_trajectory = _count(e.get("images_per_trajectory"), 1)
             self.kept = self.num_patches
             if isinstance(e.get("kept_per_stage"), list):
@@ -227,9 +266,9 @@ class RunState:
         if self.width:
             self.dense_cost += block_flops(self.num_patches + self.prefix_tokens, self.width)
             self.actual_cost += block_flops(e["tokens"], self.width)
-        self.rss_mb = e.get("rss_mb", self.rss_mb)
-        self.cuda_peak_mb = e.get("cuda_peak_mb", self.cuda_peak_mb)
-        self.gpu = e.get("gpu", self.gpu)
+        self.rss_mb = e["rss_mb"] if _finite(e.get("rss_mb")) else self.rss_mb
+        self.cuda_peak_mb = e["cuda_peak_mb"] if _finite(e.get("cuda_peak_mb")) else self.cuda_peak_mb
+        self.gpu = _gpu(e.get("gpu"), self.gpu)
 
     def _on_paused(self, e: dict) -> None:
         self.paused = True
@@ -243,10 +282,11 @@ class RunState:
         self.done_steps = e.get("done_steps", self.done_steps + 1)
         self.total_steps = e.get("total_steps") or self.total_steps or e.get("steps", 0) * self.epochs
         self.train_loss.append(e["loss"])
-        self.gpu = e.get("gpu", self.gpu)
+        self.gpu = _gpu(e.get("gpu"), self.gpu)
 
     def _on_stop(self, e: dict) -> None:
-        self.batch, self.kept, self.keep = e["batch"], e["kept"], e["kept_indices"]
+        self.batch, self.kept = e["batch"], e["kept"]
+        self.keep = [[i for i in row if i < self.num_patches] for row in e["kept_indices"]]  # cells of this grid only
 
     def _on_preview(self, e: dict) -> None:
         self.preview, self.preview_version = e["path"], self.preview_version + 1
