@@ -187,10 +187,20 @@ def _cifar(root: Path, hundred: bool) -> DataSplits:
                 batch = _unpickle(folder / file)
             except FileNotFoundError:
                 raise SmiError(f"{folder / file} is missing: re-fetch with `smi data fetch {name} {root}`") from None
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[label_key])
+            try:
+                data, batch_labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch[label_key], dtype=np.int64)
+                data = data.reshape(-1, 3, 32, 32)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SmiError(f"{folder / file} is not a CIFAR batch ({type(exc).__name__}: {exc}): "
+                               f"re-fetch with `smi data fetch {name} {root}`") from None
+            if batch_labels.shape != (len(data),) or (len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < classes_count):
+                raise SmiError(f"{folder / file}: {label_key} holds {batch_labels.size} labels for {len(data)} images, or a "
+                               f"class outside 0..{classes_count - 1}: re-fetch with `smi data fetch {name} {root}`")
+            images.append(data)
+            labels.extend(batch_labels.tolist())
         return TensorImages(torch.from_numpy(np.concatenate(images)), torch.tensor(labels))
 
+    classes_count = 100 if hundred else 10
     meta = _unpickle(folder / ("meta" if hundred else "batches.meta"))
     classes = tuple(meta["fine_label_names" if hundred else "label_names"])
     return DataSplits(name, split(train_files), split(["test"] if hundred else ["test_batch"]), classes, 3)

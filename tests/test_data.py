@@ -78,6 +78,19 @@ def test_cifar10_in_torchvisions_layout(tmp_path):
     assert image.shape == (3, 32, 32) and int(label) == 2
 
 
+@pytest.mark.parametrize("labels, message", [([0, 1, 2], "holds 3 labels for 4 images"), ([0, 1, 2, 12], "outside 0..9"),
+                                             ("abcd", "not a CIFAR batch")])
+def test_cifar_batches_whose_labels_do_not_match_are_refused(tmp_path, labels, message):
+    _cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    with open(batch, "rb") as handle:
+        data = pickle.load(handle)
+    with open(batch, "wb") as handle:
+        pickle.dump({**data, "labels": labels}, handle)
+    with pytest.raises(SmiError, match=f"data_batch_3.*{message}"):
+        load_data(f"cifar10:{tmp_path}")
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker
