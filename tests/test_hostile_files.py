@@ -211,3 +211,31 @@ def test_a_run_records_its_teachers_weights_by_absolute_path_and_digest(tmp_path
     assert_one_line_error(smi("invert", "--resume", "--out", out, "--device", "cpu"), "teacher's weights",
                           "changed since", "start a new run")
     assert _snapshot(out) == before
+
+
+def test_a_resume_from_another_folder_uses_the_runs_own_teacher(tmp_path, digits_teacher):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(digits_teacher, first / "teacher")
+    shutil.copytree(digits_teacher, second / "teacher")  # another teacher/ where the resume runs
+    weights = load_file(str(second / "teacher" / "model.safetensors"))
+    save_file({k: v * 0 for k, v in weights.items()}, str(second / "teacher" / "model.safetensors"))
+    proc = subprocess.Popen([sys.executable, "-m", "smi_cli", "invert", "--teacher", "teacher", "--iterations", "60",
+                             "--lr", "0.1", "--jitter", "0", "--no-flip",  # this teacher never saw shifted digits
+                             "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet",
+                             "--checkpoint-every", "0"], cwd=first, stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "run" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (events.exists() and b'"iteration"' in events.read_bytes()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.communicate(timeout=120) and proc.returncode == 130
+    resumed = subprocess.run([sys.executable, "-m", "smi_cli", "invert", "--resume", "--out", str(tmp_path / "run"),
+                              "--device", "cpu", "--json"], cwd=second, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["teacher_accuracy"] > 0.5  # the trained teacher of folder a, not b's zeroed weights

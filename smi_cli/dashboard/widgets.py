@@ -125,7 +125,7 @@ class PatchRetention(Panel):
         text = Text("".join(line), "grey50")
         at = min(width - 1, max(state.iteration, 0) * width // max(state.iterations, 1))
         text.stylize("bold yellow", at, at + 1)
-        stops = ", ".join(f"{i}:{r:g}" for i, r in state.stops) or "none (dense)"
+        stops = ", ".join(f"{i}:{r:.3g}" for i, r in state.stops) or "none (dense)"  # every:V's nominal 1/3, 1/7 in 3 digits
         return text + Text(f"\nstops {stops}", "dim")
 
 
