@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 
 from rich.console import Console, RenderableType
 
+from smi_engine.errors import plain  # noqa: F401 (re-exported: the CLI imports it from here)
+
 
 def _console(to_stderr: bool) -> Console:
     console = Console(stderr=to_stderr, highlight=False)
@@ -23,14 +25,6 @@ def _console(to_stderr: bool) -> Console:
 
 stderr = _console(True)
 stdout = _console(False)
-
-
-def plain(text: Any) -> str:
-    """Text from a run, a plugin or the user, safe for a terminal: every character that is not
-    printable (ESC and the other controls, bidi overrides, newlines) is written as its escape,
-    so no sequence reaches the terminal and nothing spans lines."""
-    text = str(text)
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def markup_safe(text: Any) -> str:

@@ -13,7 +13,7 @@ from smi_cli import options as o
 from rich.text import Text
 
 from smi_cli.console import markup_safe, plain, print_json, show, stderr, stdout
-from smi_cli.dashboard.state import STATUS_STYLES, RunState
+from smi_cli.dashboard.state import STATUS_STYLES, RunState, finite_number
 from smi_cli.help import command
 from smi_cli.progress import duration
 from smi_engine.errors import SmiError
@@ -111,9 +111,8 @@ def _row(path: Path) -> dict[str, Any]:
     summary = _summary(path) or state.summary
     wall = summary.get("wall_seconds") or summary.get("seconds") or state.elapsed
     images = _images(state, summary)
-    if not _number(wall) or not (images is None or _number(images)):
-        raise ValueError(f"summary.json holds a {type(wall if not _number(wall) else images).__name__} "
-                         "where a number belongs")
+    if not finite_number(wall) or not (images is None or finite_number(images)):
+        raise ValueError(f"summary.json holds {wall if not finite_number(wall) else images!r} where a finite number belongs")
     return {
         "run": str(path), "kind": state.kind, "status": liveness.status, "reason": liveness.reason,
         "model": summary.get("model") or state.model, "schedule": _schedule(state, summary),
@@ -121,10 +120,6 @@ def _row(path: Path) -> dict[str, Any]:
         "result": _result(state.kind, summary), "started": state.started,
         "host": state.host, "pid": state.pid, "summary": summary or None,
     }
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _summary(path: Path) -> dict[str, Any]:
@@ -175,7 +170,7 @@ def _result(kind: str, summary: dict) -> dict[str, float] | None:
 
 
 def _numbers(result: dict[str, Any]) -> dict[str, float]:
-    if not all(_number(v) for v in result.values()):
+    if not all(finite_number(v) for v in result.values()):
         raise ValueError("summary.json holds a result that is not a number")
     return result
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import pluggy
 
 from smi_engine import hookspecs
-from smi_engine.errors import SmiError
+from smi_engine.errors import SmiError, plain
 
 BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.selections",
                    "smi_plugins.tasks", "smi_plugins.quant_schemes", "smi_plugins.tensorboard")
@@ -61,8 +61,7 @@ class Registry:
 
 def warn(message: str) -> None:
     """One line on stderr, whatever the message holds (a plugin's words included)."""
-    text = " ".join(str(message).split())
-    print(f"smi: warning: {text if text.isprintable() else text.encode('unicode_escape').decode()}", file=sys.stderr)
+    print(f"smi: warning: {plain(message)}", file=sys.stderr)
 
 
 class PluginExit(Exception):

@@ -56,18 +56,19 @@ def well_formed(event: dict[str, Any]) -> bool:
         value = event.get(name)
         if not isinstance(value, types) or isinstance(value, bool):
             return False
-        if isinstance(value, _NUMBER) and not (_finite(value) and (value >= 0 or not isinstance(value, int))):
+        if isinstance(value, _NUMBER) and not (finite_number(value) and (value >= 0 or not isinstance(value, int))):
             return False
     if kind == "run_start_invert" and not _plan_bounded(event):
         return False
-    if kind == "iteration" and not (len(event["losses"]) <= 64 and all(_finite(v) for v in event["losses"].values())):
+    if kind == "iteration" and not (len(event["losses"]) <= 64 and all(finite_number(v) for v in event["losses"].values())):
         return False
     if kind == "stop" and not _index_rows(event["kept_indices"]):
         return False
-    return event.get("time") is None or _finite(event["time"])
+    return event.get("time") is None or finite_number(event["time"])
 
 
-def _finite(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """A real number from a file: not a bool, not NaN or infinite, within ``MAX_NUMBER``."""
     return isinstance(value, _NUMBER) and not isinstance(value, bool) and math.isfinite(value) and abs(value) <= MAX_NUMBER
 
 
@@ -76,7 +77,7 @@ def _plan_bounded(e: dict[str, Any]) -> bool:
     return (len(grid) == 2 and all(isinstance(v, int) and 1 <= v <= MAX_GRID_SIDE for v in grid)
             and e["num_patches"] == grid[0] * grid[1] and e["batches"] <= MAX_BATCHES and e["batch_size"] <= MAX_ITEMS
             and len(stops) <= 4096 and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], int)
-                                           and _finite(s[1]) for s in stops))
+                                           and finite_number(s[1]) for s in stops))
 
 
 def _index_rows(rows: Any) -> bool:
@@ -103,7 +104,7 @@ GPU_FIELDS = ("utilization", "memory_used_mb", "memory_total_mb", "temperature_c
 
 def _gpu(value: Any, default: Any) -> Any:
     """An NVML reading from an event (every field a finite number), or ``default``."""
-    if isinstance(value, dict) and all(_finite(value.get(k)) for k in GPU_FIELDS):
+    if isinstance(value, dict) and all(finite_number(value.get(k)) for k in GPU_FIELDS):
         return {k: value[k] for k in GPU_FIELDS}
     return default
 
@@ -266,8 +267,8 @@ class RunState:
         if self.width:
             self.dense_cost += block_flops(self.num_patches + self.prefix_tokens, self.width)
             self.actual_cost += block_flops(e["tokens"], self.width)
-        self.rss_mb = e["rss_mb"] if _finite(e.get("rss_mb")) else self.rss_mb
-        self.cuda_peak_mb = e["cuda_peak_mb"] if _finite(e.get("cuda_peak_mb")) else self.cuda_peak_mb
+        self.rss_mb = e["rss_mb"] if finite_number(e.get("rss_mb")) else self.rss_mb
+        self.cuda_peak_mb = e["cuda_peak_mb"] if finite_number(e.get("cuda_peak_mb")) else self.cuda_peak_mb
         self.gpu = _gpu(e.get("gpu"), self.gpu)
 
     def _on_paused(self, e: dict) -> None:
