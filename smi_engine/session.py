@@ -14,6 +14,7 @@ Leaving the ``with`` block closes the bus and releases the lock on every path; a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import platform
 import socket
@@ -29,6 +30,7 @@ from smi_engine.rundir import RunDir
 from smi_engine.runlock import RunLock
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
     """The software that wrote a run (recorded in config.json and run_start)."""
     from importlib.metadata import version

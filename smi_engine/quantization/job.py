@@ -92,19 +92,20 @@ def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | Non
     """Calibrate and evaluate; with ``out``, as a run directory that keeps the quantised model.
     A stop asked of ``control`` ends the job with RunInterrupted (nothing saved)."""
     job.validate()
-    if out is not None:
-        check_writable(out, "--out")
-        RunDir(out).check_claimable(RUN_KIND)
-    job = replace(job, quant=job.quant.resolved())
     bus = bus or EventBus()
+    session = None if out is None else RunSession(RunDir(out), RUN_KIND, bus)
+    if session is not None:
+        check_writable(out, "--out")
+        session.check_claimable()
+    job = replace(job, quant=job.quant.resolved())
     loaded = load_model(job.model, device)
     splits = load_data(job.data)
     if splits.num_classes != loaded.num_classes:
         raise SmiError(f"the model has {loaded.num_classes} classes but {job.data} has {splits.num_classes}: evaluate on the data it was trained for")
-    if out is None:
+    if session is None:
         return _quantize(job, loaded, splits, device, bus, None, control)
-    with RunSession(RunDir(out), RUN_KIND, bus).claim(job.to_dict()) as session:
-        return _quantize(job, loaded, splits, device, bus, session, control or RunControl(RunDir(out)))
+    with session.claim(job.to_dict()):
+        return _quantize(job, loaded, splits, device, bus, session, control or RunControl(session.run_dir))
 
 
 def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.device, bus: EventBus,
