@@ -11,7 +11,7 @@ from smi_cli import options as o
 from smi_cli.console import fail, markup_safe, print_json, stderr
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
-from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
+from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME, RECONSTRUCT_MODES, SPARSE_FEEDS, ReconstructConfig
 
 
 def quantize(
@@ -20,14 +20,21 @@ def quantize(
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
     scheme: Annotated[str, typer.Option(help="Where and how to quantise: matmul (inputs of every matmul), seed (the seed's / PSAQ-ViT's positions), repq (RepQ-ViT), or a plugin's (see `smi plugins`).")] = DEFAULT_SCHEME,
-    w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits (per output channel): 8, 6, 4, 3.")] = 8,
-    a_bit: Annotated[int, typer.Option("--a-bit", help="Activation bits (per tensor): 8, 6, 4, 3.")] = 8,
+    w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits (per output channel), 2 to 16: e.g. 8, 4, 3.")] = 8,
+    a_bit: Annotated[int, typer.Option("--a-bit", help="Activation bits (per tensor), 2 to 16: e.g. 8, 4, 3.")] = 8,
     calibrator: Annotated[Optional[str], typer.Option(help=f"How activation ranges are set: {', '.join(CALIBRATORS)} (default: the scheme's; minmax for matmul and seed, search for repq).", show_default=False)] = None,
     percentile: Annotated[float, typer.Option(help="Percentile for --calibrator percentile.")] = 99.99,
     calib_size: Annotated[int, typer.Option("--calib-size", help="Calibration images.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     limit: Annotated[int, typer.Option(help="Evaluate on at most N validation images (0: all).")] = 0,
-    seed: Annotated[int, typer.Option(help="Which calibration images are drawn.")] = 0,
+    seed: Annotated[int, typer.Option(help="Which calibration images are drawn (and reconstruction's randomness).")] = 0,
+    sparse_calib: Annotated[str, typer.Option("--sparse-calib", help="How sparse pool images reach the model: tokens (the kept patches only) or blanked (whole images, stopped patches at the normaliser's zero, the seed's way).", autocompletion=lambda: list(SPARSE_FEEDS))] = "tokens",
+    reconstruct: Annotated[str, typer.Option(rich_help_panel="Reconstruction options", help="After range calibration: none, or block (learn each block's weight rounding and activation step sizes against the float block's output: BRECQ/QDrop).", autocompletion=lambda: list(RECONSTRUCT_MODES))] = "none",
+    recon_iters: Annotated[int, typer.Option("--recon-iters", rich_help_panel="Reconstruction options", help="Reconstruction steps per unit (patch embedding, each block, head).")] = ReconstructConfig.iterations,
+    recon_lr: Annotated[float, typer.Option("--recon-lr", rich_help_panel="Reconstruction options", help="Adam learning rate of the weight rounding (AdaRound).")] = ReconstructConfig.rounding_lr,
+    recon_step_lr: Annotated[float, typer.Option("--recon-step-lr", rich_help_panel="Reconstruction options", help="Adam learning rate of the activation step sizes (LSQ), cosine to 0; 0 keeps the calibrated ranges.")] = ReconstructConfig.step_lr,
+    recon_drop: Annotated[float, typer.Option("--recon-drop", rich_help_panel="Reconstruction options", help="QDrop: chance each activation stays float while reconstructing (0: BRECQ, always quantised).")] = ReconstructConfig.drop,
+    recon_p: Annotated[float, typer.Option("--recon-p", rich_help_panel="Reconstruction options", help="The objective: |quantised - float block output|^p (2: squared error).")] = ReconstructConfig.p,
     out: Annotated[Optional[Path], typer.Option("--out", help="A run directory for the results (summary.json) and the quantised model (loads with --teacher DIR); smi runs lists it.", show_default=False)] = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
@@ -43,6 +50,8 @@ def quantize(
     Examples:
       smi quantize --teacher runs/teacher --calib runs/sparse \\
         --data fashion-mnist --scheme repq --w-bit 4 --a-bit 4 --out runs/w4a4
+      smi quantize --teacher runs/teacher --calib runs/sparse --data fashion-mnist \\
+        --scheme repq --w-bit 3 --a-bit 3 --reconstruct block --out runs/w3a3
       smi quantize --teacher runs/teacher --calib noise --data digits --json
     """
     from smi_cli.signals import stop_on_signals
@@ -56,7 +65,8 @@ def quantize(
     display = open_display(stderr, quiet, progress_every)
     job = QuantizeJob(model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), calib=calib,
                       data=data, quant=QuantConfig(w_bit, a_bit, calibrator, percentile, scheme), calib_size=calib_size,
-                      batch_size=batch_size, limit=limit or None, seed=seed)
+                      batch_size=batch_size, limit=limit or None, seed=seed, sparse_calib=sparse_calib,
+                      reconstruct=ReconstructConfig(reconstruct, recon_iters, recon_lr, recon_step_lr, recon_drop, recon_p))
     control = RunControl(RunDir(out) if out is not None else None)
     try:
         with stop_on_signals(control, stderr, "stopping after this batch; nothing is saved"), display:
@@ -67,6 +77,11 @@ def quantize(
     if json_output:
         print_json(result)
     elif not quiet:
+        recon = result.get("reconstruction")
+        if recon is not None:
+            stderr.print(f"reconstructed {len(recon['units'])} units in {recon['seconds']:.1f} s: output error "
+                         f"{_total(recon, 'nearest_error'):.4g} rounded to nearest, {_total(recon, 'learned_error'):.4g} learned",
+                         soft_wrap=True)
         typer.echo(
             f"{result['model']} W{w_bit}A{a_bit} ({result['scheme']} scheme, {result['calibrator']}, calibrated on {result['calib']}, {result['calib_images']} images): "
             f"top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%  |  fp32 top-1 {result['fp32_top1']:.2f}% "
@@ -75,6 +90,10 @@ def quantize(
         if out is not None:
             stderr.print(f"results and the quantised model in {markup_safe(out)} (load it with --teacher {markup_safe(out)})",
                          soft_wrap=True)
+
+
+def _total(reconstruction: dict, key: str) -> float:
+    return sum(unit[key] for unit in reconstruction["units"])
 
 
 def register(app: typer.Typer) -> None:

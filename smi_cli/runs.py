@@ -137,7 +137,8 @@ def _schedule(state: RunState, summary: dict) -> str | None:
         sparse = state.schedule not in ("", "dense")
         return f"{state.schedule} ({state.selection})" if sparse and state.selection else (state.schedule or None)
     if state.kind == "quantize" and summary:
-        return f"{summary['scheme']} W{summary['w_bit']}A{summary['a_bit']}"
+        reconstructed = " +block" if summary.get("reconstruct") == "block" else ""
+        return f"{summary['scheme']} W{summary['w_bit']}A{summary['a_bit']}{reconstructed}"
     return None
 
 

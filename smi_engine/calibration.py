@@ -1,8 +1,10 @@
 """Where calibration (and distillation) images come from: ``--calib RUN_DIR | noise | real:SPEC``.
 
 Synthetic pools are fed the way they were made: to a ViT with the same patch grid as sparse
-tokens (stopped patches dropped); to any other model with stopped patches blanked to the
-normaliser's zero. Images are converted from the pool's normalisation to the model's.
+tokens (stopped patches dropped; images keeping different numbers of patches, as Patch
+Rebirth's, run in groups of equal count); to any other model, or with ``sparse="blanked"``, as
+whole images with stopped patches at the normaliser's zero. Images are converted from the
+pool's normalisation to the model's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.errors import SmiError
 from smi_engine.models import ModelSpec, Normalizer
 from smi_engine.pool import Pool, blank_stopped, load_pool
+from smi_engine.quantization.names import check_sparse_feed
 from smi_engine.rundir import RunDir
 from smi_engine.sparse_vit import SparseViT
 
@@ -27,6 +30,14 @@ class Batch:
     images: torch.Tensor  # (B, C, H, W) in the model's normalised space
     keep: torch.Tensor | None  # (B, rows, cols) for sparse images, else None
     labels: torch.Tensor | None = None
+
+    def by_kept_count(self) -> list["Batch"]:
+        """This batch split into batches whose images keep the same number of patches."""
+        if self.keep is None:
+            return [self]
+        counts = self.keep.flatten(1).sum(1)
+        return [Batch(self.images[rows], self.keep[rows], None if self.labels is None else self.labels[rows])
+                for rows in (torch.nonzero(counts == c).squeeze(1) for c in counts.unique())]
 
 
 def pool_normalizer(run_dir: Path) -> Normalizer:
@@ -44,10 +55,13 @@ class ModelFeeder:
     patches as tokens; any other model gets stopped patches blanked to the normaliser's zero.
     """
 
-    def __init__(self, model: nn.Module, normalizer: Normalizer):
+    def __init__(self, model: nn.Module, normalizer: Normalizer, sparse: str = "tokens"):
+        check_sparse_feed(sparse)
         self.model, self.normalizer = model, normalizer
         self.model_input = ModelInput.for_model(model, normalizer)
         self.masked, self.grid = None, None
+        if sparse == "blanked":
+            return
         if hasattr(model, "forward_masked"):
             self.masked, self.grid = model.forward_masked, model.grid
         else:
@@ -71,7 +85,16 @@ class ModelFeeder:
             images, keep = blank_stopped(images, keep), None
         if source != self.normalizer or not self.fits(images):
             images = self.model_input(source.denormalize(images).clamp(0, 1))
-        return self.masked(images, keep) if keep is not None else self.model(images)
+        return self._masked(images, keep) if keep is not None else self.model(images)
+
+    def _masked(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        counts = keep.flatten(1).sum(1)
+        if bool((counts == counts[0]).all()):
+            return self.masked(images, keep)
+        order = torch.argsort(counts, stable=True)
+        groups = torch.unique_consecutive(counts[order], return_counts=True)[1].tolist()
+        logits = torch.cat([self.masked(images[rows], keep[rows]) for rows in order.split(groups)])
+        return logits[torch.argsort(order)]
 
 
 def calibration_batches(source: str, size: int, batch_size: int, model_input: ModelInput, generator: torch.Generator) -> tuple[Iterator[Batch], Normalizer, str]:

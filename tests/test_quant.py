@@ -12,7 +12,7 @@ from smi_engine.invert import InversionConfig
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
 from smi_engine.quantization.job import QuantizeJob, run_quantization
-from smi_engine.quantization.matmul import QuantAttention, QuantLinear
+from smi_engine.quantization.layers import QuantAttention, QuantLinear
 from smi_engine.quantization.quantizers import ActivationQuantizer, quantize_activation, quantize_weight
 
 from .conftest import smi

@@ -12,7 +12,7 @@ from smi_engine.models import ModelSpec, load_model
 from smi_engine.plugins import get_registry
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
 from smi_engine.quantization.job import QuantizeJob, run_quantization
-from smi_engine.quantization.matmul import QuantLinear
+from smi_engine.quantization.layers import QuantLinear
 from smi_engine.quantization.quantizers import LogQuantizer, quantize_activation, quantize_log_sqrt2
 from smi_engine.quantization.repq import _post_norm_pairs, fold_channel_ranges
 from smi_engine.quantization.seed import SeedBlockQuantizers

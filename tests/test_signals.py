@@ -41,12 +41,14 @@ def test_a_scheduler_or_a_dropped_ssh_session_stops_an_inversion_with_its_checkp
     assert [e["event"] for e in read_events(out)][-1] == "run_interrupted"
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigterm", "watch-stop"])
-def test_quantize_stops_when_asked_and_says_so(tmp_path, digits_teacher, how):
+@pytest.mark.parametrize("how, phase", [("sigint", "eval"), ("sigterm", "eval"), ("watch-stop", "eval"),
+                                        ("sigint", "reconstruct")])
+def test_quantize_stops_when_asked_and_says_so(tmp_path, digits_teacher, how, phase):
     out = tmp_path / "q"
+    reconstruct = ["--reconstruct", "block", "--recon-iters", "100000"] if phase == "reconstruct" else []
     proc = _start(["quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits", "--calib-size", "8",
-                   "--batch-size", "1", "--device", "cpu"], out,
-                  lambda events: any(e["event"] == "progress" and e["phase"].startswith("eval") for e in events))
+                   "--batch-size", "1", "--device", "cpu", *reconstruct], out,
+                  lambda events: any(e["event"] == "progress" and e["phase"].startswith(phase) for e in events))
     if how == "watch-stop":
         told = smi("watch", out, "--stop")
         assert told.returncode == 0 and "asked" in told.stdout, told.stderr
@@ -55,7 +57,7 @@ def test_quantize_stops_when_asked_and_says_so(tmp_path, digits_teacher, how):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     lines = [line for line in stderr.splitlines() if line.strip() and "stopping after" not in line]
-    assert len(lines) == 1 and "stopped while eval" in lines[0] and f"delete {out}" in lines[0], stderr
+    assert len(lines) == 1 and f"stopped while {phase}" in lines[0] and f"delete {out}" in lines[0], stderr
     kinds = [e["event"] for e in read_events(out)]
     assert kinds[-1] == "run_interrupted" and "run_end" not in kinds and not (out / "summary.json").exists()
     listed = json.loads(smi("runs", out, "--json", check=True).stdout)

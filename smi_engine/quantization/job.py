@@ -3,8 +3,10 @@ images, then measure the fake-quantised model against the full-precision one on 
 
 With an output folder the job is a run directory like any other (``config.json``,
 ``events.jsonl``, ``summary.json`` with the results) that also holds the quantised model, so
-``--teacher DIR`` loads it. Events: ``run_start``, ``progress`` (phase, done, total images),
-``calibrated``, ``quantized``, ``run_end``.
+``--teacher DIR`` loads it. Events: ``run_start``, ``progress`` (phase, done, total: images
+while calibrating and evaluating, iterations with the loss while reconstructing a unit),
+``calibrated``, ``reconstructed`` (each unit's error rounded to nearest and as learned),
+``quantized``, ``run_end``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from smi_engine.events import EventBus
 from smi_engine.files import check_writable
 from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
 from smi_engine.rundir import RunDir
+from smi_engine.quantization.layers import round_weights
+from smi_engine.quantization.names import ReconstructConfig, check_sparse_feed
+from smi_engine.quantization.reconstruct import reconstruct
+from smi_engine.quantization.scheme import QuantConfig, fix_ranges, quantize_model
 from smi_engine.session import RunSession
-from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model
 
 RUN_KIND = "quantize"
 
@@ -42,9 +47,13 @@ class QuantizeJob:
     batch_size: int = 64
     limit: int | None = None  # evaluate at most this many validation images
     seed: int = 0
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    sparse_calib: str = "tokens"  # how sparse pool images reach the model: tokens | blanked
 
     def validate(self) -> None:
         self.quant.validate()
+        self.reconstruct.validate()
+        check_sparse_feed(self.sparse_calib)
         at_least("--calib-size", self.calib_size, 1, 32)
         at_least("--batch-size", self.batch_size, 1, 64)
         if self.limit is not None:
@@ -53,18 +62,22 @@ class QuantizeJob:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "calib": self.calib, "data": self.data, "quant": self.quant.to_dict(),
-                "calib_size": self.calib_size, "batch_size": self.batch_size, "limit": self.limit, "seed": self.seed}
+                "calib_size": self.calib_size, "batch_size": self.batch_size, "limit": self.limit, "seed": self.seed,
+                "reconstruct": self.reconstruct.to_dict(), "sparse_calib": self.sparse_calib}
 
 
 def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: EventBus | None = None,
               control: RunControl | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A calibrated fake-quantised copy of the model, and what it was calibrated on."""
+    """A calibrated fake-quantised copy of the model (reconstructed with ``job.reconstruct``),
+    and what it was calibrated on."""
     bus = bus or EventBus()
     report = _reporter(bus, control)
+    started = time.perf_counter()
     qmodel = quantize_model(loaded.model, job.quant).to(device)
-    feeder = ModelFeeder(qmodel, loaded.normalizer)
+    feeder = ModelFeeder(qmodel, loaded.normalizer, job.sparse_calib)
     generator = torch.Generator().manual_seed(job.seed)
     batches, source, label = calibration_batches(job.calib, job.calib_size, job.batch_size, feeder.model_input, generator)
+    batches = list(batches)  # reconstruction feeds them again
     seen, kept = 0, []
     with torch.no_grad():
         for batch in batches:
@@ -74,16 +87,27 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: 
             feeder(batch, source)
             seen += len(batch.images)
             report("calibrate", seen, max(job.calib_size, seen))
-    finish_calibration(qmodel, job.quant)
-    return qmodel, {"calib": label, "calib_images": seen, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0}
+    fix_ranges(qmodel, job.quant)
+    info = {"calib": label, "calib_images": seen, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0,
+            "sparse_calib": job.sparse_calib, "reconstruct": job.reconstruct.mode}
+    bus.emit("calibrated", **info, seconds=time.perf_counter() - started)
+    if job.reconstruct.enabled:
+        started = time.perf_counter()
+        units = reconstruct(qmodel, batches, loaded.normalizer, source, job.reconstruct, job.seed, report, job.sparse_calib)
+        info["reconstruction"] = {"units": [u.to_dict() for u in units], "seconds": time.perf_counter() - started}
+        bus.emit("reconstructed", **info["reconstruction"])
+    else:
+        round_weights(qmodel)
+    return qmodel, info
 
 
-def _reporter(bus: EventBus, control: RunControl | None) -> Callable[[str, int, int], None]:
-    """Emits ``progress``; between batches is where a requested stop (Ctrl-C, ``smi watch --stop``) ends the job."""
-    def report(phase: str, done: int, total: int) -> None:
-        bus.emit("progress", phase=phase, done=done, total=total)
+def _reporter(bus: EventBus, control: RunControl | None) -> Callable[..., None]:
+    """Emits ``progress``; between batches (and reconstruction steps) is where a requested stop
+    (Ctrl-C, ``smi watch --stop``) ends the job."""
+    def report(phase: str, done: int, total: int, **fields: Any) -> None:
+        bus.emit("progress", phase=phase, done=done, total=total, **fields)
         if control is not None and control.should_stop():
-            raise RunInterrupted(f"stopped while {phase} ({done}/{total} images)", -1, -1)
+            raise RunInterrupted(f"stopped while {phase} ({done}/{total})", -1, -1)
     return report
 
 
@@ -116,7 +140,6 @@ def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.devic
                       a_bit=job.quant.a_bit, calib=job.calib, data=job.data)
     started = time.perf_counter()
     qmodel, calibration = calibrate(loaded, job, device, bus, control)
-    bus.emit("calibrated", **calibration, seconds=time.perf_counter() - started)
     val = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), job.batch_size)
 
     report = _reporter(bus, control)

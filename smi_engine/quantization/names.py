@@ -1,6 +1,57 @@
-"""Names of the built-in calibrators and the default scheme (no torch: help texts read them)."""
+"""Names and settings of quantisation that the command line reads without importing torch:
+the built-in calibrators, the default scheme, how sparse images are fed, and reconstruction's
+configuration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from smi_engine.checks import at_least, number
+from smi_engine.errors import SmiError
 
 #: How an observer turns what it saw into a range. ``search`` is RepQ-ViT's: the clipping at the
 #: 99.9, 99.99 or 99.999th percentile with the least squared quantisation error.
 CALIBRATORS = ("minmax", "percentile", "mse", "search")
 DEFAULT_SCHEME = "matmul"
+
+#: How sparse pool images reach a model: the kept patches as tokens, or whole images with the
+#: stopped patches at the normaliser's zero (the seed's way).
+SPARSE_FEEDS = ("tokens", "blanked")
+RECONSTRUCT_MODES = ("none", "block")
+
+
+def check_sparse_feed(sparse: str) -> None:
+    if sparse not in SPARSE_FEEDS:
+        raise SmiError(f"--sparse-calib {sparse!r} is not one of {', '.join(SPARSE_FEEDS)}: "
+                       "tokens feeds the kept patches, blanked the whole image with stopped patches at zero")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Block reconstruction (``smi_engine.quantization.reconstruct``); ``none`` keeps the
+    calibrated ranges and rounds weights to nearest."""
+
+    mode: str = "none"  # none | block
+    iterations: int = 500  # per unit
+    rounding_lr: float = 1e-2
+    step_lr: float = 4e-4
+    drop: float = 0.5
+    p: float = 2.0
+
+    def validate(self) -> None:
+        if self.mode not in RECONSTRUCT_MODES:
+            raise SmiError(f"--reconstruct {self.mode!r} is not one of {', '.join(RECONSTRUCT_MODES)}: "
+                           "use block to learn each block's rounding and step sizes, none for ranges only")
+        at_least("--recon-iters", self.iterations, 1, 500)
+        number("--recon-lr", self.rounding_lr, 1e-2, low=0, low_open=True, high=1)
+        number("--recon-step-lr", self.step_lr, 4e-4, low=0, high=1)
+        number("--recon-drop", self.drop, 0.5, low=0, high=1, high_open=True)
+        number("--recon-p", self.p, 2.0, low=1, high=4)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

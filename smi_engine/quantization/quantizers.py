@@ -5,7 +5,9 @@ levels ``[-2^(b-1), 2^(b-1) - 1]``, as PSAQ-ViT and the seed) or asymmetric with
 clipping (RepQ-ViT). Activations are quantised per tensor, uniformly and asymmetrically
 (``scale = (high - low) / (2^b - 1)`` with a rounded zero point), or in the log-sqrt(2) domain
 for softmax probabilities (RepQ-ViT). Observers see float activations while calibrating and
-fix their range when calibration finishes; from then on they quantise.
+fix their range when calibration finishes; from then on they quantise. Block reconstruction
+(``smi_engine.quantization.reconstruct``) then learns an observer's step size (LSQ) and a
+layer's weight rounding (AdaRound) on the same grids.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ def quantize_activation(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, 
     return ((x / scale + zero_point).round().clamp(0, 2**bits - 1) - zero_point) * scale
 
 
+def quantize_learned_step(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``quantize_activation`` with a learnable step size: rounding passes gradients straight
+    through (LSQ), so the step learns from the values inside the range and the clipped ones."""
+    step = step.clamp_min(torch.finfo(step.dtype).eps)
+    scaled = x / step
+    levels = (scaled + (scaled.round() - scaled).detach() + zero).clamp(0, 2**bits - 1)
+    return (levels - zero) * step
+
+
 def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
     """Log-sqrt(2) fake quantisation of non-negative values (softmax probabilities, RepQ-ViT):
     level ``q = round(-2 log2(x / delta))`` in ``0 .. 2^b - 1`` stands for ``delta * 2^(-q/2)``;
@@ -73,7 +84,13 @@ class ActivationQuantizer(nn.Module):
     ``per_channel`` observers (the inputs RepQ-ViT reparameterises) also find one range per
     channel of the last dimension (``channel_low``/``channel_high``); the scheme folds those into
     the neighbouring layers and leaves this quantiser a per-tensor range.
+
+    For block reconstruction a quantiser can pass values through in float (``bypass``: the float
+    reference), leave each value in float with probability ``drop`` (QDrop), and learn its step
+    size with the zero point held (``learn_step``/``fix_step``).
     """
+
+    learns_step = True
 
     def __init__(self, bits: int, calibrator: str = "minmax", percentile: float = 99.99, per_channel: bool = False):
         super().__init__()
@@ -81,16 +98,25 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("low", torch.zeros(()))
         self.register_buffer("high", torch.zeros(()))
         self.calibrating = True
+        self.bypass, self.drop = False, 0.0
+        self._step: torch.Tensor | None = None  # a learned step size, a plain leaf: never in the state dict
         self.channel_low = self.channel_high = None
         self._samples: list[torch.Tensor] = []
         self._generator = torch.Generator().manual_seed(0)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self._step is not None:
+            return quantize_learned_step(x, self._step, self._zero, self.bits)
         return quantize_activation(x, self.low, self.high, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if not self.calibrating:
-            return self.quantize(x)
+            quantized = self.quantize(x)
+            if self.drop > 0:
+                quantized = torch.where(torch.rand_like(x) < self.drop, x, quantized)
+            return quantized
         # A running min/max over every value seen (the seed's rule), whatever the calibrator.
         low, high = x.detach().min(), x.detach().max()
         self.low.copy_(torch.minimum(self.low, low) if self._samples else low)
@@ -118,6 +144,20 @@ class ActivationQuantizer(nn.Module):
             self.high.fill_(high)
         self._samples = []
         self.calibrating = False
+
+    def learn_step(self) -> torch.Tensor:
+        """Start learning the step size of the fixed range (its zero point held); returns it."""
+        scale, self._zero = zero_point_levels(self.low, self.high, self.bits)
+        self._step = scale.detach().clone().requires_grad_(True)
+        return self._step
+
+    @torch.no_grad()
+    def fix_step(self) -> None:
+        """Make the learned step size this quantiser's range and stop learning it."""
+        step = self._step.clamp_min(torch.finfo(self._step.dtype).eps)
+        self.low.copy_(-self._zero * step)
+        self.high.copy_((2**self.bits - 1 - self._zero) * step)
+        self._step = None
 
     @property
     def fits_range(self) -> bool:
@@ -162,6 +202,7 @@ class LogQuantizer(ActivationQuantizer):
     value of level 0, searched among the 99.9/99.99/99.999th percentiles and the maximum."""
 
     fits_range = True
+    learns_step = False  # its delta stays as searched
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_log_sqrt2(x, self.high, self.bits)
@@ -183,3 +224,56 @@ def zero_point_levels(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple
     levels = 2**bits - 1
     scale = ((high - low) / levels).clamp_min(torch.finfo(low.dtype).eps)
     return scale, (-(low / scale).round()).clamp(0, levels)
+
+
+class WeightGrid:
+    """The per-output-channel levels a weight is quantised to: ``(q - zero) * scale`` for integer
+    ``q`` in ``[low_level, high_level]``; symmetric (zero 0, as ``quantize_weight``) or asymmetric
+    with searched clipping (as ``quantize_weight_searched``)."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, searched: bool):
+        shape = (-1, *([1] * (weight.dim() - 1)))
+        rows = weight.detach().flatten(1)
+        if searched:
+            scale, zero = zero_point_levels(*searched_ranges(rows, bits, dim=1), bits)
+            self.low_level, self.high_level = 0, 2**bits - 1
+        else:
+            scale = (rows.abs().amax(dim=1) / ((2**bits - 1) / 2)).clamp_min(torch.finfo(weight.dtype).eps)
+            zero = torch.zeros_like(scale)
+            self.low_level, self.high_level = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.scale, self.zero = scale.view(shape), zero.view(shape)
+
+    def value(self, below: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The weight at level ``below + up`` (``up`` in [0, 1]: soft while learning)."""
+        levels = (below + up + self.zero).clamp(self.low_level, self.high_level)
+        return (levels - self.zero) * self.scale
+
+
+class LearnedRounding(nn.Module):
+    """AdaRound (Nagel et al., 2020): each weight rounds down or up, chosen by a learned
+    rectified sigmoid ``h(alpha)`` that starts at the weight's exact fractional level; a
+    regulariser pushes every ``h`` to 0 or 1, and the final weight takes ``alpha >= 0`` as up."""
+
+    ZETA, GAMMA = 1.1, -0.1  # the stretch of the sigmoid beyond [0, 1], as in the paper
+
+    def __init__(self, weight: torch.Tensor, grid: WeightGrid):
+        super().__init__()
+        self.grid = grid
+        scaled = weight.detach() / grid.scale
+        self.below = scaled.floor()
+        rest = scaled - self.below
+        self.alpha = nn.Parameter(-torch.log((self.ZETA - self.GAMMA) / (rest - self.GAMMA) - 1))
+
+    def up(self) -> torch.Tensor:
+        return (torch.sigmoid(self.alpha) * (self.ZETA - self.GAMMA) + self.GAMMA).clamp(0, 1)
+
+    def soft_weight(self) -> torch.Tensor:
+        return self.grid.value(self.below, self.up())
+
+    @torch.no_grad()
+    def hard_weight(self) -> torch.Tensor:
+        return self.grid.value(self.below, (self.alpha >= 0).to(self.below.dtype))
+
+    def regulariser(self, sharpness: float) -> torch.Tensor:
+        """Zero when every ``h`` is 0 or 1; ``sharpness`` (beta) anneals from flat to steep."""
+        return (1 - (2 * self.up() - 1).abs().pow(sharpness)).sum()

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from smi_engine.quantization.matmul import (
-    QuantAttention, QuantLinear, finish_quantizers, quantize_weights, swap_attention, swap_linear_layers,
+from smi_engine.quantization.layers import (
+    QuantAttention, QuantLinear, finish_quantizers, swap_attention, swap_linear_layers,
 )
 from smi_engine.quantization.quantizers import ActivationQuantizer, LogQuantizer, zero_point_levels
 from smi_engine.quantization.scheme import QuantConfig
@@ -86,4 +86,3 @@ class RepQScheme:
         finish_quantizers(qmodel)
         for norm, linear in _post_norm_pairs(qmodel):
             fold_channel_ranges(norm, linear)
-        quantize_weights(qmodel)

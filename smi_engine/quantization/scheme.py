@@ -3,10 +3,13 @@
 A scheme is registered through the ``register_quant_schemes`` hook (the built-ins ``matmul``,
 ``seed`` and ``repq`` too) as an object with ``description``, ``default_calibrator``,
 ``build(model, config)`` returning a fake-quantised copy ready to calibrate, and
-``finish(qmodel, config)`` fixing its ranges (and whatever else it does) once the calibration
-images have been fed. A built model quantises its weights per output channel and answers
-``forward(images)``; one that handles sparse images itself also has ``forward_masked(images,
-keep)``.
+``finish(qmodel, config)`` fixing its activation ranges (and whatever else it does, such as
+RepQ-ViT's fold) once the calibration images have been fed. Weights are not rounded by the
+scheme: the built model's ``QuantLinear`` layers hold float weights until the job rounds them,
+to nearest or as block reconstruction learns. A built model answers ``forward(images)``; one
+that handles sparse images itself also has ``forward_masked(images, keep)``; one that is not
+laid out as timm's ViT names its reconstruction units (``reconstruction_units()``, see
+``smi_engine.quantization.reconstruct``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from smi_engine.checks import number
 from smi_engine.errors import SmiError
+from smi_engine.quantization.layers import round_weights
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
 from smi_engine.quantization.quantizers import ActivationQuantizer, validate_bits
 
@@ -76,10 +80,18 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def finish_calibration(qmodel: nn.Module, config: QuantConfig) -> None:
-    """Fix every activation range (and whatever else the scheme does after calibration)."""
+def fix_ranges(qmodel: nn.Module, config: QuantConfig) -> None:
+    """Fix every activation range (and whatever else the scheme does after calibration); the
+    weights stay float."""
     config = config.resolved()
     get_scheme(config.scheme).finish(qmodel, config)
+
+
+@torch.no_grad()
+def finish_calibration(qmodel: nn.Module, config: QuantConfig) -> None:
+    """Fix every activation range and round every weight to nearest: the model is quantised."""
+    fix_ranges(qmodel, config)
+    round_weights(qmodel)
 
 
 def quantizers(qmodel: nn.Module) -> list[ActivationQuantizer]:

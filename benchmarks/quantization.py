@@ -1,0 +1,138 @@
+"""Quantisation benchmark on Fashion-MNIST: every scheme, with and without block reconstruction,
+at low bit widths, calibrated on noise, the dense pool, the smi pool (as tokens and blanked), a
+Patch Rebirth pool and real images.
+
+    python benchmarks/quantization.py [--out benchmarks/results/fashion-mnist] [--seeds 0 1 2]
+        [--schemes matmul seed repq] [--bits 4:4 3:3 4:3] [--sources noise dense smi smi-blanked pri real]
+        [--recon-iters 500] [--limit 10000]
+
+The teacher and the pools are quality.py's (same folder, same commands: a step whose output
+exists is reused, so the two benchmarks share them). Each cell is one in-process run equal to
+`smi quantize --scheme S --w-bit W --a-bit A --calib C --calib-size 64 --seed SEED
+[--reconstruct block] [--sparse-calib blanked]`, top-1 on the first --limit test images;
+the wall time of calibration (and reconstruction) is recorded per cell. Writes
+quantization.json and quantization.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import BATCH, MODEL_ARGS, SELECTIONS, run, summary  # noqa: E402  (the shared teacher and pools)
+
+POOL_SOURCES = {"dense": ["--schedule", "dense", "--batch-size", str(BATCH)],
+                "smi": ["--schedule", SELECTIONS["smi"][1], "--selection", *SELECTIONS["smi"][0],
+                        "--batch-size", str(SELECTIONS["smi"][2])],
+                "pri": ["--schedule", SELECTIONS["pri-v4"][1], "--selection", *SELECTIONS["pri-v4"][0],
+                        "--batch-size", str(SELECTIONS["pri-v4"][2])]}
+POOL_FOLDERS = {"dense": "dense", "smi": "smi", "pri": "pri-v4"}
+SOURCES = ("noise", "dense", "smi", "smi-blanked", "pri", "real")
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fashion-mnist")
+    parser.add_argument("--fashion", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--schemes", nargs="+", default=["matmul", "seed", "repq"])
+    parser.add_argument("--bits", nargs="+", default=["4:4", "3:3", "4:3"], help="W:A pairs")
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--recon-iters", type=int, default=500)
+    parser.add_argument("--limit", type=int, default=10000, help="test images evaluated per cell")
+    parser.add_argument("--iterations", type=int, default=400, help="inversion iterations of the pools")
+    parser.add_argument("--batches", type=int, default=4)
+    opts = parser.parse_args()
+    out, data, device = opts.out, f"fashion-mnist:{opts.fashion}", ["--device", opts.device]
+    commands: list[dict] = []
+    teacher = out / "teacher"
+    run(commands, ["teacher", "train", "--model", "vit_tiny_patch16_224", "--model-args", MODEL_ARGS, "--mean", "0.286",
+                   "--std", "0.353", "--batch-size", "128", "--lr", "2e-3", "--shift", "0.1", "--quiet", *device,
+                   "--data", data, "--epochs", "5", "--out", str(teacher)], "teacher", teacher / "summary.json")
+    invert = ["invert", "--teacher", str(teacher), "--lr", "0.1", "--loss-option", "deepinversion.tv_l2=3e-3",
+              "--checkpoint-every", "0", "--quiet", "--iterations", str(opts.iterations), "--batches", str(opts.batches),
+              *device]
+    results: dict = {"cells": {}, "commands": commands}
+    for seed in opts.seeds:
+        folder = out / f"seed-{seed}"
+        for source in {s.removesuffix("-blanked") for s in opts.sources} & set(POOL_SOURCES):
+            target = folder / POOL_FOLDERS[source]
+            run(commands, invert + POOL_SOURCES[source] + ["--seed", str(seed), "--out", str(target)],
+                f"invert-{source}-{seed}", target / "summary.json")
+        results["cells"].update(_cells(folder, teacher, data, seed, opts))
+    (out / "quantization.json").write_text(json.dumps(results, indent=2))
+    table = _table(results["cells"], opts)
+    (out / "quantization.md").write_text(table)
+    print(table)
+    return results
+
+
+def _cells(folder: Path, teacher: Path, data: str, seed: int, opts) -> dict:
+    from smi_engine.data import ModelInput, load_data, loader
+    from smi_engine.device import resolve_device
+    from smi_engine.evaluate import evaluate
+    from smi_engine.models import ModelSpec, load_model
+    from smi_engine.quantization import QuantConfig
+    from smi_engine.quantization.job import QuantizeJob, calibrate
+    from smi_engine.quantization.names import ReconstructConfig
+
+    cache = folder / "quantization-cells.json"
+    cells = json.loads(cache.read_text()) if cache.exists() else {}
+    device = resolve_device(opts.device)
+    loaded = load_model(ModelSpec.from_dir(teacher), device)
+    val = list(loader(load_data(data).val, ModelInput.for_model(loaded.model, loaded.normalizer), 500))
+    cells.setdefault(f"{seed}/fp32", evaluate(loaded.model, val, device, opts.limit)["top1"])
+    for scheme in opts.schemes:
+        for bits in opts.bits:
+            w, a = map(int, bits.split(":"))
+            for source in opts.sources:
+                calib = {"noise": "noise", "real": f"real:{data}"}.get(source)
+                calib = calib or str(folder / POOL_FOLDERS[source.removesuffix("-blanked")])
+                for mode in ("none", "block"):
+                    key = f"{seed}/{scheme}/W{w}A{a}/{source}/{mode}"
+                    if key in cells:
+                        continue
+                    started = time.perf_counter()
+                    job = QuantizeJob(loaded.spec, calib, data, QuantConfig(w, a, scheme=scheme), calib_size=BATCH, seed=seed,
+                                      reconstruct=ReconstructConfig(mode, opts.recon_iters),
+                                      sparse_calib="blanked" if source.endswith("-blanked") else "tokens")
+                    qmodel, _ = calibrate(loaded, job, device)
+                    seconds = time.perf_counter() - started
+                    cells[key] = {"top1": evaluate(qmodel, val, device, opts.limit)["top1"], "seconds": seconds}
+                    print(f"{key}: {cells[key]['top1']:.2f}% (calibration {seconds:.1f} s)", flush=True)
+                    cache.write_text(json.dumps(cells, indent=2))
+    return cells
+
+
+def _table(cells: dict, opts) -> str:
+    def values(suffix: str) -> list[float]:
+        return [cells[f"{s}/{suffix}"]["top1"] for s in opts.seeds if f"{s}/{suffix}" in cells]
+
+    def cell(suffix: str) -> str:
+        v = values(suffix)
+        return "" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}"
+
+    fp32 = [cells[f"{s}/fp32"] for s in opts.seeds]
+    lines = [f"fp32 top-1 {statistics.mean(fp32):.2f} % (first {opts.limit} test images), seeds {opts.seeds}, "
+             f"reconstruction {opts.recon_iters} iterations per unit", "",
+             "| scheme | W/A | reconstruct | " + " | ".join(opts.sources) + " | seconds (smi pool) |",
+             "|---|---|---|" + "---:|" * (len(opts.sources) + 1)]
+    for scheme in opts.schemes:
+        for bits in opts.bits:
+            w, a = bits.split(":")
+            for mode in ("none", "block"):
+                times = [cells[k]["seconds"] for s in opts.seeds if (k := f"{s}/{scheme}/W{w}A{a}/smi/{mode}") in cells]
+                row = [cell(f"{scheme}/W{w}A{a}/{source}/{mode}") for source in opts.sources]
+                seconds = f"{statistics.mean(times):.1f}" if times else ""
+                lines.append(f"| {scheme} | W{w}A{a} | {mode} | " + " | ".join(row) + f" | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
