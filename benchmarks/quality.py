@@ -80,12 +80,18 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def main() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The options every Fashion-MNIST benchmark shares (its results folder, data, device, seeds)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fashion-mnist")
     parser.add_argument("--fashion", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    return parser
+
+
+def main() -> dict:
+    parser = base_parser(__doc__)
     parser.add_argument("--teacher-epochs", type=int, default=5)
     parser.add_argument("--student-epochs", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=400)

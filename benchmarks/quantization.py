@@ -16,7 +16,6 @@ quantization.json and quantization.md in --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import BATCH, MODEL_ARGS, SELECTIONS, run, summary  # noqa: E402  (the shared teacher and pools)
+from quality import BATCH, MODEL_ARGS, SELECTIONS, base_parser, run  # noqa: E402  (the shared teacher and pools)
 
 POOL_SOURCES = {"dense": ["--schedule", "dense", "--batch-size", str(BATCH)],
                 "smi": ["--schedule", SELECTIONS["smi"][1], "--selection", *SELECTIONS["smi"][0],
@@ -36,11 +35,7 @@ SOURCES = ("noise", "dense", "smi", "smi-blanked", "pri", "real")
 
 
 def main() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fashion-mnist")
-    parser.add_argument("--fashion", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = base_parser(__doc__)
     parser.add_argument("--schemes", nargs="+", default=["matmul", "seed", "repq"])
     parser.add_argument("--bits", nargs="+", default=["4:4", "3:3", "4:3"], help="W:A pairs")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
