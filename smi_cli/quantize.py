@@ -50,8 +50,9 @@ def quantize(
     Examples:
       smi quantize --teacher runs/teacher --calib runs/sparse \\
         --data fashion-mnist --scheme repq --w-bit 4 --a-bit 4 --out runs/w4a4
-      smi quantize --teacher runs/teacher --calib runs/sparse --data fashion-mnist \\
-        --scheme repq --w-bit 3 --a-bit 3 --reconstruct block --out runs/w3a3
+      smi quantize --teacher runs/teacher --calib runs/sparse \\
+        --data fashion-mnist --scheme repq --w-bit 3 --a-bit 3 \\
+        --reconstruct block --out runs/w3a3
       smi quantize --teacher runs/teacher --calib noise --data digits --json
     """
     from smi_cli.signals import stop_on_signals
