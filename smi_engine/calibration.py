@@ -35,9 +35,14 @@ class Batch:
         """This batch split into batches whose images keep the same number of patches."""
         if self.keep is None:
             return [self]
-        counts = self.keep.flatten(1).sum(1)
         return [Batch(self.images[rows], self.keep[rows], None if self.labels is None else self.labels[rows])
-                for rows in (torch.nonzero(counts == c).squeeze(1) for c in counts.unique())]
+                for rows in kept_count_groups(self.keep)]
+
+
+def kept_count_groups(keep: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of a (B, rows, cols) keep mask grouped by how many patches they keep, fewest first."""
+    counts = keep.flatten(1).sum(1)
+    return [torch.nonzero(counts == c).squeeze(1) for c in counts.unique()]
 
 
 def pool_normalizer(run_dir: Path) -> Normalizer:
@@ -88,13 +93,11 @@ class ModelFeeder:
         return self._masked(images, keep) if keep is not None else self.model(images)
 
     def _masked(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        counts = keep.flatten(1).sum(1)
-        if bool((counts == counts[0]).all()):
+        groups = kept_count_groups(keep)
+        if len(groups) == 1:
             return self.masked(images, keep)
-        order = torch.argsort(counts, stable=True)
-        groups = torch.unique_consecutive(counts[order], return_counts=True)[1].tolist()
-        logits = torch.cat([self.masked(images[rows], keep[rows]) for rows in order.split(groups)])
-        return logits[torch.argsort(order)]
+        logits = torch.cat([self.masked(images[rows], keep[rows]) for rows in groups])
+        return logits[torch.argsort(torch.cat(groups))]
 
 
 def calibration_batches(source: str, size: int, batch_size: int, model_input: ModelInput, generator: torch.Generator) -> tuple[Iterator[Batch], Normalizer, str]:
