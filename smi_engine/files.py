@@ -76,6 +76,21 @@ def ensure_folder(path: str | Path) -> Path:
     return path
 
 
+def own_folder(path: str | Path) -> bool:
+    """Whether a run's own sub-folder (``pool/``, ``previews/``) is there: False when nothing
+    is, True for a real folder; a link (even to a folder) or another kind of file is refused."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(mode):
+        raise _refuse(path, "a symbolic link")
+    if not stat.S_ISDIR(mode):
+        raise _refuse(path, "not a folder")
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces the target.

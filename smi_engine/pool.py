@@ -22,7 +22,7 @@ from safetensors.torch import load, save_file
 from torch.utils.data import Dataset
 
 from smi_engine.errors import SmiError
-from smi_engine.files import atomic_path, open_regular
+from smi_engine.files import atomic_path, open_regular, own_folder
 from smi_engine.patches import PatchGrid
 
 SHARD_PATTERN = re.compile(r"^batch-(\d+)-r(\d+)\.safetensors$")
@@ -50,7 +50,7 @@ def write_shard(pool_dir: Path, batch: int, rank: int, pool: "Pool", metadata: d
 def shard_batches(pool_dir: Path) -> dict[int, Path]:
     """Batch index -> shard path, for every finished shard in a pool folder."""
     found = {}
-    if pool_dir.is_dir():
+    if own_folder(pool_dir):
         for path in pool_dir.iterdir():
             match = SHARD_PATTERN.match(path.name)
             if match:
@@ -81,7 +81,7 @@ class Pool:
 def load_pool(run_dir: str | Path) -> Pool:
     """Every shard of an inverted run directory (or of a bare pool folder), in batch order."""
     run_dir = Path(run_dir)
-    pool_dir = run_dir / "pool" if (run_dir / "pool").is_dir() else run_dir
+    pool_dir = run_dir / "pool" if own_folder(run_dir / "pool") else run_dir
     shards = shard_batches(pool_dir)
     if not shards:
         raise SmiError(f"{run_dir} holds no synthetic images (no pool/*.safetensors): run `smi invert --out {run_dir}` first")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,20 @@ def tiny_checkpoint(tmp_path) -> Path:
     path = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+def control_characters(text: str) -> list[str]:
+    """Characters in ``text`` that a terminal would act on rather than show (newlines aside)."""
+    return [c for c in text if not c.isprintable() and c not in "\n"]
+
+
+def hostile_value(rng: random.Random, depth: int = 0):
+    """A random value of the kinds that broke readers: NaN and huge numbers, wrong types, and
+    text with escapes, markup, bidi overrides and newlines, nested up to three levels."""
+    choices = [lambda: rng.choice([float("nan"), float("inf"), -1, 0, 2**40, 1e308, True, None]),
+               lambda: "".join(rng.choice(["\x1b", "[", "]", "/", "a", "\x07", "\u202e", "\n", "é", "[red]"])
+                               for _ in range(rng.randint(0, 12)))]
+    if depth < 3:
+        choices += [lambda: [hostile_value(rng, depth + 1) for _ in range(rng.randint(0, 4))],
+                    lambda: {str(hostile_value(rng, 3)): hostile_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}]
+    return rng.choice(choices)()

@@ -421,3 +421,43 @@ def test_the_dashboard_survives_hostile_events_appended_to_a_run(recorded):
         assert not app._exception
 
     run_app(Dashboard([recorded], ["invert"]), steps)
+
+
+@pytest.mark.parametrize("seed, kind, size", [(0, "invert", SIZE), (1, "invert", (80, 24)), (2, "distill", SIZE),
+                                              (3, "teacher", (80, 24)), (4, "invert", (60, 20))])
+def test_every_panel_renders_hostile_events_without_control_characters(recorded, tmp_path, seed, kind, size):
+    """Property test at the rendering level: real events of a run, each copied with some fields
+    replaced by hostile values (NaN, huge numbers, wrong types, escapes, markup, bidi overrides),
+    are appended to its log; every panel on screen then renders, and no control character
+    reaches what it draws, its title or its subtitle."""
+    import random
+
+    from smi_cli.dashboard.state import OPTIONAL, REQUIRED
+    from smi_cli.dashboard.widgets import Panel
+
+    from .conftest import control_characters, hostile_value
+
+    rng = random.Random(seed)
+    run = recorded if kind == "invert" else _training_run(tmp_path / kind, kind)
+    events = read_events(run / "events.jsonl")
+    known = sorted({name for schema in (REQUIRED, OPTIONAL) for fields in schema.values() for name in fields})
+    mutated = []
+    for _ in range(150):
+        event = dict(rng.choice(events))
+        for field in rng.sample(sorted(event) + known, k=rng.randint(1, 3)):  # its own fields, or any reader's
+            if field != "event" or rng.random() < 0.2:
+                event[field] = hostile_value(rng)
+        mutated.append(event)
+    with open(run / "events.jsonl", "a") as handle:
+        handle.writelines(json.dumps(e) + "\n" for e in mutated)
+
+    async def steps(app, pilot):
+        await pilot.pause(0.5)
+        panels = list(app.query(Panel))
+        assert {type(p).__name__ for p in panels} >= {"RunHeader", "LossChart", "Throughput"}
+        for panel in panels:
+            shown = plain(panel) + str(panel.border_title or "") + str(panel.border_subtitle or "")
+            assert control_characters(shown) == [] and "Traceback" not in shown, type(panel).__name__
+        assert not app._exception
+
+    run_app(Dashboard([run], [kind]), steps, size=size)

@@ -102,6 +102,26 @@ def test_pool_and_previews_that_are_links_receive_nothing(tmp_path, name):
     assert sorted(p.name for p in elsewhere.iterdir()) == before
 
 
+@pytest.mark.parametrize("command", ["export", "quantize"])
+def test_a_pool_that_is_a_link_is_not_read(tmp_path, command):
+    """A run whose pool/ links to another run's pool (someone else's images, or a folder being
+    written) is refused by every reader of pools, not calibrated or exported from."""
+    other, run = tmp_path / "other", tmp_path / "run"
+    assert smi(*INVERT, "--out", other, timeout=120).returncode == 0
+    assert smi(*INVERT, "--out", run, timeout=120).returncode == 0
+    for shard in (run / "pool").iterdir():
+        shard.unlink()
+    (run / "pool").rmdir()
+    (run / "pool").symlink_to(other / "pool", target_is_directory=True)
+    if command == "export":
+        proc = smi("export", run, "--to", tmp_path / "images", timeout=120)
+    else:
+        proc = smi("quantize", *INVERT[1:9], "--calib", run, "--data", "digits", "--limit", "8", "--device", "cpu",
+                   "--quiet", timeout=120)
+    assert_one_line_error(proc, "pool is a symbolic link")
+    assert not (tmp_path / "images").exists()
+
+
 def test_the_event_follower_skips_a_log_that_is_a_fifo_or_a_link(tmp_path, outside):
     fifo = tmp_path / "events.jsonl"
     os.mkfifo(fifo)

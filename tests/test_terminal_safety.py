@@ -8,15 +8,11 @@ import pytest
 from smi_cli.console import markup_safe, plain
 from smi_cli.dashboard.state import RunState
 
-from .conftest import TINY_MODEL_ARGS, smi
+from .conftest import TINY_MODEL_ARGS, control_characters, hostile_value, smi
 
 HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1b[6n[bold red]x[/] a[/]c \u202eevil\r\n"
 INVERT = ("invert", "--model", "vit_tiny_patch16_224", "--model-args", TINY_MODEL_ARGS, "--mean", "0.5", "--std", "0.5",
           "--iterations", "2", "--batch-size", "2", "--schedule", "1:0.5", "--device", "cpu")
-
-
-def _controls(text: str) -> list[str]:
-    return [c for c in text if not c.isprintable() and c not in "\n"]
 
 
 def test_plain_writes_every_control_character_as_its_escape():
@@ -53,18 +49,8 @@ def test_hostile_text_in_a_runs_files_never_reaches_the_terminal(tmp_path):
     for flags, columns in (((), "200"), ((), "40"), (("--quiet",), "200")):
         listed = smi("runs", tmp_path, *flags, env={"COLUMNS": columns})
         assert listed.returncode == 0, listed.stderr
-        assert _controls(listed.stdout) == [] and _controls(listed.stderr) == []
+        assert control_characters(listed.stdout) == [] and control_characters(listed.stderr) == []
         assert "\\x1b" in listed.stdout  # shown, as its escape
-
-
-def _random_value(rng: random.Random, depth: int = 0):
-    choices = [lambda: rng.choice([float("nan"), float("inf"), -1, 0, 2**40, 1e308, True, None]),
-               lambda: "".join(rng.choice(["\x1b", "[", "]", "/", "a", "\x07", "\u202e", "\n", "é", "[red]"])
-                               for _ in range(rng.randint(0, 12)))]
-    if depth < 3:
-        choices += [lambda: [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))],
-                    lambda: {str(_random_value(rng, 3)): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}]
-    return rng.choice(choices)()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -78,11 +64,11 @@ def test_random_and_adversarial_events_never_raise_nor_leave_control_characters(
               "images", "images_per_trajectory", "gpu", "rss_mb", "pid", "host", "time", "world_size"]
     state = RunState()
     for _ in range(400):
-        event = {"event": rng.choice(kinds), **{rng.choice(fields): _random_value(rng) for _ in range(rng.randint(0, 8))}}
+        event = {"event": rng.choice(kinds), **{rng.choice(fields): hostile_value(rng) for _ in range(rng.randint(0, 8))}}
         state.apply(event)
     texts = [state.model, state.device, state.schedule, state.selection, state.error or "", state.interrupted or "",
              state.preview or "", *state.losses.series]
-    assert all(isinstance(t, str) and _controls(t) == [] for t in texts)
+    assert all(isinstance(t, str) and control_characters(t) == [] for t in texts)
     # every derived figure still computes
     state.eta_seconds, state.images_per_second, state.seconds_per_iteration, state.flops_fraction, state.status
 

@@ -19,19 +19,38 @@ from smi_engine.schedule import CostModel, block_flops
 SPEED_SMOOTHING = 0.2  # weight of the newest iteration in the throughput averages
 
 _NUMBER = (int, float)
-#: The fields each event's handler reads, with their types: an event that lacks one, or holds
-#: the wrong type, is counted as damaged and skipped whole (the state never half-applies it).
-FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "run_start_invert": {"schedule": str, "stops": list, "iterations": int, "batches": int, "batch_size": int,
-                         "grid": list, "num_patches": int, "prefix_tokens": int, "width": int},
-    "batch_start": {"batch": int},
-    "batch_resumed": {"batch": int, "iteration": int},
-    "iteration": {"batch": int, "iteration": int, "kept": int, "tokens": int, "seconds": _NUMBER,
-                  "tokens_per_s": _NUMBER, "losses": dict},
-    "stop": {"batch": int, "kept": int, "kept_indices": list},
-    "preview": {"path": str},
-    "epoch_end": {"epoch": int, "epochs": int, "val_top1": _NUMBER},
-    "train_step": {"epoch": int, "step": int, "loss": _NUMBER},
+_TEXT, _COUNT, _LIST, _OBJECT = str, int, list, dict
+#: The fields each event's handler reads, with their types: an event that lacks a required one,
+#: or holds any of them with the wrong type or out of bounds, is counted as damaged and skipped
+#: whole (the state never half-applies it). Counts are non-negative ints; numbers are finite.
+REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "run_start_invert": {"schedule": _TEXT, "stops": _LIST, "iterations": _COUNT, "batches": _COUNT,
+                         "batch_size": _COUNT, "grid": _LIST, "num_patches": _COUNT, "prefix_tokens": _COUNT,
+                         "width": _COUNT},
+    "batch_start": {"batch": _COUNT},
+    "batch_resumed": {"batch": _COUNT, "iteration": _COUNT},
+    "iteration": {"batch": _COUNT, "iteration": _COUNT, "kept": _COUNT, "tokens": _COUNT, "seconds": _NUMBER,
+                  "tokens_per_s": _NUMBER, "losses": _OBJECT},
+    "stop": {"batch": _COUNT, "kept": _COUNT, "kept_indices": _LIST},
+    "preview": {"path": _TEXT},
+    "epoch_end": {"epoch": _COUNT, "epochs": _COUNT, "val_top1": _NUMBER},
+    "train_step": {"epoch": _COUNT, "step": _COUNT, "loss": _NUMBER},
+}
+_STARTED = {"kind": _TEXT, "model": _TEXT, "student": _TEXT, "teacher": _TEXT, "device": _TEXT, "host": _TEXT,
+            "pid": _COUNT, "model_has_weights": bool}
+OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "run_start_invert": {**_STARTED, "selection": _TEXT, "world_size": _COUNT, "images_per_trajectory": _COUNT,
+                         "kept_per_stage": _LIST},
+    "run_start": {**_STARTED, "epochs": _COUNT, "total_steps": _COUNT},
+    "batch_start": {"iterations": _COUNT, "num_patches": _COUNT, "kept_per_stage": _LIST, "stop_iterations": _LIST,
+                    "prefix_tokens": _COUNT, "width": _COUNT},
+    "iteration": {"rss_mb": _NUMBER, "cuda_peak_mb": _NUMBER, "gpu": _OBJECT},
+    "train_step": {"epochs": _COUNT, "done_steps": _COUNT, "total_steps": _COUNT, "steps": _COUNT, "gpu": _OBJECT},
+    "epoch_end": {"kt_loss": _NUMBER, "train_loss": _NUMBER},
+    "batch_end": {"images": _COUNT},
+    "run_end": {"summary": _OBJECT},
+    "run_error": {"message": _TEXT},
+    "run_interrupted": {"message": _TEXT},
 }
 #: How each status is coloured, in the dashboard header and in `smi runs`.
 STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
@@ -48,23 +67,41 @@ def well_formed(event: dict[str, Any]) -> bool:
     if not isinstance(kind, str):
         return False
     if kind in ("run_start", "run_resumed"):
-        if not isinstance(event.get("kind", "invert"), str):
+        run_kind = _given(event, "kind", "invert")
+        if not isinstance(run_kind, str):
             return False
-        if event.get("kind", "invert") == "invert":
-            kind = "run_start_invert"
-    for name, types in FIELDS.get(kind, {}).items():
-        value = event.get(name)
-        if not isinstance(value, types) or isinstance(value, bool):
-            return False
-        if isinstance(value, _NUMBER) and not (finite_number(value) and (value >= 0 or not isinstance(value, int))):
-            return False
+        kind = "run_start_invert" if run_kind == "invert" else "run_start"
+    required, optional = REQUIRED.get(kind, {}), {"rank": _COUNT, "time": _NUMBER, **OPTIONAL.get(kind, {})}
+    if not all(name in event for name in required):
+        return False
+    if not all(_typed(event[name], types) for fields in (required, optional) for name, types in fields.items()
+               if name in event and (event[name] is not None or name in required)):
+        return False
     if kind == "run_start_invert" and not _plan_bounded(event):
+        return False
+    if kind == "batch_start" and not (all(_counts(event.get(k) or []) for k in ("kept_per_stage", "stop_iterations"))
+                                      and (event.get("num_patches") or 0) <= MAX_GRID_SIDE**2):
         return False
     if kind == "iteration" and not (len(event["losses"]) <= 64 and all(finite_number(v) for v in event["losses"].values())):
         return False
-    if kind == "stop" and not _index_rows(event["kept_indices"]):
+    return kind != "stop" or _index_rows(event["kept_indices"])
+
+
+def _typed(value: Any, types: type | tuple[type, ...]) -> bool:
+    """A field's value has its type; a bool is no number, a count is no float and never
+    negative, and every number is finite and bounded."""
+    if types is bool:
+        return isinstance(value, bool)
+    if not isinstance(value, types) or isinstance(value, bool):
         return False
-    return event.get("time") is None or finite_number(event["time"])
+    if isinstance(value, _NUMBER):
+        return finite_number(value) and (value >= 0 or types is _NUMBER)
+    return not isinstance(value, (str, list, dict)) or len(value) <= MAX_ITEMS
+
+
+def _counts(values: list) -> bool:
+    return len(values) <= 4097 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ITEMS
+                                       for v in values)
 
 
 def finite_number(value: Any) -> bool:
@@ -77,7 +114,8 @@ def _plan_bounded(e: dict[str, Any]) -> bool:
     return (len(grid) == 2 and all(isinstance(v, int) and 1 <= v <= MAX_GRID_SIDE for v in grid)
             and e["num_patches"] == grid[0] * grid[1] and e["batches"] <= MAX_BATCHES and e["batch_size"] <= MAX_ITEMS
             and len(stops) <= 4096 and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], int)
-                                           and finite_number(s[1]) for s in stops))
+                                           and finite_number(s[1]) for s in stops)
+            and _counts(e.get("kept_per_stage") or []))
 
 
 def _index_rows(rows: Any) -> bool:
@@ -109,14 +147,11 @@ def _gpu(value: Any, default: Any) -> Any:
     return default
 
 
-def _text(value: Any, default: Any) -> Any:
-    """A string from an event, or ``default`` where the event has another type."""
-    return value if isinstance(value, str) else default
-
-
-def _count(value: Any, default: Any) -> Any:
-    """A count from an event, or ``default`` where the event has none or a damaged one."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else default
+def _given(e: dict, key: str, default: Any) -> Any:
+    """An optional field of an event (already type-checked by ``well_formed``), or ``default``
+    where the event leaves it out or says null."""
+    value = e.get(key)
+    return default if value is None else value
 
 
 @dataclass
@@ -209,30 +244,30 @@ class RunState:
         if handler is not None:
             try:
                 handler(event)
-            except (KeyError, TypeError, ValueError, IndexError):  # a shape FIELDS does not describe
-                self.damaged += 1
+            except (KeyError, TypeError, ValueError, IndexError):  # a shape REQUIRED does not describe
+                self.events, self.damaged = self.events - 1, self.damaged + 1
 
     def _on_run_start(self, e: dict) -> None:
-        self.kind = _text(e.get("kind"), self.kind)
-        self.model = _text(e.get("model"), "") or _text(e.get("student"), "") or self.model
-        self.device = _text(e.get("device"), self.device)
+        self.kind = _given(e, "kind", self.kind)
+        self.model = _given(e, "model", "") or _given(e, "student", "") or self.model
+        self.device = _given(e, "device", self.device)
         if e.get("rank", 0) == 0:  # the process that holds the run's lock
-            self.pid, self.host = _count(e.get("pid"), None), _text(e.get("host"), None)
-        self.model_has_weights = e.get("model_has_weights", True)
+            self.pid, self.host = e.get("pid"), e.get("host")
+        self.model_has_weights = _given(e, "model_has_weights", True)
         if self.kind == "invert":
             self.schedule, self.stops = e["schedule"], [tuple(s) for s in e["stops"]]
-            self.selection = _text(e.get("selection"), "")
+            self.selection = _given(e, "selection", "")
             self.iterations, self.batches, self.batch_size = e["iterations"], e["batches"], e["batch_size"]
             self.grid, self.num_patches = tuple(e["grid"]), e["num_patches"]
             self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
-            self.world_size = max(_count(e.get("world_size"), 1), 1)
-            self.images_per_trajectory = _count(e.get("images_per_trajectory"), 1)
+            self.world_size = max(_given(e, "world_size", 1), 1)
+            self.images_per_trajectory = _given(e, "images_per_trajectory", 1)
             self.kept = self.num_patches
             if isinstance(e.get("kept_per_stage"), list):
                 self.cost = CostModel.of([s[0] for s in self.stops], e["kept_per_stage"], self.prefix_tokens,
                                          self.width, self.iterations)
         else:
-            self.epochs = e.get("epochs", 0)
+            self.epochs = _given(e, "epochs", 0)
             self.total_steps = e.get("total_steps") or self.total_steps
             if self.kind == "distill":
                 self.model = f"{e.get('teacher')} -> {e.get('student')}"
@@ -242,8 +277,8 @@ class RunState:
 
     def _on_batch_start(self, e: dict) -> None:
         self.batch, self.iteration = e["batch"], -1
-        if "iterations" in e:  # batches made on demand (distill --synthesize) carry their own shape
-            self.iterations, self.num_patches = e["iterations"], e.get("num_patches", self.num_patches)
+        if e.get("iterations") is not None:  # batches made on demand (distill --synthesize) carry their own shape
+            self.iterations, self.num_patches = e["iterations"], _given(e, "num_patches", self.num_patches)
         if isinstance(e.get("kept_per_stage"), list):
             self.prefix_tokens, self.width = e["prefix_tokens"], e["width"]
             self.cost = CostModel.of(e["stop_iterations"], e["kept_per_stage"], self.prefix_tokens, self.width,
@@ -279,9 +314,9 @@ class RunState:
 
     def _on_train_step(self, e: dict) -> None:
         self.current_epoch = e["epoch"]
-        self.epochs = e.get("epochs", self.epochs)
-        self.done_steps = e.get("done_steps", self.done_steps + 1)
-        self.total_steps = e.get("total_steps") or self.total_steps or e.get("steps", 0) * self.epochs
+        self.epochs = _given(e, "epochs", self.epochs)
+        self.done_steps = _given(e, "done_steps", self.done_steps + 1)
+        self.total_steps = e.get("total_steps") or self.total_steps or _given(e, "steps", 0) * self.epochs
         self.train_loss.append(e["loss"])
         self.gpu = _gpu(e.get("gpu"), self.gpu)
 
@@ -294,24 +329,24 @@ class RunState:
 
     def _on_batch_end(self, e: dict) -> None:
         self.batches_done += 1
-        self.images_made += _count(e.get("images"), self.batch_size * self.images_per_trajectory)
+        self.images_made += _given(e, "images", self.batch_size * self.images_per_trajectory)
         self.open_batches.pop(e.get("rank", 0), None)
 
     def _on_epoch_end(self, e: dict) -> None:
         self.epoch, self.epochs = e["epoch"], e["epochs"]
         self.current_epoch = max(self.current_epoch, e["epoch"])
-        self.losses.add({k: e[k] for k in ("kt_loss", "train_loss") if k in e})
+        self.losses.add({k: e[k] for k in ("kt_loss", "train_loss") if e.get(k) is not None})
         self.val_epochs.append(e["epoch"] + 1)
         self.val_top1.append(e["val_top1"])
 
     def _on_run_end(self, e: dict) -> None:
-        self.finished, self.summary = True, e.get("summary", {})
+        self.finished, self.summary = True, _given(e, "summary", {})
 
     def _on_run_interrupted(self, e: dict) -> None:
-        self.interrupted = _text(e.get("message"), "interrupted")
+        self.interrupted = _given(e, "message", "interrupted")
 
     def _on_run_error(self, e: dict) -> None:
-        self.error = _text(e.get("message"), "failed")
+        self.error = _given(e, "message", "failed")
 
     # -- derived ------------------------------------------------------------------------------
     @property

@@ -99,19 +99,22 @@ class PatchRetention(Panel):
         text.append(f"{state.kept}/{state.num_patches}", "bold")
         text.append(f" patches kept ({100 * state.kept / max(state.num_patches, 1):.0f}%) in batch {state.batch + 1}/{state.batches}\n")
         text.append_text(self._timeline(state))
-        grids = state.keep or [list(range(state.num_patches))]
+        grids = state.keep or [range(state.num_patches)]
         fit = max(1, ((self.size.width or 60) + 2) // (cols + 2))
         shown = grids[: fit * max(1, ((self.size.height or 20) - 3) // (rows + 1))]
         # On the border, which no cut can hide: how many of the batch's images are drawn.
         self.border_subtitle = f"{len(shown)} of {len(grids)} images drawn" if len(shown) < len(grids) else ""
+        # Past what the panel can show, a grid is cut (a damaged log may claim any size up to the
+        # reader's bound): the drawing work stays that of one screen.
+        drawn_rows, drawn_cols = min(rows, self.size.height or 20), min(cols, self.size.width or 60)
         for start in range(0, len(shown), fit):
             text.append("\n")
-            sets = [set(g) for g in shown[start:start + fit]]
-            for r in range(rows):
+            sets = [g if isinstance(g, range) else set(g) for g in shown[start:start + fit]]
+            for r in range(drawn_rows):
                 for position, kept in enumerate(sets):
                     if position:
                         text.append("  ")
-                    for c in range(cols):
+                    for c in range(drawn_cols):
                         on = r * cols + c in kept
                         text.append(KEPT if on else STOPPED, "green" if on else "grey37")
                 text.append("\n")
