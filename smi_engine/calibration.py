@@ -18,10 +18,9 @@ from torch import nn
 
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.errors import SmiError
-from smi_engine.models import ModelSpec, Normalizer
+from smi_engine.models import Normalizer
 from smi_engine.pool import Pool, blank_stopped, load_pool
 from smi_engine.quantization.names import check_sparse_feed
-from smi_engine.rundir import RunDir
 from smi_engine.sparse_vit import SparseViT
 
 
@@ -43,13 +42,6 @@ def kept_count_groups(keep: torch.Tensor) -> list[torch.Tensor]:
     """The rows of a (B, rows, cols) keep mask grouped by how many patches they keep, fewest first."""
     counts = keep.flatten(1).sum(1)
     return [torch.nonzero(counts == c).squeeze(1) for c in counts.unique()]
-
-
-def pool_normalizer(run_dir: Path) -> Normalizer:
-    """The normalisation the pool's images are stored in (the teacher's)."""
-    config = RunDir(run_dir).read_config()
-    spec = ModelSpec.from_dict(config["config"]["model"])
-    return Normalizer(spec.mean, spec.std)
 
 
 class ModelFeeder:
@@ -100,8 +92,15 @@ class ModelFeeder:
         return logits[torch.argsort(torch.cat(groups))]
 
 
-def calibration_batches(source: str, size: int, batch_size: int, model_input: ModelInput, generator: torch.Generator) -> tuple[Iterator[Batch], Normalizer, str]:
-    """Batches of ``size`` calibration images, the normalisation they are in, and a label."""
+def calibration_batches(source: str | Pool, size: int, batch_size: int, model_input: ModelInput,
+                        generator: torch.Generator) -> tuple[Iterator[Batch], Normalizer, str]:
+    """Batches of ``size`` calibration images, the normalisation they are in, and a label.
+    ``source``: ``noise``, ``real:SPEC``, a run directory, or a pool in memory."""
+    if isinstance(source, Pool):
+        if source.normalizer is None:
+            raise SmiError("the calibration pool does not know the normalisation its images are stored in: set "
+                           "pool.normalizer to the teacher's")
+        return _chosen(source, size, batch_size, generator, "the pool"), source.normalizer, "pool in memory"
     if source == "noise":
         shape = (model_input.channels, model_input.height, model_input.width)
 
@@ -119,10 +118,17 @@ def calibration_batches(source: str, size: int, batch_size: int, model_input: Mo
     if not path.is_dir():
         raise SmiError(f"--calib {source!r} is neither noise, real:SPEC nor a run directory: invert one with `smi invert --out DIR`")
     pool = load_pool(path)
+    if pool.normalizer is None:
+        raise SmiError(f"{path} does not record the normalisation its images are stored in: pass a run directory made "
+                       "by smi invert")
+    return _chosen(pool, size, batch_size, generator, str(path)), pool.normalizer, str(path)
+
+
+def _chosen(pool: Pool, size: int, batch_size: int, generator: torch.Generator, name: str) -> Iterator[Batch]:
+    """``size`` images of the pool drawn at random, in batches."""
     if len(pool) < size:
-        raise SmiError(f"{path} holds {len(pool)} synthetic images but --calib-size is {size}: invert more batches or lower --calib-size")
-    chosen = torch.randperm(len(pool), generator=generator)[:size]
-    return _pool_batches(Pool(pool.images[chosen], pool.labels[chosen], pool.keep[chosen]), batch_size), pool_normalizer(path), str(path)
+        raise SmiError(f"{name} holds {len(pool)} synthetic images but --calib-size is {size}: invert more batches or lower --calib-size")
+    return _pool_batches(pool.select(torch.randperm(len(pool), generator=generator)[:size]), batch_size)
 
 
 def _pool_batches(pool: Pool, batch_size: int) -> Iterator[Batch]:

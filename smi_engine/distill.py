@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from smi_engine.calibration import Batch, ModelFeeder, pool_normalizer
+from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.data import ModelInput, load_data, loader
@@ -193,7 +193,7 @@ class _Synthesis:
             for p in trainable:
                 p.requires_grad_(True)
             self.student.train(mode)
-        made = result.pool()
+        made = result.pool(self.inverter.loaded.normalizer)
         write_shard(self.run_dir.pool, batch, self.placement.rank, made, {"batch": str(batch)})
         self.made += 1
         return made
@@ -210,7 +210,7 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
         raise SmiError(f"the teacher has {teacher.num_classes} classes but {config.data} has {splits.num_classes}")
     torch.manual_seed(config.seed)
     student = prepare_student(config.student, teacher.num_classes, config.linear_probe, device)
-    fixed = [(load_pool(p), pool_normalizer(Path(p))) for p in config.pools]
+    fixed = [_recorded_pool(p) for p in config.pools]
     run_dir = RunDir(Path(out))
     control = control or RunControl(run_dir)
     synthesis_config = None
@@ -232,19 +232,19 @@ class SyntheticData:
     pools (revealed ``grow`` images per round, or at once) followed by the batches made while
     training."""
 
-    def __init__(self, fixed: list[tuple[Pool, Normalizer]], target: Normalizer, grow: int | None):
-        converted = [_renormalized(pool, source, target) for pool, source in fixed]
-        self.pool = _concat(converted) if converted else None
+    def __init__(self, fixed: list[Pool], target: Normalizer, grow: int | None):
+        converted = [pool.renormalized(target) for pool in fixed]
+        self.pool = Pool.concat(converted) if converted else None
         self.grow, self.fixed_images = grow, sum(len(p) for p in converted)
 
     def add(self, pool: Pool) -> None:
-        self.pool = pool if self.pool is None else _concat([self.pool, pool])
+        self.pool = pool if self.pool is None else Pool.concat([self.pool, pool])
 
     def available(self, round_index: int) -> Pool:
         if self.grow is None:
             return self.pool
         n = self.revealed(round_index)
-        return Pool(self.pool.images[:n], self.pool.labels[:n], self.pool.keep[:n])
+        return self.pool.select(slice(0, n))
 
     def revealed(self, round_index: int) -> int:
         """Images of the fixed pools the student may see in this round."""
@@ -265,14 +265,12 @@ class SyntheticData:
         return total
 
 
-def _renormalized(pool: Pool, source: Normalizer, target: Normalizer) -> Pool:
-    if source == target:
-        return pool
-    return Pool(target.normalize(source.denormalize(pool.images)), pool.labels, pool.keep)
-
-
-def _concat(pools: list[Pool]) -> Pool:
-    return Pool(*(torch.cat([getattr(p, key) for p in pools]) for key in ("images", "labels", "keep")))
+def _recorded_pool(run_dir: str | Path) -> Pool:
+    pool = load_pool(run_dir)
+    if pool.normalizer is None:
+        raise SmiError(f"{run_dir} does not record the normalisation its images are stored in: pass a run directory "
+                       "made by smi invert")
+    return pool
 
 
 def _optimizer_and_schedule(config: DistillConfig, student: LoadedModel):

@@ -30,23 +30,11 @@ import torch
 from PIL import Image
 
 from smi_engine.errors import SmiError
-from smi_engine.models import ModelSpec, Normalizer
-from smi_engine.patches import PatchGrid
-from smi_engine.pool import Pool, load_pool
+from smi_engine.pool import Pool, load_pool, run_teacher
 from smi_engine.preview import unit_pixels
-from smi_engine.rundir import RunDir
 
 FORMATS = ("png", "npz")
 STOPPED = ("black", "transparent")
-
-
-def run_model(run_dir: Path) -> ModelSpec:
-    """The teacher whose normalisation a run's pool is stored in (inversions and distillations)."""
-    config = RunDir(run_dir).read_config().get("config", {})
-    spec = config.get("model") or config.get("teacher")
-    if not isinstance(spec, dict):
-        raise SmiError(f"{run_dir} does not record its teacher (config.json): export a run made by smi invert or distill")
-    return ModelSpec.from_dict(spec)
 
 
 def export_pool(run_dir: str | Path, to: str | Path, format: str = "png", stopped: str = "black") -> dict[str, Any]:
@@ -58,20 +46,21 @@ def export_pool(run_dir: str | Path, to: str | Path, format: str = "png", stoppe
         raise SmiError(f"unknown --stopped {stopped!r}: use {' or '.join(STOPPED)}")
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise SmiError(f"--to {to} already holds files: choose a new folder (nothing is ever overwritten)")
-    spec = run_model(run_dir)
-    if spec.mean is None or spec.std is None:
+    spec = run_teacher(run_dir)
+    if spec is None:
+        raise SmiError(f"{run_dir} does not record its teacher (config.json): export a run made by smi invert or distill")
+    pool = load_pool(run_dir)
+    if pool.normalizer is None:
         raise SmiError(f"{run_dir} does not record the normalisation its images are stored in (an older run): "
                        "invert again with this smi")
-    pool = load_pool(run_dir)
-    normalizer = Normalizer(spec.mean, spec.std)
-    pixels = export_pixels(pool, normalizer, transparent=stopped == "transparent")
+    pixels = export_pixels(pool, transparent=stopped == "transparent")
     to.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     try:
         if format == "png":
             files = _write_image_folder(staging, pool, pixels, spec.classes)
         else:
-            files = _write_npz(staging, pool, pixels, normalizer)
+            files = _write_npz(staging, pool, pixels)
         if to.exists():
             to.rmdir()  # empty, checked above
         os.replace(staging, to)
@@ -82,15 +71,13 @@ def export_pool(run_dir: str | Path, to: str | Path, format: str = "png", stoppe
             "files": files}
 
 
-def export_pixels(pool: Pool, normalizer: Normalizer, transparent: bool = False) -> np.ndarray:
+def export_pixels(pool: Pool, transparent: bool = False) -> np.ndarray:
     """(N, H, W, C) uint8: the images as pixels, patches outside each keep mask black, or with
     an alpha channel that hides them (C grows by one)."""
-    images = pool.images
-    _, c, h, w = images.shape
-    rows, cols = pool.keep.shape[1:]
-    inside = PatchGrid(c, h, w, h // rows, w // cols).pixel_mask(pool.keep)[:, :1].float()  # (N, 1, H, W)
-    pixels = unit_pixels(images, normalizer)
-    pixels = torch.cat([pixels, inside], dim=1) if transparent else pixels * inside
+    if transparent:
+        pixels = torch.cat([unit_pixels(pool.images, pool.normalizer), pool.pixel_mask().float().cpu()], dim=1)
+    else:
+        pixels = pool.pixels()
     return (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
@@ -122,9 +109,9 @@ def _at(values: torch.Tensor | None, index: int) -> int | str:
     return "" if values is None else int(values[index])
 
 
-def _write_npz(folder: Path, pool: Pool, pixels: np.ndarray, normalizer: Normalizer) -> int:
+def _write_npz(folder: Path, pool: Pool, pixels: np.ndarray) -> int:
     arrays = {"pixels": pixels, "images": pool.images.numpy(), "labels": pool.labels.numpy(), "keep": pool.keep.numpy(),
-              "mean": np.asarray(normalizer.mean, np.float32), "std": np.asarray(normalizer.std, np.float32)}
+              "mean": np.asarray(pool.normalizer.mean, np.float32), "std": np.asarray(pool.normalizer.std, np.float32)}
     for key in ("trajectory", "emitted_at"):
         if getattr(pool, key) is not None:
             arrays[key] = getattr(pool, key).numpy()

@@ -139,20 +139,9 @@ def run_inversion(config: InversionConfig | None, out: str | Path, **options: An
 def _run(config, session: RunSession, inverter: Inverter, device, resume: bool, checkpoint: dict[str, Any] | None):
     run_dir, bus, placement = session.run_dir, session.bus, session.placement
     started = time.perf_counter()
-    grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
     done = shard_batches(run_dir.pool)
     pending = [b for b in range(config.batches) if b not in done and placement.owns(b)]
-    session.start(
-        resumed=resume, model=config.model.name, model_has_weights=config.model.has_weights,
-        device=str(device), schedule=str(schedule), selection=str(config.selection),
-        stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
-        batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],
-        num_patches=grid.num_patches, prefix_tokens=vit.num_prefix_tokens, width=vit.width,
-        kept_per_stage=inverter.kept_per_stage, images_per_trajectory=inverter.images_per_trajectory,
-        patches_per_image=inverter.patches_per_image, losses=[s.name for s in config.losses],
-        pending_batches=pending,
-        speedup_bound=speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
-    )
+    session.start(resumed=resume, **inversion_plan(config, inverter, device), pending_batches=pending)
     if checkpoint is not None and checkpoint.get("batch") in done:  # saved just before its shard landed
         run_dir.clear_checkpoint(placement.rank)
         checkpoint = None
@@ -171,6 +160,22 @@ def _run(config, session: RunSession, inverter: Inverter, device, resume: bool, 
                "world_size": placement.world_size}
     session.end(summary)
     return summary
+
+
+def inversion_plan(config: InversionConfig, inverter: Inverter, device: torch.device) -> dict[str, Any]:
+    """What an inversion's ``run_start`` announces: the model, the schedule and the shape of
+    the work (what progress displays and the dashboard plan from)."""
+    grid, vit, schedule = inverter.grid, inverter.vit, inverter.schedule
+    return dict(
+        model=config.model.name, model_has_weights=config.model.has_weights,
+        device=str(device), schedule=str(schedule), selection=str(config.selection),
+        stops=[[s.iteration, s.ratio] for s in schedule.stops], iterations=config.iterations,
+        batches=config.batches, batch_size=config.batch_size, grid=[grid.rows, grid.cols],
+        num_patches=grid.num_patches, prefix_tokens=vit.num_prefix_tokens, width=vit.width,
+        kept_per_stage=inverter.kept_per_stage, images_per_trajectory=inverter.images_per_trajectory,
+        patches_per_image=inverter.patches_per_image, losses=[s.name for s in config.losses],
+        speedup_bound=speedup_bound(schedule, config.iterations, grid.num_patches, vit.num_prefix_tokens, vit.width),
+    )
 
 
 def _wait_for_shards(run_dir: RunDir, batches: int, poll: float = 1.0) -> None:

@@ -193,8 +193,9 @@ class BatchResult:
     stage_seconds: list[float]  # wall time spent in each schedule stage
     stage_iterations: list[int]
 
-    def pool(self) -> Pool:
-        return Pool(self.images, self.labels, self.keep, self.trajectory, self.emitted_at)
+    def pool(self, normalizer: Normalizer | None = None) -> Pool:
+        """The batch's images as a pool; ``normalizer``: the teacher's, which they are stored in."""
+        return Pool(self.images, self.labels, self.keep, self.trajectory, self.emitted_at, normalizer)
 
 
 def _adam(param: torch.Tensor, lr: float, betas) -> torch.optim.Adam:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,10 @@ from torch.utils.data import Dataset
 
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, open_regular, own_folder
+from smi_engine.models import ModelSpec, Normalizer
 from smi_engine.patches import PatchGrid
+from smi_engine.preview import unit_pixels
+from smi_engine.rundir import RunDir
 
 SHARD_PATTERN = re.compile(r"^batch-(\d+)-r(\d+)\.safetensors$")
 
@@ -64,11 +67,16 @@ OPTIONAL_FIELDS = ("trajectory", "emitted_at")
 
 @dataclass
 class Pool:
+    """Synthetic images with what each holds: ``images`` (N, C, H, W) float32 in the
+    ``normalizer``'s space (the teacher's, where known), ``labels`` (N,), ``keep`` (N, rows,
+    cols) bool, and where inverted, the ``trajectory`` and iteration (``emitted_at``) of each."""
+
     images: torch.Tensor
     labels: torch.Tensor
     keep: torch.Tensor
     trajectory: torch.Tensor | None = None
     emitted_at: torch.Tensor | None = None
+    normalizer: Normalizer | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -77,9 +85,56 @@ class Pool:
     def kept_fraction(self) -> float:
         return float(self.keep.float().mean()) if len(self) else 0.0
 
+    def pixels(self) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] on the CPU: the images as pictures (what previews and ``smi
+        export`` show), patches outside each keep mask black."""
+        if self.normalizer is None:
+            raise SmiError("this pool does not know the normalisation its images are stored in: set pool.normalizer "
+                           "to the teacher's (smi_engine.models.Normalizer(mean, std))")
+        return unit_pixels(self.images, self.normalizer) * self.pixel_mask().cpu()
+
+    def pixel_mask(self) -> torch.Tensor:
+        """(N, 1, H, W) bool: the pixels of each image's kept patches."""
+        return _pixel_mask(self.images, self.keep)
+
+    def select(self, rows: torch.Tensor) -> "Pool":
+        """The images at ``rows`` (indices or a bool mask), with their provenance."""
+        take = {key: getattr(self, key) for key in ("images", "labels", "keep", *OPTIONAL_FIELDS)}
+        return Pool(**{k: None if v is None else v[rows] for k, v in take.items()}, normalizer=self.normalizer)
+
+    def renormalized(self, target: Normalizer) -> "Pool":
+        """The same images stored in ``target``'s normalisation (another model's input)."""
+        if self.normalizer is None:
+            raise SmiError("this pool does not know the normalisation its images are stored in: set pool.normalizer")
+        if self.normalizer == target:
+            return self
+        images = target.normalize(self.normalizer.denormalize(self.images))
+        return replace(self, images=images, normalizer=target)
+
+    @staticmethod
+    def concat(pools: list["Pool"]) -> "Pool":
+        """One pool of several in one normalisation (provenance kept where every part has it)."""
+        if len({p.normalizer for p in pools}) > 1:
+            raise SmiError("pools stored in different normalisations cannot be joined: renormalise them first")
+        optional = {key: torch.cat([getattr(p, key) for p in pools]) if all(getattr(p, key) is not None for p in pools)
+                    else None for key in OPTIONAL_FIELDS}
+        return Pool(*(torch.cat([getattr(p, key) for p in pools]) for key in ("images", "labels", "keep")),
+                    **optional, normalizer=pools[0].normalizer)
+
+
+def run_teacher(run_dir: str | Path) -> ModelSpec | None:
+    """The teacher whose normalisation a run's pool is stored in (an inversion's model, a
+    distillation's teacher), or None for a bare pool folder or a run that does not record it."""
+    if not (Path(run_dir) / "config.json").is_file():
+        return None
+    config = RunDir(run_dir).read_config().get("config", {})
+    spec = config.get("model") or config.get("teacher") if isinstance(config, dict) else None
+    return ModelSpec.from_dict(spec) if isinstance(spec, dict) else None
+
 
 def load_pool(run_dir: str | Path) -> Pool:
-    """Every shard of an inverted run directory (or of a bare pool folder), in batch order."""
+    """Every shard of an inverted run directory (or of a bare pool folder), in batch order, with
+    the normalisation its images are stored in where the run records it."""
     run_dir = Path(run_dir)
     pool_dir = run_dir / "pool" if own_folder(run_dir / "pool") else run_dir
     shards = shard_batches(pool_dir)
@@ -94,13 +149,12 @@ def load_pool(run_dir: str | Path) -> Pool:
             raise SmiError(f"pool shard {path} is unreadable ({exc}): delete it and `smi invert --resume`") from None
         check_shard(path, part)
         parts.append(part)
+    teacher = run_teacher(run_dir) if pool_dir != run_dir else None
+    normalizer = Normalizer(teacher.mean, teacher.std) if teacher and teacher.mean and teacher.std else None
     try:
-        pool = Pool(*(torch.cat([p[key] for p in parts]) for key in ("images", "labels", "keep")))
-        for key in OPTIONAL_FIELDS:
-            if all(key in p for p in parts):
-                setattr(pool, key, torch.cat([p[key] for p in parts]))
-        return pool
-    except (KeyError, RuntimeError) as exc:
+        return Pool.concat([Pool(**{k: part.get(k) for k in ("images", "labels", "keep", *OPTIONAL_FIELDS)},
+                                 normalizer=normalizer) for part in parts])
+    except (KeyError, RuntimeError, TypeError) as exc:
         raise SmiError(f"pool shards in {pool_dir} do not belong together ({exc}): keep one run per folder") from None
 
 
@@ -134,11 +188,15 @@ def check_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def blank_stopped(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Stopped patches set to the normaliser's zero (the mean colour): for models that cannot
-    drop tokens. The patch size follows from the image and mask shapes."""
+    drop tokens."""
+    return images * _pixel_mask(images, keep).to(images.device, images.dtype)
+
+
+def _pixel_mask(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) bool: the pixels of kept patches; the patch size follows from the shapes."""
     _, c, h, w = images.shape
     rows, cols = keep.shape[1:]
-    grid = PatchGrid(c, h, w, h // rows, w // cols)
-    return images * grid.pixel_mask(keep.to(images.device)).to(images.dtype)
+    return PatchGrid(c, h, w, h // rows, w // cols).pixel_mask(keep.to(images.device))
 
 
 class PoolDataset(Dataset):
