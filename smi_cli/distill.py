@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
+from smi_cli.config_file import model_options, spec_options
 from smi_cli.console import fail, print_json, stderr
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
@@ -16,9 +17,35 @@ from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress,
 STUDENT, SYNTH, ROUNDS = "Student options", "Synthesis options (with --synthesize)", "Training rounds"
 
 
+def options_from_run(config: dict) -> dict:
+    """A distillation's config.json as ``smi distill`` options (the recipe is already resolved)."""
+    config = dict(config)
+    student, synthesis = config.pop("student"), config.pop("synthesize")
+    options = {**model_options(config.pop("teacher")), "pool": config.pop("pools"), "sink": config.pop("sinks"),
+               "limit": config.pop("limit") or 0, **{k: v for k, v in config.items() if v is not None}}
+    student_options = model_options(student)
+    if "teacher" in student_options:  # a model folder
+        options["student"] = student_options["teacher"]
+    else:
+        options.update(student=student_options["model"], student_args=student_options.get("model_args", {}),
+                       student_pretrained=student_options.get("pretrained", False))
+        options.update({"student_checkpoint": student_options["checkpoint"]} if "checkpoint" in student_options else {})
+    if synthesis is not None:
+        losses = synthesis["losses"]
+        options.update(synthesize=True, schedule=synthesis["schedule"], iterations=synthesis["iterations"],
+                       selection=synthesis["selection"]["name"], selection_option=spec_options([synthesis["selection"]]),
+                       synth_batch_size=synthesis["batch_size"], inversion_lr=synthesis["lr"],
+                       loss=[f"{spec['name']}:{spec['weight']}" for spec in losses], loss_option=spec_options(losses))
+    return options
+
+
+ConfigFile = o.config_option("distill", options_from_run)
+
+
 def distill(
     data: Annotated[str, typer.Option("--data", help="Real validation data, e.g. fashion-mnist.")],
     student: Annotated[str, typer.Option("--student", help="Student: a timm model name, or a model folder.", rich_help_panel=STUDENT)],
+    config_file: ConfigFile = None,
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
     recipe: Annotated[str, typer.Option(help="Named defaults: default, or seed (the seed's test_kt.py: linear probe, SGD 0.1 constant, T 20, 1,000 rounds of one synthesised batch of 100 and one step on 32 drawn images). Options given explicitly win.", rich_help_panel=ROUNDS)] = "default",

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
+from smi_cli.config_file import model_options, spec_options
 from smi_cli.console import fail, markup_safe, plain, print_json, show, stderr, stdout, warn
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, open_display
@@ -24,8 +25,25 @@ CONFIG_OPTIONS = (
 )
 
 
+def options_from_run(config: dict) -> dict:
+    """An inversion's config.json as ``smi invert`` options (``--config runs/x/config.json``)."""
+    config = dict(config)
+    if [float(b) for b in config.pop("betas", (0.5, 0.99))] != [0.5, 0.99]:
+        raise SmiError("this run set Adam's betas, which smi invert has no option for: repeat it with smi.invert() in Python")
+    config.pop("teacher_sha256", None)  # of the teacher as it is when the new run starts
+    losses, selection = config.pop("losses", []), config.pop("selection", {"name": "smi"})
+    model, sinks = config.pop("model"), config.pop("sinks", [])
+    return {**model_options(model), **config, "sink": sinks,
+            "loss": [f"{spec['name']}:{spec['weight']}" for spec in losses], "loss_option": spec_options(losses),
+            "selection": selection["name"], "selection_option": spec_options([selection])}
+
+
+ConfigFile = o.config_option("invert", options_from_run)
+
+
 def invert(
     ctx: typer.Context,
+    config_file: ConfigFile = None,
     model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None, teacher: o.Teacher = None,
     schedule: Annotated[str, typer.Option(help=f"'dense'; stops ITERATION:RATIO,... (ratio of the remaining patches), e.g. {SEED_SCHEDULE_TEXT}; or every:V (V equal shares at k*T/V: Patch Rebirth).", rich_help_panel=RUN)] = "dense",
@@ -81,8 +99,9 @@ def invert(
         if out is None:
             raise SmiError("--resume needs --out RUN_DIR: the run to continue")
         given = [n for n in CONFIG_OPTIONS if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
-        if given:
-            raise SmiError(f"--resume continues {out} exactly as configured in its config.json: drop --{given[0].replace('_', '-')}")
+        if given or config_file is not None:
+            flag = given[0].replace('_', '-') if given else "config"
+            raise SmiError(f"--resume continues {out} exactly as configured in its config.json: drop --{flag}")
         config = None
     else:
         specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])

@@ -6,13 +6,14 @@ Nothing here imports torch: ``smi --help`` and shell completion load every comma
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from smi_engine.errors import SmiError
 
 if TYPE_CHECKING:
+    from smi_cli.config_file import FromRun
     from smi_engine.models import ModelSpec
 
 # Help sections (smi_cli.help prints one per name; the rest go under "Options").
@@ -39,6 +40,16 @@ Selection = Annotated[str, typer.Option("--selection", help="Which patches leave
 SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.", rich_help_panel=RUN)]
 Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).", rich_help_panel=RUN)]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).", rich_help_panel=RUN)]
+
+
+def config_option(kind: str, from_run: "FromRun") -> Any:
+    """``--config FILE`` for a command that writes runs of ``kind`` (see ``smi_cli.config_file``)."""
+    from smi_cli.config_file import config_callback
+
+    return Annotated[Optional[Path], typer.Option(
+        "--config", metavar="FILE", is_eager=True, callback=config_callback(kind, from_run), show_default=False,
+        help="Options from a TOML file (KEY = VALUE, named as here) or from a run's config.json (same run again); "
+             "options given on the command line win.")]
 
 
 def model_spec(

@@ -8,15 +8,30 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
+from smi_cli.config_file import model_options
 from smi_cli.console import fail, markup_safe, print_json, stderr
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME, RECONSTRUCT_MODES, SPARSE_FEEDS, ReconstructConfig
 
 
+def options_from_run(config: dict) -> dict:
+    """A quantisation's config.json as ``smi quantize`` options."""
+    quant, recon = config.get("quant", {}), config.get("reconstruct", {})
+    renamed = {"iterations": "recon_iters", "rounding_lr": "recon_lr", "step_lr": "recon_step_lr", "drop": "recon_drop",
+               "p": "recon_p", "mode": "reconstruct"}
+    return {**model_options(config["model"]), **{k: v for k, v in quant.items() if v is not None},
+            **{renamed[k]: v for k, v in recon.items()}, "limit": config.get("limit") or 0,
+            **{k: config[k] for k in ("calib", "data", "calib_size", "batch_size", "seed", "sparse_calib") if k in config}}
+
+
+ConfigFile = o.config_option("quantize", options_from_run)
+
+
 def quantize(
     calib: Annotated[str, typer.Option("--calib", help="Calibration images: a run directory of `smi invert` (sparse images are fed as sparse tokens), noise, or real:SPEC.")],
     data: Annotated[str, typer.Option("--data", help="Real validation data for the accuracies, e.g. fashion-mnist or imagefolder:DIR.")],
+    config_file: ConfigFile = None,
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
     scheme: Annotated[str, typer.Option(help="Where and how to quantise: matmul (inputs of every matmul), seed (the seed's / PSAQ-ViT's positions), repq (RepQ-ViT), or a plugin's (see `smi plugins`).")] = DEFAULT_SCHEME,

@@ -8,17 +8,34 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
+from smi_cli.config_file import model_options
 from smi_cli.console import fail, markup_safe, print_json, stderr
 from smi_cli.help import command, new_app
 from smi_cli.progress import DEFAULT_EVERY, TrainingProgress, open_display
+from smi_engine.errors import SmiError
 
 app = new_app(help="Teacher models: train or fine-tune a classifier on real data.")
+
+
+def options_from_run(config: dict) -> dict:
+    """A teacher training's config.json as ``smi teacher train`` options."""
+    spec = dict(config["model"])
+    spec.pop("classes", None)  # they come from the data again
+    train = dict(config.get("train", {}))
+    if train.pop("warmup_epochs", 1.0) != 1.0:
+        raise SmiError("this run set warmup_epochs, which smi teacher train has no option for: set it in Python")
+    train.pop("limit", None)
+    return {**model_options(spec), **train, "data": config["data"], "limit": config.get("train", {}).get("limit") or 0}
+
+
+ConfigFile = o.config_option("teacher", options_from_run)
 
 
 @command(app, "train")
 def train(
     data: Annotated[str, typer.Option("--data", help="digits, fashion-mnist[:DIR], cifar10:ROOT, cifar100:ROOT or imagefolder:DIR.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for model.safetensors, smi-model.json and the training log.")],
+    config_file: ConfigFile = None,
     model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
