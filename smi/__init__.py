@@ -5,7 +5,7 @@ The stable surface for notebooks and scripts; what the command line does, on obj
     import smi, timm
     teacher = timm.create_model("deit_tiny_patch16_224", pretrained=True)
     pool = smi.invert(teacher, schedule="50:0.3,100:0.3,200:0.3,300:0.3", iterations=500)
-    quantized = smi.quantize(teacher, pool, scheme="repq", w_bits=4, a_bits=4)
+    quantized = smi.quantize(teacher, pool, scheme="repq", w_bit=4, a_bit=4)
     print(smi.evaluate(quantized, "imagenet:/data/imagenet", mean=pool.normalizer.mean, std=pool.normalizer.std))
 
 A model is an ``nn.Module`` (a timm ViT/DeiT for inversion) or the folder ``smi teacher

@@ -14,7 +14,7 @@ from torch import nn
 
 from smi_cli.progress import Display, InversionProgress, PhaseProgress, TerminalDisplay, TrainingProgress, open_display
 from smi_cli.runs import row
-from smi_engine.data import ModelInput, load_data, loader
+from smi_engine.data import ModelInput, check_fits, load_data, loader
 from smi_engine.device import resolve_device
 from smi_engine.distill import DistillConfig, run_distillation
 from smi_engine.errors import SmiError
@@ -137,17 +137,18 @@ def invert(
 
 def quantize(
     model: Model, calib: Pool | str, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-    scheme: str = "repq", w_bits: int = 4, a_bits: int = 4, reconstruct: bool | ReconstructConfig = False,
+    scheme: str = QuantConfig.scheme, w_bit: int = QuantConfig.w_bit, a_bit: int = QuantConfig.a_bit,
+    reconstruct: bool | ReconstructConfig = False,
     calib_size: int = 32, batch_size: int = 64, sparse_calib: str = "tokens", seed: int = 0,
     device: str | None = None, progress: bool = True,
 ) -> nn.Module:
     """A fake-quantised copy of ``model`` calibrated on ``calib`` (a pool, a run directory,
-    ``noise`` or ``real:SPEC``); ``reconstruct=True`` learns each block's rounding and step
+    ``noise`` or ``real:SPEC``), with the defaults of ``smi quantize``; ``reconstruct=True`` learns each block's rounding and step
     sizes (``ReconstructConfig`` for its settings). ``model`` is left as it was."""
     torch_device = _device(model, device)
     loaded = _loaded(model, mean, std, torch_device)
     recon = reconstruct if isinstance(reconstruct, ReconstructConfig) else ReconstructConfig("block" if reconstruct else "none")
-    job = QuantizeJob(model=loaded.spec, calib=calib, data="", quant=QuantConfig(w_bits, a_bits, scheme=scheme),
+    job = QuantizeJob(model=loaded.spec, calib=calib, data="", quant=QuantConfig(w_bit, a_bit, scheme=scheme),
                       calib_size=calib_size, batch_size=batch_size, seed=seed, reconstruct=recon, sparse_calib=sparse_calib)
     job.validate()
     job = replace(job, quant=job.quant.resolved())
@@ -166,9 +167,7 @@ def evaluate(
     torch_device = _device(model, device)
     loaded = _loaded(model, mean, std, torch_device)
     splits = load_data(data)
-    if splits.num_classes != loaded.num_classes:
-        raise SmiError(f"the model has {loaded.num_classes} classes but {data} has {splits.num_classes}: evaluate on "
-                       "the data it was trained for")
+    check_fits(loaded.spec.name, loaded.num_classes, loaded.spec.classes, splits, data)
     val = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), batch_size)
     with _display(progress) as display, _frozen(loaded.model):
         phases = PhaseProgress(display)

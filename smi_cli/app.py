@@ -13,7 +13,7 @@ from importlib.metadata import version
 import typer
 
 from smi_cli import bench, data, demo, distill, evaluate, export, invert, plugins, quantize, runs, task, teacher, watch
-from smi_cli.console import describe_failure, fail
+from smi_cli.console import describe_failure, fail, stopped
 from smi_cli.help import new_app
 from smi_engine.errors import SmiError
 
@@ -96,7 +96,7 @@ def main() -> None:
     except SmiError as exc:
         fail(rank + str(exc))
     except KeyboardInterrupt:
-        fail(rank + "interrupted", code=130)
+        stopped(rank + "interrupted")
     except Exception as exc:  # no traceback reaches the user: one line, and the traceback on request
         if os.environ.get("SMI_DEBUG"):
             raise

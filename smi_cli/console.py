@@ -51,6 +51,13 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def stopped(message: str) -> NoReturn:
+    """The exit for a stop the user asked for (Ctrl-C, SIGTERM, ``x``, ``smi watch --stop``):
+    not an error, one line saying where the work stands and how to go on, exit 130."""
+    stderr.print(f"[bold yellow]stopped:[/] {markup_safe(message)}", soft_wrap=True, markup=True)
+    raise SystemExit(130)
+
+
 def warn(message: str) -> None:
     stderr.print(f"[yellow]warning:[/] {markup_safe(message)}", soft_wrap=True, markup=True)
 
@@ -75,3 +82,12 @@ def describe_failure(exc: BaseException) -> tuple[str, int]:
         where = f" {exc.filename}" if exc.filename else ""
         return f"cannot use{where}: {exc.strerror or text}; check the path and its permissions", 2
     return f"unexpected {type(exc).__name__}: {text[:200]} (rerun with SMI_DEBUG=1 for the traceback, and please report it)", 1
+
+
+def no_terminal_reason() -> str | None:
+    """Why a full-screen app cannot run here (input or output is not a terminal: nohup, a
+    redirect, a pipe, ``</dev/null``), or None where it can."""
+    for name, stream in (("input", sys.stdin), ("output", sys.stdout)):
+        if stream is None or not stream.isatty():
+            return f"{name} is not a terminal"
+    return None

@@ -10,7 +10,7 @@ import typer
 
 from smi_cli import options as o
 from smi_cli.config_file import model_options, spec_options
-from smi_cli.console import fail, print_json, stderr
+from smi_cli.console import print_json, stderr, stopped
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
 
@@ -140,7 +140,7 @@ def distill(
         with stop_on_signals(control, stderr, "stopping after this step; the best student so far is kept"), display:
             summary = run_distillation(config, out, torch_device, sinks, control, placement)
     except RunInterrupted as exc:
-        fail(f"{exc}; the best student so far is in {out / 'student'}", code=130)
+        stopped(f"{exc}; the best student so far is in {out / 'student'}")
     finally:
         distributed.finish()
     if not placement.is_main:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import print_json, stderr
+from smi_cli.console import plain, print_json, stderr
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
 
@@ -31,7 +31,7 @@ def evaluate(
       smi eval --teacher runs/w4a4 --data fashion-mnist --limit 1000 --json
     """
     from smi_engine.checks import at_least
-    from smi_engine.data import ModelInput, load_data, loader
+    from smi_engine.data import ModelInput, check_fits, load_data, loader
     from smi_engine.device import resolve_device
     from smi_engine.evaluate import evaluate as run_evaluate
     from smi_engine.models import load_model
@@ -42,16 +42,20 @@ def evaluate(
     torch_device = resolve_device(device)
     loaded = load_model(o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), torch_device)
     splits = load_data(data)
+    check_fits(loaded.spec.name, loaded.num_classes, loaded.spec.classes, splits, data)
     batches = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), batch_size)
     phases = PhaseProgress(display)
     with display:
         metrics = run_evaluate(loaded.model, batches, torch_device, limit or None,
                                lambda done, total: phases.advance("eval", done, total))
-    result = {"model": loaded.spec.name, "data": data, **metrics}
+    quantization = loaded.spec.quantization
+    result = {"model": loaded.spec.name, "data": data, "quantization": quantization, **metrics}
     if json_output:
         print_json(result)
     elif not quiet:
-        typer.echo(f"{loaded.spec.name} on {data}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
+        name = loaded.spec.name + (f" ({quantization['scheme']} W{quantization['w_bit']}A{quantization['a_bit']}, fake-quantised)"
+                                   if quantization else "")
+        typer.echo(plain(f"{name} on {data}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)"))
 
 
 def register(app: typer.Typer) -> None:

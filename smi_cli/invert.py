@@ -9,7 +9,7 @@ import typer
 
 from smi_cli import options as o
 from smi_cli.config_file import model_options, spec_options
-from smi_cli.console import fail, markup_safe, plain, print_json, show, stderr, stdout, warn
+from smi_cli.console import markup_safe, no_terminal_reason, plain, print_json, show, stderr, stdout, stopped, warn
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, open_display
 from smi_engine.errors import SmiError
@@ -94,6 +94,9 @@ def invert(
     from smi_engine.rundir import RunDir
     from smi_engine.selection import SelectionSpec
 
+    if tui and (why := no_terminal_reason()):  # nohup, a redirect: a dashboard would write escapes to a log
+        warn(f"--tui needs a terminal ({why}): showing plain progress lines instead")
+        tui = False
     display = open_display(stderr, quiet or tui, progress_every)
     if resume:
         if out is None:
@@ -131,7 +134,7 @@ def invert(
                 with display:
                     summary = run.run()
     except RunInterrupted as exc:
-        fail(f"{exc}; continue with: smi invert --resume --out {out}", code=130)
+        stopped(f"{exc}; continue with: smi invert --resume --out {out}")
     finally:
         distributed.finish()
     if json_output and placement.is_main:

@@ -231,12 +231,20 @@ class TrainingProgress:
     def __init__(self, display: Display, label: str, unit: str = "epoch"):
         self.display, self.label, self.unit = display, label, unit
         self.task: Task | None = None
+        self.validation: Task | None = None
         self.total = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "run_start" and event.get("total_steps"):
             self.total = event["total_steps"]
+        elif kind == "progress" and event["phase"] == "validate":  # one bar, again each validation
+            if self.validation is None:
+                self.validation = self.display.add("validate", event["total"])
+            elif event["done"] < self.validation.completed:  # the next validation: its own elapsed time and ETA
+                self.validation.started = time.monotonic()
+            self.validation.total = event["total"]
+            self.display.update(self.validation, event["done"])
         elif kind == "train_step":
             if self.task is None:
                 self.task = self.display.add(self.label, self.total or event["steps"] * event["epochs"])

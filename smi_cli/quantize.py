@@ -9,7 +9,7 @@ import typer
 
 from smi_cli import options as o
 from smi_cli.config_file import model_options
-from smi_cli.console import fail, markup_safe, print_json, stderr
+from smi_cli.console import markup_safe, print_json, stderr, stopped
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME, RECONSTRUCT_MODES, SPARSE_FEEDS, ReconstructConfig
@@ -89,7 +89,7 @@ def quantize(
             result = run_quantization(job, resolve_device(device), EventBus([PhaseProgress(display)]), out, control)
     except RunInterrupted as exc:
         again = f"; delete {out} to run it again" if out is not None else ""
-        fail(f"{exc}; nothing saved{again}", code=130)
+        stopped(f"{exc}; nothing saved{again}")
     if json_output:
         print_json(result)
     elif not quiet:

@@ -9,7 +9,7 @@ import typer
 
 from smi_cli import options as o
 from smi_cli.config_file import model_options
-from smi_cli.console import fail, markup_safe, print_json, stderr
+from smi_cli.console import markup_safe, print_json, stderr, stopped
 from smi_cli.help import command, new_app
 from smi_cli.progress import DEFAULT_EVERY, TrainingProgress, open_display
 from smi_engine.errors import SmiError
@@ -93,7 +93,7 @@ def train(
             summary = run_teacher_training(loaded, data, splits, config, out, torch_device,
                                            [TrainingProgress(display, "train", "epoch")], sink or [], control)
     except RunInterrupted as exc:
-        fail(f"{exc}; nothing saved (training restarts from scratch)", code=130)
+        stopped(f"{exc}; nothing saved (training restarts from scratch)")
     if json_output:
         print_json(summary)
     elif not quiet:

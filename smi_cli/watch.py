@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from smi_cli.console import plain
+from smi_cli.console import no_terminal_reason, plain
 from smi_cli.help import command
 from smi_engine.errors import SmiError
 from smi_engine.rundir import RunDir
@@ -37,6 +37,9 @@ def watch(
         return
     if "quantize" in kinds:
         raise SmiError("smi watch shows inversion and training runs; a quantize run's result: smi runs " + str(runs[kinds.index("quantize")]))
+    if why := no_terminal_reason():
+        raise SmiError(f"smi watch draws a dashboard and needs a terminal ({why}): run it in one, or list runs with "
+                       "smi runs (--json)")
     from smi_cli.dashboard.app import Dashboard
 
     app = Dashboard(list(runs), kinds)

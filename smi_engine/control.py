@@ -48,11 +48,9 @@ class RunControl:
 
     def pause(self) -> None:
         self._running.clear()
-        self._tell("paused")
 
     def resume(self) -> None:
         self._running.set()
-        self._tell("unpaused")
 
     def _tell(self, change: str) -> None:
         for listener in self.listeners:
@@ -67,10 +65,18 @@ class RunControl:
         return self._stop.is_set()
 
     def should_stop(self) -> bool:
-        """Check the control file (a stat per call), wait while paused, report a stop."""
+        """Check the control file (a stat per call), wait while paused, report a stop.
+
+        "paused" and "unpaused" are told from here, the loop's own thread, when it really
+        waits: told from the thread that asked, "paused" came before the iteration still
+        under way, whose event then showed the run as running again."""
         self._poll_file()
-        while not self._running.wait(timeout=POLL_SECONDS):
-            self._poll_file()
+        if not self._running.is_set():
+            self._tell("paused")
+            while not self._running.wait(timeout=POLL_SECONDS):
+                self._poll_file()
+            if not self._stop.is_set():
+                self._tell("unpaused")
         return self._stop.is_set()
 
     def _poll_file(self) -> None:

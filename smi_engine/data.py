@@ -234,6 +234,20 @@ def _labels(dataset: Dataset) -> list[int]:
     return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
+def check_fits(model_name: str, num_classes: int, model_classes: tuple[str, ...] | None, splits: "DataSplits",
+               data: str, role: str = "the model") -> None:
+    """Refuse to measure a model on data it was not trained for, in one line: another number of
+    classes, or (where the model records them) other class names, as a Fashion-MNIST model on
+    the digits, both ten classes."""
+    if num_classes != splits.num_classes:
+        raise SmiError(f"{role} {model_name} has {num_classes} classes but {data} has {splits.num_classes}: "
+                       "evaluate on the data it was trained for")
+    if model_classes and tuple(model_classes) != tuple(splits.classes):
+        shown = ", ".join(model_classes[:3]) + (", ..." if len(model_classes) > 3 else "")
+        raise SmiError(f"{role} {model_name} was trained on other classes ({shown}) than {data} holds "
+                       f"({', '.join(splits.classes[:3])}, ...): evaluate on the data it was trained for")
+
+
 def parse_classes(text: str, num_classes: int) -> list[int]:
     """``0-4`` / ``0,2,7`` / ``0-2,8`` -> class indices, checked against the dataset."""
     chosen: list[int] = []

@@ -27,10 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
-from smi_engine.data import ModelInput, load_data, loader
+from smi_engine.data import ModelInput, check_fits, load_data, loader
 from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
-from smi_engine.evaluate import evaluate
+from smi_engine.evaluate import evaluate, validation_progress
 from smi_engine.events import EventBus, EventSink
 from smi_engine.files import read_json
 from smi_engine.invert import InversionConfig, Inverter
@@ -206,8 +206,7 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     config.validate()
     teacher = load_model(config.teacher, device)
     splits = load_data(config.data)
-    if splits.num_classes != teacher.num_classes:
-        raise SmiError(f"the teacher has {teacher.num_classes} classes but {config.data} has {splits.num_classes}")
+    check_fits(teacher.spec.name, teacher.num_classes, teacher.spec.classes, splits, config.data, "the teacher")
     torch.manual_seed(config.seed)
     student = prepare_student(config.student, teacher.num_classes, config.linear_probe, device)
     fixed = [_recorded_pool(p) for p in config.pools]
@@ -339,7 +338,7 @@ def _train(config, session: RunSession, teacher, student, splits, fixed, synthes
         total, seen = placement.sum([total, seen])
         if placement.is_main:  # rank 0 validates, keeps the best student and reports
             student.model.eval()
-            metrics = evaluate(student.model, val, device, config.limit)
+            metrics = evaluate(student.model, val, device, config.limit, validation_progress(bus))
             if metrics["top1"] > best:
                 best = metrics["top1"]
                 save_model(run_dir.path / "student", student, {"distilled_from": config.teacher.name, "data": config.data,

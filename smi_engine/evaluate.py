@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
+
+if TYPE_CHECKING:
+    from smi_engine.events import EventBus
 
 
 @torch.no_grad()
@@ -36,3 +39,9 @@ def evaluate(
     if seen == 0:
         return {"top1": 0.0, "top5": 0.0, "images": 0}
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen}
+
+
+def validation_progress(bus: "EventBus") -> Callable[[int, int], None]:
+    """``on_batch`` for a validation inside training: ``progress`` events of phase ``validate``,
+    so that a long validation is not silence on a progress display."""
+    return lambda done, total: bus.emit("progress", phase="validate", done=done, total=total)

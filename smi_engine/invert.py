@@ -29,7 +29,7 @@ from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
 from smi_engine.events import EventBus
 from smi_engine.losses import InversionContext, LossSpec, LossState, as_terms, loss_origin
-from smi_engine.models import LoadedModel, ModelSpec
+from smi_engine.models import LoadedModel, ModelSpec, Normalizer
 from smi_engine.preview import save_preview
 from smi_engine.resources import MemoryProbe
 from smi_engine.rundir import RunDir

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import re
+import socket
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,8 @@ def create_model(spec: ModelSpec) -> nn.Module:
         hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models('*vit*')`"
         raise SmiError(f"unknown model {spec.name!r}: {hint}")
     check_model_args(spec.args)
+    if spec.pretrained and not spec.checkpoint:
+        check_weights_reachable(spec.name)
     try:
         # Models without trained weights (speed runs, tests) start from the same random weights
         # every time, so a run can be resumed or repeated; the caller's RNG is left untouched.
@@ -241,6 +244,39 @@ def create_model(spec: ModelSpec) -> nn.Module:
     if spec.checkpoint:
         _fit_state_dict(model, read_state_dict(spec.checkpoint), spec.checkpoint, spec)
     return model.eval()
+
+
+def check_weights_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when timm's pretrained weights for ``name`` are neither in the
+    local cache nor downloadable: offline, the hub client retries for most of a minute first."""
+    from urllib.parse import urlparse
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        return  # timm names the problem
+    if cfg is None:
+        return
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+            return
+        where = urlparse(constants.ENDPOINT)
+    elif cfg.url:
+        if (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name).is_file():
+            return
+        where = urlparse(cfg.url)
+    else:
+        return
+    port = where.port or (443 if where.scheme == "https" else 80)
+    try:
+        socket.create_connection((where.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise SmiError(f"--pretrained needs timm's weights for {name}, which are not in the local cache, and "
+                       f"{where.hostname}:{port} cannot be reached ({exc.strerror or exc}): connect to the network "
+                       "once to fetch them, or pass --checkpoint FILE") from None
 
 
 #: timm ViT arguments that count something: each must be a whole number of at least 1.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from smi_engine.checks import at_least, number, positive
 from smi_engine.control import RunControl, RunInterrupted
 from smi_engine.data import DataSplits, ModelInput, loader
-from smi_engine.evaluate import evaluate
+from smi_engine.evaluate import evaluate, validation_progress
 from smi_engine.events import EventBus, EventSink
 from smi_engine.models import LoadedModel, save_model
 from smi_engine.resources import MemoryProbe
@@ -119,7 +119,7 @@ def train_classifier(
             bus.emit("train_step", epoch=epoch, epochs=config.epochs, step=step, steps=steps_per_epoch,
                      done_steps=epoch * steps_per_epoch + step + 1, loss=float(loss.detach()), **probe.read())
         model.eval()
-        metrics = evaluate(model, val_batches, device)
+        metrics = evaluate(model, val_batches, device, on_batch=validation_progress(bus))
         record = {
             "epoch": epoch, "epochs": config.epochs, "train_loss": epoch_loss / max(1, seen),
             "val_top1": metrics["top1"], "val_top5": metrics["top5"],

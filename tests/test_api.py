@@ -62,7 +62,7 @@ def test_quantize_from_python_matches_the_command_line(tmp_path, digits_teacher)
                              "--w-bit", "4", "--a-bit", "4", "--scheme", "repq", "--data", "digits", "--limit", "200",
                              "--device", "cpu", "--json", check=True).stdout)
     teacher = smi.load_model(digits_teacher)
-    quantized = smi.quantize(teacher, smi.load_pool(run), scheme="repq", w_bits=4, a_bits=4, calib_size=8,
+    quantized = smi.quantize(teacher, smi.load_pool(run), scheme="repq", w_bit=4, a_bit=4, calib_size=8,
                              progress=False)
     accuracy = smi.evaluate(quantized, "digits", limit=200, progress=False)
     assert accuracy.top1 == pytest.approx(cli["top1"]) and accuracy.images == cli["eval_images"]

@@ -134,3 +134,48 @@ def test_demo_runs_end_to_end_and_reuses_its_teacher(tmp_path):
     human = smi("demo", "--cache", cache, "--out", tmp_path / "again", "--device", "cpu", check=True).stdout
     assert "trained now" not in human  # the cached teacher is reused
     assert "speedup" in human and "smi watch" in human
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+def test_eval_refuses_data_with_other_class_names(digits_teacher):
+    """Ten classes each, but a digits model measured on Fashion-MNIST says nothing true."""
+    assert_one_line_error(smi("eval", "--teacher", digits_teacher, "--data", "fashion-mnist", "--device", "cpu"),
+                          "was trained on other classes (0, 1, 2, ...)", "evaluate on the data it was trained for")
+
+
+def test_eval_of_a_quantised_model_says_it_is_quantised(tmp_path, digits_teacher):
+    out = tmp_path / "w4a4"
+    smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits", "--calib-size", "8", "--w-bit", "4",
+        "--a-bit", "4", "--limit", "64", "--device", "cpu", "--out", out, "--quiet", check=True)
+    shown = smi("eval", "--teacher", out, "--data", "digits", "--limit", "64", "--device", "cpu", "--quiet", check=True)
+    assert shown.stdout == ""
+    said = smi("eval", "--teacher", out, "--data", "digits", "--limit", "64", "--device", "cpu", check=True).stdout
+    assert "(matmul W4A4, fake-quantised) on digits" in said
+    result = json.loads(smi("eval", "--teacher", out, "--data", "digits", "--limit", "64", "--device", "cpu", "--json",
+                            check=True).stdout)
+    assert result["quantization"]["w_bit"] == 4 and result["quantization"]["scheme"] == "matmul"
+
+
+def test_pretrained_weights_out_of_reach_fail_at_once_in_one_line(tmp_path):
+    """Offline, the hub client retried for most of a minute, printing each retry; now the
+    cache is looked at and the host tried once."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = smi("invert", "--model", "vit_tiny_patch16_224", "--pretrained", "--iterations", "2", "--out", tmp_path / "run",
+               env=env)
+    assert_one_line_error(proc, "--pretrained needs timm's weights for vit_tiny_patch16_224", "127.0.0.1:9",
+                          "--checkpoint FILE")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_inside_training_shows_progress(tmp_path, digits_teacher):
+    pool = tmp_path / "pool"
+    smi("invert", "--teacher", digits_teacher, "--iterations", "4", "--batch-size", "8", "--device", "cpu", "--out", pool,
+        "--quiet", check=True)
+    proc = smi("distill", "--teacher", digits_teacher, "--student", "vit_tiny_patch16_224", "--student-args",
+               "img_size=16,patch_size=4,depth=1,in_chans=1,num_classes=10,embed_dim=32,num_heads=2", "--pool", pool,
+               "--data", "digits", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--out", tmp_path / "kt",
+               "--progress-every", "0.01", check=True)
+    validating = [line for line in proc.stderr.splitlines() if line.startswith("validate ")]
+    assert validating and any("(100%)" in line for line in validating), proc.stderr
+    progress = [e for e in read_events(tmp_path / "kt") if e["event"] == "progress"]
+    assert {e["phase"] for e in progress} == {"validate"} and progress[-1]["done"] == progress[-1]["total"]

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from smi_cli.dashboard.app import Dashboard
 from smi_cli.dashboard.state import RunState
-from smi_cli.dashboard.widgets import PatchRetention, RunHeader, Throughput
+from smi_cli.dashboard.widgets import PatchRetention, Problem, RunHeader, Throughput
 from smi_cli.progress import InversionProgress, LogDisplay, TerminalDisplay
 from smi_engine.gpu import open_monitor
 from smi_engine.liveness import STALL_FLOOR_SECONDS
@@ -69,6 +69,9 @@ def test_a_killed_run_is_dead_everywhere_and_cannot_be_stopped(tmp_path):
         await pilot.pause(0.3)
         header = plain(app.query_one(RunHeader))
         assert "DEAD" in header and f"process {proc.pid}" in header
+        problem = app.query_one(Problem)
+        assert problem.display and f"smi invert --resume --out {out}" in plain(problem)  # how to go on
+        assert "ETA" in plain(app.query_one(Throughput)) and "the run died" in plain(app.query_one(Throughput))
         await pilot.press("x")  # nothing to stop: no question, no control file
         assert not (out / "control.json").exists()
 
@@ -357,3 +360,72 @@ def test_tensorboard_sink_follows_training_runs_too(tmp_path):
     assert_one_line_error(smi("teacher", "train", "--data", "digits", "--model", "vit_tiny_patch16_224", "--sink", "nope",
                               "--out", tmp_path / "other", "--device", "cpu"), "unknown event sink 'nope'")
     assert not (tmp_path / "other").exists()
+
+
+def test_tui_without_a_terminal_falls_back_to_plain_progress_and_exits(tmp_path):
+    """Under nohup (output to a file, no input) --tui wrote escape codes into the log and never
+    exited after the run; now one warning, plain progress lines, and the run ends as usual."""
+    out, log = tmp_path / "run", tmp_path / "nohup.out"
+    with open(log, "w") as handle:
+        proc = subprocess.run([sys.executable, "-m", "smi_cli", "invert", *TINY, "--iterations", "6", "--batch-size", "2",
+                               "--schedule", "3:0.5", "--device", "cpu", "--out", str(out), "--tui"],
+                              stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "\x1b" not in text and "--tui needs a terminal (input is not a terminal)" in text
+    assert "invert 6/6 (100%)" in text and (out / "summary.json").is_file()
+    watched = subprocess.run([sys.executable, "-m", "smi_cli", "watch", str(out)], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=60)
+    assert_one_line_error(watched, "needs a terminal", "smi runs")
+
+
+def test_a_pause_is_the_last_word_of_the_log_while_it_lasts(tmp_path):
+    """`p` in --tui paused the loop but one more iteration event followed `paused`, so every
+    reader (a second smi watch, smi runs) saw the run as running; now `paused` is told by the
+    loop when it waits, after its last iteration."""
+    import threading
+
+    from smi_engine.control import RunControl, RunInterrupted
+    from smi_engine.invert import InversionConfig
+    from smi_engine.inversion_run import run_inversion
+    from smi_engine.rundir import RunDir
+
+    from .conftest import tiny_spec
+
+    out = tmp_path / "run"
+    control = RunControl(RunDir(out))
+    config = InversionConfig(model=tiny_spec(), schedule="3:0.5", iterations=100000, batch_size=2, checkpoint_every=0)
+    failures = []
+
+    def job():
+        try:
+            run_inversion(config, out, device="cpu", control=control)
+        except RunInterrupted:
+            pass
+        except BaseException as exc:  # pragma: no cover - shown by the assertion below
+            failures.append(exc)
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(e["event"] == "iteration" for e in _events(out)):
+            time.sleep(0.05)
+        control.pause()
+        time.sleep(1.0)
+        events = read_events(out)
+        assert events[-1]["event"] == "paused" and sum(e["event"] == "paused" for e in events) == 1
+        assert json.loads(smi("runs", out, "--json", check=True).stdout)[0]["status"] == "paused"
+        control.resume()
+        while time.time() < deadline and read_events(out)[-1]["event"] in ("paused", "unpaused"):
+            time.sleep(0.05)
+        kinds = [e["event"] for e in read_events(out)]
+        assert kinds[kinds.index("paused") + 1] == "unpaused" and kinds[-1] == "iteration"
+    finally:
+        control.request_stop()
+        worker.join(timeout=120)
+    assert not failures
+
+
+def _events(out: Path) -> list[dict]:
+    return read_events(out) if (out / "events.jsonl").exists() else []

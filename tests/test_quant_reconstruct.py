@@ -14,7 +14,7 @@ from smi_engine.quantization.layers import QuantLinear
 from smi_engine.quantization.names import ReconstructConfig
 from smi_engine.quantization.quantizers import ActivationQuantizer, LearnedRounding, WeightGrid, quantize_weight
 from smi_engine.quantization.reconstruct import reconstruction_units
-from smi_engine.quantization.scheme import QuantConfig, quantize_model, quantizers
+from smi_engine.quantization.scheme import QuantConfig, quantize_model
 
 from .conftest import read_events, smi
 

@@ -37,6 +37,7 @@ def test_a_scheduler_or_a_dropped_ssh_session_stops_an_inversion_with_its_checkp
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
+    assert "stopped: " in stderr and "error" not in stderr and "smi invert --resume --out" in stderr
     assert (out / "checkpoint.pt").is_file()  # before: SIGHUP killed the run (exit 129) with none
     assert [e["event"] for e in read_events(out)][-1] == "run_interrupted"
 
@@ -58,6 +59,7 @@ def test_quantize_stops_when_asked_and_says_so(tmp_path, digits_teacher, how, ph
     assert proc.returncode == 130, stderr
     lines = [line for line in stderr.splitlines() if line.strip() and "stopping after" not in line]
     assert len(lines) == 1 and f"stopped while {phase}" in lines[0] and f"delete {out}" in lines[0], stderr
+    assert lines[0].startswith("stopped: ") and "error" not in stderr  # asked for: not an error
     kinds = [e["event"] for e in read_events(out)]
     assert kinds[-1] == "run_interrupted" and "run_end" not in kinds and not (out / "summary.json").exists()
     listed = json.loads(smi("runs", out, "--json", check=True).stdout)

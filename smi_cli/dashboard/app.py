@@ -76,10 +76,10 @@ class RunView(Vertical):
             self.liveness, self.dirty = liveness, True
 
     def repaint(self, scale: dict[str, tuple[float, float]]) -> None:
-        self.query_one(Problem).display = bool(self.state.error or self.state.interrupted)
-        self.query_one(RunHeader).liveness = self.liveness
+        self.query_one(Problem).display = bool(self.state.error or self.state.interrupted or self.liveness.status == "dead")
         self.query_one(LossChart).scale = scale
         for panel in self.query(Panel):
+            panel.liveness = self.liveness
             panel.show(self.state, self.run_dir)
         self.dirty = False
 

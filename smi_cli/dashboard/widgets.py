@@ -26,6 +26,7 @@ class Panel(Static):
 
     TITLE = ""
     shown: tuple[RunState, Path] | None = None
+    liveness: Liveness | None = None  # set by the view: needs the clock and the run's lock
 
     def on_mount(self) -> None:
         self.border_title = self.TITLE
@@ -45,8 +46,6 @@ class Panel(Static):
 class RunHeader(Panel):
     """Three lines, whatever the run, so that runs side by side stay aligned: who and how it
     stands; where it is; what it runs on."""
-
-    liveness: Liveness | None = None  # set by the view: needs the clock and the run's lock
 
     def render_state(self, state: RunState, run_dir: Path) -> Text:
         live = self.liveness or Liveness(state.status)
@@ -171,7 +170,9 @@ class Throughput(Panel):
         table = Table.grid(padding=(0, 1))
         table.add_column(style="bold", no_wrap=True)
         table.add_column(no_wrap=True, overflow="ellipsis")
-        eta = "done" if state.finished else ("paused" if state.paused else duration(state.eta_seconds))
+        status = (self.liveness or Liveness(state.status)).status
+        eta = {"finished": "done", "paused": "paused", "dead": "- (the run died)", "failed": "- (failed)",
+               "interrupted": "- (stopped)"}.get(status) or duration(state.eta_seconds)
         if state.is_training:
             rate = state.done_steps / state.elapsed if state.elapsed else 0.0
             rows = [("steps/s", f"{rate:,.2f}"), ("steps", f"{state.done_steps}/{state.total_steps or '?'}")]
@@ -270,8 +271,11 @@ class Problem(Panel):
     def render_state(self, state: RunState, run_dir: Path) -> Text:
         if state.error:
             return Text(f"the run failed: {state.error}", "bold red")
-        if state.interrupted:
-            if state.kind != "invert":
-                return Text(state.interrupted, "yellow")
-            return Text(f"{state.interrupted}; continue with: smi invert --resume --out {plain(run_dir)}", "yellow")
-        return Text("")
+        live = self.liveness or Liveness(state.status)
+        if not (state.interrupted or live.status == "dead"):
+            return Text("")
+        what = state.interrupted or f"the process writing this run died ({live.reason or 'no end event'})"
+        if state.kind != "invert":
+            return Text(what, "yellow")
+        # The resume command on a line of its own, so that no panel width cuts it.
+        return Text(f"{what}; continue with:\nsmi invert --resume --out {plain(run_dir)}", "yellow")

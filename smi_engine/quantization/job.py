@@ -21,8 +21,7 @@ import torch
 from smi_engine.calibration import ModelFeeder, calibration_batches
 from smi_engine.checks import at_least, number
 from smi_engine.control import RunControl, RunInterrupted
-from smi_engine.data import ModelInput, load_data, loader
-from smi_engine.errors import SmiError
+from smi_engine.data import ModelInput, check_fits, load_data, loader
 from smi_engine.evaluate import evaluate
 from smi_engine.events import EventBus
 from smi_engine.files import check_writable
@@ -124,8 +123,7 @@ def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | Non
     job = replace(job, quant=job.quant.resolved())
     loaded = load_model(job.model, device)
     splits = load_data(job.data)
-    if splits.num_classes != loaded.num_classes:
-        raise SmiError(f"the model has {loaded.num_classes} classes but {job.data} has {splits.num_classes}: evaluate on the data it was trained for")
+    check_fits(loaded.spec.name, loaded.num_classes, loaded.spec.classes, splits, job.data)
     if session is None:
         return _quantize(job, loaded, splits, device, bus, None, control)
     with session.claim(job.to_dict()):
