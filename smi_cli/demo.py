@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import markup_safe, print_json, show, stderr, stdout
+from smi_cli.console import markup_safe, plain, print_json, show, stderr, stdout
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
 
@@ -102,6 +102,12 @@ def _print_comparison(result: dict) -> None:
     console.print(f"teacher: {markup_safe(result['teacher'])} ({markup_safe(teacher)}"
                   f"{', trained now' if result['teacher_trained_now'] else ''})")
     show(table)
+    for mode, summary in runs.items():  # above its bound, a speedup is not one: say why on the spot
+        if mode != "dense" and result["speedups"][mode] > summary["speedup_bound"] * 1.02:
+            console.print(plain(f"note: {mode} measured {result['speedups'][mode]:.2f}x, above the {summary['speedup_bound']:.2f}x "
+                                "its token FLOPs allow: the machine's speed changed between the runs (other work on it). "
+                                "Measure alone, or with `smi bench`, which interleaves the modes."), soft_wrap=True,
+                          markup=False, style="yellow")
     for mode, summary in runs.items():
         console.print(f"{mode:6s} run {markup_safe(summary['run_dir'])}  preview {markup_safe(summary['preview'])}", soft_wrap=True)
     console.print("open the dashboard: [bold]smi watch " + markup_safe(" ".join(s["run_dir"] for s in list(runs.values())[:2]))

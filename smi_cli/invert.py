@@ -11,7 +11,7 @@ from smi_cli import options as o
 from smi_cli.config_file import model_options, spec_options
 from smi_cli.console import markup_safe, no_terminal_reason, plain, print_json, show, stderr, stdout, stopped, warn
 from smi_cli.help import command
-from smi_cli.progress import DEFAULT_EVERY, InversionProgress, open_display
+from smi_cli.progress import DEFAULT_EVERY, InversionProgress, duration, open_display
 from smi_engine.errors import SmiError
 from smi_engine.schedule import SEED_SCHEDULE_TEXT
 
@@ -186,8 +186,9 @@ def print_summary(summary: dict) -> None:
     losses = " · ".join(f"{k} {v:.4g}" for k, v in summary["final_losses"].items())
     for key, value in (
         ("schedule", summary["schedule"] + ("" if summary["schedule"] == "dense" else f" · selection {summary['selection']}")),
-        ("images", f"{made} in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} images/s, "
+        ("images", f"{made} in {summary['seconds']:.1f} s of inversion ({summary['images_per_second']:.1f} images/s, "
                    f"{summary['iterations_per_second']:.1f} it/s)"),
+        ("time", f"active {duration(summary['active_seconds'])} · since start {duration(summary['since_start_seconds'])}"),
         ("kept patches", kept),
         ("speedup bound", bound),
         ("teacher accuracy", f"{100 * summary['teacher_accuracy']:.1f}% on the synthetic images"),

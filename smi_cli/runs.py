@@ -22,8 +22,8 @@ from smi_engine.files import read_json
 from smi_engine.rundir import RunDir
 
 SEARCH_DEPTH = 3  # folders below a given one searched for runs (a demo folder holds one run per mode)
-COLUMNS = ("run", "kind", "status", "model", "schedule", "kept", "images", "wall", "result")
-SHORT_COLUMNS = ("kind", "kept", "images", "wall")
+COLUMNS = ("run", "kind", "status", "model", "schedule", "kept", "images", "active", "result")
+SHORT_COLUMNS = ("kind", "kept", "images", "active")
 
 
 def runs(
@@ -101,7 +101,7 @@ def row(path: Path) -> dict[str, Any]:
         return dict.fromkeys(ROW_FIELDS) | {"run": str(path), "kind": "?", "status": "damaged", "reason": plain(reason)}
 
 
-ROW_FIELDS = ("run", "kind", "status", "reason", "model", "schedule", "kept", "images", "wall_seconds", "result",
+ROW_FIELDS = ("run", "kind", "status", "reason", "model", "schedule", "kept", "images", "active_seconds", "result",
               "started", "host", "pid", "summary")
 
 
@@ -109,14 +109,14 @@ def _row(path: Path) -> dict[str, Any]:
     state = read_run(path)
     liveness = state.liveness(path, time.time())
     summary = _summary(path) or state.summary
-    wall = summary.get("wall_seconds") or summary.get("seconds") or state.elapsed
+    wall = summary.get("active_seconds") or state.clock.active  # RunClock's active time, for every kind
     images = _images(state, summary)
     if not finite_number(wall) or not (images is None or finite_number(images)):
         raise ValueError(f"summary.json holds {wall if not finite_number(wall) else images!r} where a finite number belongs")
     return {
         "run": str(path), "kind": state.kind, "status": liveness.status, "reason": liveness.reason,
         "model": summary.get("model") or state.model, "schedule": _schedule(state, summary),
-        "kept": _kept(state, summary), "images": images, "wall_seconds": wall,
+        "kept": _kept(state, summary), "images": images, "active_seconds": wall,
         "result": _result(state.kind, summary), "started": state.started,
         "host": state.host, "pid": state.pid, "summary": summary or None,
     }
@@ -190,7 +190,7 @@ def show_runs(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         stdout.print(f"[bold]{markup_safe(r['run'])}[/]  {markup_safe(r['kind'])} · "
                      f"[{STATUS_STYLES.get(r['status'], '')}]{markup_safe(_status(r))}[/] · "
-                     f"{duration(r['wall_seconds'])} · {_result_text(r) or 'no result yet'}")
+                     f"active {duration(r['active_seconds'])} · {_result_text(r) or 'no result yet'}")
         details = [r["model"], r["schedule"], r["kept"] and f"kept {r['kept']}", r["images"] is not None and f"{r['images']} images"]
         stdout.print(Text("    " + " · ".join(plain(d) for d in details if d), style="dim"))
 
@@ -210,10 +210,10 @@ def table(rows: list[dict[str, Any]]):
     grid = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     for name in COLUMNS:  # short columns stay whole; in a narrow terminal the long ones wrap (never cut)
         grid.add_column(name, overflow="fold", no_wrap=name in SHORT_COLUMNS,
-                        justify="right" if name in ("kept", "images", "wall") else "left")
+                        justify="right" if name in ("kept", "images", "active") else "left")
     for r in rows:  # cells are Text, never markup: names and messages come from the run's files
         cells = [r["run"], r["kind"], _status(r), r["model"] or "-", r["schedule"] or "-", r["kept"] or "-",
-                 "-" if r["images"] is None else str(r["images"]), duration(r["wall_seconds"]), _result_text(r) or "-"]
+                 "-" if r["images"] is None else str(r["images"]), duration(r["active_seconds"]), _result_text(r) or "-"]
         grid.add_row(*(Text(plain(c), style=STATUS_STYLES.get(r["status"], "") if i == 2 else "")
                        for i, c in enumerate(cells)))
     return grid

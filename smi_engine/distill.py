@@ -361,7 +361,7 @@ def _train(config, session: RunSession, teacher, student, splits, fixed, synthes
         "seconds": time.perf_counter() - started, "student_dir": str(run_dir.path / "student"), "history": history,
         "run_dir": str(run_dir.path),
     }
-    session.end(summary)
+    summary = session.end(summary)
     return summary
 
 

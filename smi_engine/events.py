@@ -27,8 +27,10 @@ total_steps, loss) and ``epoch_end``; quantisation adds ``progress`` (phase, don
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -151,3 +153,38 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as handle:  # never through a link or a FIFO
         events, _, _ = parse_lines(handle.read())
     return events
+
+
+@dataclass
+class RunClock:
+    """A run's two durations, from its events' times, defined here once for every reader (the
+    summary, ``smi runs``, the dashboard): **active**, the time its processes worked on it, every
+    session summed (each from its ``run_start`` or ``run_resumed`` to its last event), and
+    **since start**, from its first event to its latest (a dead spell before a resume included)."""
+
+    first: float | None = None
+    latest: float | None = None
+    session_start: float | None = None
+    closed: float = 0.0  # active seconds of the sessions before the current one
+
+    def add(self, event: dict[str, Any]) -> None:
+        at = event.get("time")
+        if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at):
+            return
+        if event.get("event") in ("run_start", "run_resumed") and event.get("rank", 0) == 0:
+            if self.session_start is not None:
+                self.closed += max(self.latest - self.session_start, 0.0)
+            self.session_start = at
+        self.first = at if self.first is None else min(self.first, at)
+        self.latest = at if self.latest is None else max(self.latest, at)
+        if self.session_start is None:
+            self.session_start = at
+
+    @property
+    def active(self) -> float:
+        current = 0.0 if self.session_start is None else max(self.latest - self.session_start, 0.0)
+        return self.closed + current
+
+    @property
+    def since_start(self) -> float:
+        return 0.0 if self.first is None else self.latest - self.first

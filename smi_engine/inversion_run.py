@@ -138,7 +138,6 @@ def run_inversion(config: InversionConfig | None, out: str | Path, **options: An
 
 def _run(config, session: RunSession, inverter: Inverter, device, resume: bool, checkpoint: dict[str, Any] | None):
     run_dir, bus, placement = session.run_dir, session.bus, session.placement
-    started = time.perf_counter()
     done = shard_batches(run_dir.pool)
     pending = [b for b in range(config.batches) if b not in done and placement.owns(b)]
     session.start(resumed=resume, **inversion_plan(config, inverter, device), pending_batches=pending)
@@ -156,9 +155,8 @@ def _run(config, session: RunSession, inverter: Inverter, device, resume: bool, 
     if not placement.is_main:
         return {}
     _wait_for_shards(run_dir, config.batches)
-    summary = {**summarise(config, run_dir, inverter), "wall_seconds": time.perf_counter() - started,
-               "world_size": placement.world_size}
-    session.end(summary)
+    summary = {**summarise(config, run_dir, inverter), "world_size": placement.world_size}
+    summary = session.end(summary)
     return summary
 
 

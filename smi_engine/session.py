@@ -5,7 +5,7 @@
     with session:                       # exactly one of run_end / run_interrupted / run_error
         session.start(teacher=..., ...) # run_start (or run_resumed) with pid, host, versions
         ...
-        session.end(summary)            # summary.json (rank 0), then run_end
+        summary = session.end(summary)  # summary.json (rank 0), then run_end
 
 Leaving the ``with`` block closes the bus and releases the lock on every path; a failure inside
 ``claim`` releases the lock before it propagates, so a refused start holds nothing.
@@ -18,13 +18,14 @@ import functools
 import os
 import platform
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from smi_engine.control import RunInterrupted
 from smi_engine.distributed import Placement
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink
+from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink, RunClock, iter_events
 from smi_engine.files import ensure_folder, write_json
 from smi_engine.rundir import RunDir
 from smi_engine.runlock import RunLock
@@ -111,12 +112,24 @@ class RunSession:
         self.bus.emit("run_resumed" if resumed else "run_start", kind=self.kind, pid=os.getpid(),
                       host=socket.gethostname(), versions=versions(), world_size=self.placement.world_size, **fields)
 
-    def end(self, summary: dict[str, Any]) -> None:
-        """The run's result: ``summary.json`` (written last, it marks the run finished), then ``run_end``."""
+    def end(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The run's result with its durations: ``summary.json`` (written last, it marks the run
+        finished), then ``run_end``; returns what was written."""
         if self.placement.is_main:
+            summary = {**summary, **self.durations()}
             write_json(self.run_dir.summary, summary)
             self.bus.emit("run_end", summary=summary)
         self.ended = True
+        return summary
+
+    def durations(self) -> dict[str, float]:
+        """The run's active time and time since start, as ``RunClock`` defines them, read from
+        its own log up to now (a resumed run counts every session)."""
+        clock = RunClock()
+        for event in iter_events(self.run_dir.events):
+            clock.add(event)
+        clock.add({"time": time.time()})
+        return {"active_seconds": clock.active, "since_start_seconds": clock.since_start}
 
     def __enter__(self) -> "RunSession":
         return self

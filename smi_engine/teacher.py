@@ -152,5 +152,5 @@ def run_teacher_training(loaded: LoadedModel, data: str, splits: DataSplits, con
         metrics = train_classifier(loaded, splits, config, device, session.bus, control or RunControl(run_dir))
         save_model(out, loaded, {"data": data, "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
         summary = {"model_dir": str(out), "model": loaded.spec.name, "data": data, **metrics}
-        session.end(summary)
+        summary = session.end(summary)
     return summary

@@ -120,7 +120,7 @@ def test_benchmark_refuses_a_dense_or_repeated_comparison():
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reuses_its_teacher(tmp_path):
+def test_demo_runs_end_to_end_and_reuses_its_teacher(tmp_path, capsys):
     """README's first command: trains the digits teacher once, inverts dense and sparse, compares."""
     cache, out = tmp_path / "cache", tmp_path / "runs"
     proc = smi("demo", "--cache", cache, "--out", out, "--json", "--device", "cpu", timeout=1200, check=True)
@@ -134,6 +134,16 @@ def test_demo_runs_end_to_end_and_reuses_its_teacher(tmp_path):
     human = smi("demo", "--cache", cache, "--out", tmp_path / "again", "--device", "cpu", check=True).stdout
     assert "trained now" not in human  # the cached teacher is reused
     assert "speedup" in human and "smi watch" in human
+    # A speedup past its own bound (the machine's speed changed between the runs) is explained on the spot.
+    from smi_cli.demo import _print_comparison
+
+    sparse["speedup_bound"] = result["speedups"]["smi"] / 1.5
+    _print_comparison(result)
+    shown = capsys.readouterr().out
+    assert "above the" in shown and "its token FLOPs allow" in shown and "smi bench" in shown
+    sparse["speedup_bound"] = result["speedups"]["smi"] * 1.5
+    _print_comparison(result)
+    assert "token FLOPs allow" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")

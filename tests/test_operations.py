@@ -213,7 +213,7 @@ def test_runs_lists_every_kind_newest_first_with_headline_results(tmp_path, digi
     assert by_kind["teacher"]["status"] == "finished" and 0 <= by_kind["teacher"]["result"]["top1"] <= 100
     invert = rows[0]
     assert invert["schedule"] == "2:0.5 (smi)" and invert["kept"] == "8/16" and invert["images"] == 4
-    assert 0 <= invert["result"]["teacher_accuracy"] <= 100 and invert["wall_seconds"] > 0
+    assert 0 <= invert["result"]["teacher_accuracy"] <= 100 and invert["active_seconds"] > 0
     old = next(r for r in rows if r["run"] == str(tmp_path / "old"))
     assert old["status"] == "stalled" and old["reason"].startswith("last event")  # recorded long ago, elsewhere
     table = smi("runs", tmp_path, check=True, env={"COLUMNS": "80"}).stdout
@@ -417,10 +417,9 @@ def test_a_pause_is_the_last_word_of_the_log_while_it_lasts(tmp_path):
         assert events[-1]["event"] == "paused" and sum(e["event"] == "paused" for e in events) == 1
         assert json.loads(smi("runs", out, "--json", check=True).stdout)[0]["status"] == "paused"
         control.resume()
-        while time.time() < deadline and read_events(out)[-1]["event"] in ("paused", "unpaused"):
+        while time.time() < deadline and "iteration" not in _after_pause(out):
             time.sleep(0.05)
-        kinds = [e["event"] for e in read_events(out)]
-        assert kinds[kinds.index("paused") + 1] == "unpaused" and kinds[-1] == "iteration"
+        assert _after_pause(out)[0] == "unpaused" and "iteration" in _after_pause(out)  # it works on
     finally:
         control.request_stop()
         worker.join(timeout=120)
@@ -429,3 +428,40 @@ def test_a_pause_is_the_last_word_of_the_log_while_it_lasts(tmp_path):
 
 def _events(out: Path) -> list[dict]:
     return read_events(out) if (out / "events.jsonl").exists() else []
+
+
+def _after_pause(out: Path) -> list[str]:
+    kinds = [e["event"] for e in read_events(out)]
+    return kinds[kinds.index("paused") + 1:]
+
+
+def test_one_definition_of_time_after_a_kill_and_a_resume(tmp_path):
+    """A run killed, left dead for a while, then resumed: the summary, `smi runs`, the folded
+    state and the printed summary agree on its active time, and its time since start holds
+    the dead spell too (before: three different durations)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "smi_cli", "invert", *TINY, "--iterations", "300", "--batch-size", "2",
+                             "--batches", "2", "--schedule", "3:0.5", "--device", "cpu", "--checkpoint-every", "0.2",
+                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_iterations(out, 20)
+        time.sleep(0.5)  # a checkpoint lands
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    time.sleep(3.0)  # dead for a while
+    resumed = smi("invert", "--resume", "--out", out, "--device", "cpu", check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["since_start_seconds"] - summary["active_seconds"] >= 2.5  # the dead spell is not active time
+    assert summary["active_seconds"] >= summary["seconds"] * 0.5
+    (row,) = json.loads(smi("runs", out, "--json", check=True).stdout)
+    assert row["active_seconds"] == summary["active_seconds"]
+    state = RunState()
+    for event in read_events(out):
+        state.apply(event)
+    assert abs(state.clock.active - summary["active_seconds"]) < 1.0
+    assert abs(state.clock.since_start - summary["since_start_seconds"]) < 1.0
+    from smi_cli.progress import duration
+
+    assert f"active {duration(summary['active_seconds'])}" in resumed.stdout

@@ -75,7 +75,7 @@ def test_random_and_adversarial_events_never_raise_nor_leave_control_characters(
 
 @pytest.mark.parametrize("damage", [
     ("config.json", "[]"), ("config.json", '{"kind": "invert", "conf'), ("summary.json", '{"teacher_accuracy": "high"}'),
-    ("summary.json", '{"wall_seconds": "long", "teacher_accuracy": 0.5}'), ("summary.json", "[1, 2]"),
+    ("summary.json", '{"active_seconds": "long", "teacher_accuracy": 0.5}'), ("summary.json", "[1, 2]"),
 ])
 def test_one_damaged_run_is_listed_as_damaged_and_hides_no_other(tmp_path, damage):
     for name in ("good", "bad"):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from smi_cli.console import plain
+from smi_engine.events import RunClock
 from smi_engine.liveness import Liveness, assess
 from smi_engine.schedule import CostModel, block_flops
 
@@ -202,8 +203,7 @@ class RunState:
     dense_cost: float = 0.0  # cost-model FLOPs of the iterations done, had nothing been stopped
     actual_cost: float = 0.0
     iteration_seconds: float = 0.0  # wall-clock seconds of the iterations done (all ranks)
-    started: float | None = None
-    latest: float | None = None
+    clock: RunClock = field(default_factory=RunClock)  # active time and time since start
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))  # times of the latest events
     rss_mb: float | None = None
     cuda_peak_mb: float | None = None
@@ -238,8 +238,7 @@ class RunState:
         self.events += 1
         handler = getattr(self, f"_on_{event.get('event')}", None)
         if event.get("time") is not None:
-            self.started = event["time"] if self.started is None else self.started
-            self.latest = event["time"]
+            self.clock.add(event)
             self.recent.append(event["time"])
         if handler is not None:
             try:
@@ -385,7 +384,7 @@ class RunState:
         if self.is_training:
             if not self.done_steps or not self.total_steps:
                 return None
-            return self.elapsed / self.done_steps * max(self.total_steps - self.done_steps, 0)
+            return self.clock.active / self.done_steps * max(self.total_steps - self.done_steps, 0)
         if self.cost is None or not self.actual_cost or not self.iteration_seconds:
             return None
         in_open = sum(self.cost.cost(done, self.iterations) for done in self.open_batches.values())
@@ -395,8 +394,12 @@ class RunState:
         return self.iteration_seconds / max(done, 1e-9) * remaining / max(self.world_size, 1)
 
     @property
-    def elapsed(self) -> float:
-        return 0.0 if self.started is None or self.latest is None else self.latest - self.started
+    def started(self) -> float | None:
+        return self.clock.first
+
+    @property
+    def latest(self) -> float | None:
+        return self.clock.latest
 
     @property
     def seconds_per_iteration(self) -> float | None:

@@ -174,7 +174,7 @@ class Throughput(Panel):
         eta = {"finished": "done", "paused": "paused", "dead": "- (the run died)", "failed": "- (failed)",
                "interrupted": "- (stopped)"}.get(status) or duration(state.eta_seconds)
         if state.is_training:
-            rate = state.done_steps / state.elapsed if state.elapsed else 0.0
+            rate = state.done_steps / state.clock.active if state.clock.active else 0.0
             rows = [("steps/s", f"{rate:,.2f}"), ("steps", f"{state.done_steps}/{state.total_steps or '?'}")]
         else:
             flops = state.flops_fraction
@@ -187,7 +187,8 @@ class Throughput(Panel):
                 # the cost model, not a speedup: speedups are measured in wall-clock time only
                 ("token FLOPs", "-" if flops is None else f"{100 * flops:.0f}% of dense so far"),
             ]
-        for key, value in [*rows, ("elapsed", duration(state.elapsed)), ("ETA", eta)]:
+        times = [("active", duration(state.clock.active)), ("since start", duration(state.clock.since_start))]
+        for key, value in [*rows, *times, ("ETA", eta)]:
             table.add_row(key, value)
         return table
 

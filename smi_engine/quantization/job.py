@@ -159,5 +159,5 @@ def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.devic
         spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
         save_model(path, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
         result.update(run_dir=str(path), saved=str(path))
-        session.end(result)
+        result = session.end(result)
     return result
