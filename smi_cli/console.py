@@ -45,6 +45,13 @@ def show(renderable: RenderableType, console: Console = stdout) -> None:
     console.file.flush()
 
 
+def fits(renderable: RenderableType, console: Console = stdout) -> bool:
+    """Whether a table shows whole at the console's width (else callers print it as lines)."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update(max_width=10_000), renderable).maximum <= console.width
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """The one exit for user errors: a single red line on stderr."""
     stderr.print(f"[bold red]error:[/] {markup_safe(message)}", soft_wrap=True, markup=True)

@@ -49,7 +49,9 @@ def fetch(
     root: Annotated[Path, typer.Argument(help="Folder to download into.", metavar="ROOT", show_default=False)],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
-    """Download a public dataset with torchvision (needs the network), then use it offline.
+    """Download a public dataset (needs the network), then use it offline.
+
+    torchvision downloads and checks it.
 
     \b
     Example:

@@ -53,7 +53,7 @@ def invert(
     lr: Annotated[float, typer.Option(help="Adam learning rate on the pixels.", rich_help_panel=RUN)] = 0.25,
     targets: Annotated[str, typer.Option(help="balanced (cycle through classes), random, or class indices 3,5,7.", rich_help_panel=RUN)] = "balanced",
     seed: Annotated[int, typer.Option(help="Random seed (each batch derives its own stream).", rich_help_panel=RUN)] = 0,
-    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="NAME[:WEIGHT], repeatable (see `smi plugins`). Default: deepinversion.", rich_help_panel=RUN)] = None,
+    loss: Annotated[Optional[list[str]], typer.Option("--loss", autocompletion=o.installed("losses"), help="NAME[:WEIGHT], repeatable (see `smi plugins`). Default: deepinversion.", rich_help_panel=RUN)] = None,
     loss_option: Annotated[Optional[list[str]], typer.Option("--loss-option", help="NAME.KEY=VALUE for a loss's factory, repeatable.", rich_help_panel=RUN)] = None,
     attention: Annotated[str, typer.Option(help="Attention kernel: fused (scaled_dot_product_attention) or explicit.", rich_help_panel=RUN)] = "fused",
     jitter: Annotated[float, typer.Option(help="Random roll, as a fraction of the image size.", rich_help_panel=RUN)] = 0.125,

@@ -16,6 +16,23 @@ if TYPE_CHECKING:
     from smi_cli.config_file import FromRun
     from smi_engine.models import ModelSpec
 
+def installed(kind: str):
+    """Shell completion of a plugin kind's names (losses, selections, schemes), built-ins and
+    installed plugins alike; the registry (and torch) loads only when such a value is completed."""
+    def complete(incomplete: str) -> list[str]:
+        from smi_engine.plugins import get_registry
+
+        return [name for name in sorted(get_registry().entries[kind]) if name.startswith(incomplete)]
+    return complete
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def complete_device(incomplete: str) -> list[str]:
+    return [d for d in DEVICES if d.startswith(incomplete)]
+
+
 # Help sections (smi_cli.help prints one per name; the rest go under "Options").
 MODEL, RUN, OUTPUT = "Model options", "Run options", "Output options"
 
@@ -26,7 +43,7 @@ Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="A plai
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean per channel, e.g. 0.5 or 0.485,0.456,0.406 (default: timm's data config).", rich_help_panel=MODEL)]
 Std = Annotated[Optional[str], typer.Option("--std", help="Normalisation std per channel (default: timm's data config).", rich_help_panel=MODEL)]
 Teacher = Annotated[Optional[Path], typer.Option("--teacher", help="A model folder from `smi teacher train` (instead of --model ...).", rich_help_panel=MODEL)]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", autocompletion=complete_device)]
 
 # The same output flags on every command.
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on the terminal (errors still show).", rich_help_panel=OUTPUT)]
@@ -36,7 +53,7 @@ ProgressEvery = Annotated[float, typer.Option(
     help="When stderr is not a terminal (a log file, nohup, SLURM): seconds between plain progress lines.",
     rich_help_panel=OUTPUT)]
 
-Selection = Annotated[str, typer.Option("--selection", help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).", rich_help_panel=RUN)]
+Selection = Annotated[str, typer.Option("--selection", autocompletion=installed("selections"), help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).", rich_help_panel=RUN)]
 SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.", rich_help_panel=RUN)]
 Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).", rich_help_panel=RUN)]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).", rich_help_panel=RUN)]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from smi_cli import options as o
-from smi_cli.console import plain, print_json, show
+from smi_cli.console import fits, plain, print_json, show, stdout
 from smi_cli.help import command
 
 
@@ -49,7 +49,16 @@ def plugins(
         status = Text(plain(i.error), style="red") if i.error else Text("built-in" if i.builtin else "ok")
         cells = [i.name, f"{i.distribution or '?'} {i.version or ''}".strip(), *(", ".join(i.registers[kind]) for kind in KINDS)]
         table.add_row(*(Text(plain(c)) for c in cells), status)  # a plugin's words are text, never markup
-    show(table)
+    if fits(table):
+        show(table)
+        return
+    for i in infos:  # too narrow for the table: a line per plugin, wrapped between words, never inside a name
+        registers = " · ".join(f"{kind} {', '.join(i.registers[kind])}" for kind in KINDS if i.registers[kind])
+        status = f"failed: {i.error}" if i.error else ("built-in" if i.builtin else "ok")
+        line = Text(plain(i.name), style="bold")
+        line.append(plain(f"  {i.distribution or '?'} {i.version or ''} · {status}" + (f" · {registers}" if registers else "")),
+                    style="red" if i.error else "")
+        stdout.print(line)
 
 
 def register(app: typer.Typer) -> None:

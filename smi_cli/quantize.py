@@ -34,7 +34,7 @@ def quantize(
     config_file: ConfigFile = None,
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
-    scheme: Annotated[str, typer.Option(help="Where and how to quantise: matmul (inputs of every matmul), seed (the seed's / PSAQ-ViT's positions), repq (RepQ-ViT), or a plugin's (see `smi plugins`).")] = DEFAULT_SCHEME,
+    scheme: Annotated[str, typer.Option(autocompletion=o.installed("schemes"), help="Where and how to quantise: matmul (inputs of every matmul), seed (the seed's / PSAQ-ViT's positions), repq (RepQ-ViT), or a plugin's (see `smi plugins`).")] = DEFAULT_SCHEME,
     w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits (per output channel), 2 to 16: e.g. 8, 4, 3.")] = 8,
     a_bit: Annotated[int, typer.Option("--a-bit", help="Activation bits (per tensor), 2 to 16: e.g. 8, 4, 3.")] = 8,
     calibrator: Annotated[Optional[str], typer.Option(help=f"How activation ranges are set: {', '.join(CALIBRATORS)} (default: the scheme's; minmax for matmul and seed, search for repq).", show_default=False)] = None,

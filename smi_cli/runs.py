@@ -12,7 +12,7 @@ import typer
 from smi_cli import options as o
 from rich.text import Text
 
-from smi_cli.console import markup_safe, plain, print_json, show, stderr, stdout
+from smi_cli.console import fits, markup_safe, plain, print_json, show, stderr, stdout
 from smi_cli.dashboard.state import STATUS_STYLES, RunState, finite_number
 from smi_cli.help import command
 from smi_cli.progress import duration
@@ -181,10 +181,8 @@ RESULT_LABELS = {"teacher_accuracy": "teacher acc", "top1": "top-1", "fp32_top1"
 
 def show_runs(rows: list[dict[str, Any]]) -> None:
     """The table, or where a terminal is too narrow for it, two lines per run (nothing cut)."""
-    from rich.measure import Measurement
-
     grid = table(rows)
-    if Measurement.get(stdout, stdout.options.update(max_width=10_000), grid).maximum <= stdout.width:
+    if fits(grid):
         show(grid, stdout)
         return
     for r in rows:

@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -465,3 +466,91 @@ def test_one_definition_of_time_after_a_kill_and_a_resume(tmp_path):
     from smi_cli.progress import duration
 
     assert f"active {duration(summary['active_seconds'])}" in resumed.stdout
+
+
+# -- 80 columns: every screen keeps what a user acts on -------------------------------------------
+def _screen(runs: list[Path], size=(80, 24)) -> str:
+    """What the dashboard draws on a terminal of ``size``, as text."""
+    async def main():
+        async with Dashboard(runs, ["invert"] * len(runs), follow=False).run_test(size=size) as pilot:
+            await pilot.pause(0.3)
+            return "\n".join(strip.text for strip in pilot.app.screen._compositor.render_strips(pilot.app.screen.size))
+
+    return asyncio.run(main())
+
+
+def test_an_interrupted_run_at_80_by_24_shows_its_whole_resume_command_and_every_row(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the command as the user typed the folder: a relative path
+    run = unfinished_copy(RECORDED, Path("runs") / "a-run-folder-with-a-rather-long-name")
+    last = read_events(run)[-1]["time"]
+    with open(run / "events.jsonl", "a") as handle:
+        handle.write(json.dumps({"event": "run_interrupted", "time": last + 1, "rank": 0, "message": "stopped at batch 1"}) + "\n")
+    screen = _screen([run])
+    assert f"smi invert --resume --out {run}" in screen
+    assert all(f"│ {row}" in screen for row in ("images ", "speed ", "time ", "ETA ")), screen
+
+
+def test_two_runs_at_80_columns_keep_the_verdict(tmp_path):
+    dense = tmp_path / "dense"
+    shutil.copytree(RECORDED, dense)
+    text = (dense / "events.jsonl").read_text().splitlines(keepends=True)
+    events = [json.loads(line) for line in text]
+    for event in events:
+        if event["event"] == "iteration":
+            event["seconds"] *= 2
+    (dense / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    screen = _screen([dense, RECORDED])
+    assert "recorded-sparse is 2.00x faster than dense" in screen.replace("\n", " ")
+
+
+def _in_terminal(args: list[str], columns: int = 80) -> str:
+    """A command run on a pseudo-terminal ``columns`` wide, as the text it showed."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "smi_cli", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "TERM": "xterm", "COLUMNS": str(columns)})
+    os.close(slave)
+    raw = b""
+    while select.select([master], [], [], 60)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        raw += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode(errors="replace")).replace("\r", "")
+
+
+def test_plugins_in_an_80_column_terminal_never_break_a_name():
+    shown = _in_terminal(["plugins"])
+    assert max(len(line) for line in shown.splitlines()) <= 80
+    words = set(re.findall(r"[\w.-]+", shown))
+    assert {"deepinversion", "quant_schemes", "tensorboard", "random", "repq", "quantize"} <= words, shown
+
+
+@pytest.mark.parametrize("group", [[], ["data"], ["teacher"]])
+def test_group_help_at_80_columns_cuts_no_command_summary(group):
+    text = smi(*group, "--help", check=True, env={"COLUMNS": "80"}).stdout
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert not [line for line in text.splitlines()[1:] if line.rstrip().endswith("...")], text
+
+
+@pytest.mark.parametrize("words, expected", [
+    ("smi invert --selection ", ["pri", "random", "smi"]), ("smi invert --loss d", ["deepinversion"]),
+    ("smi quantize --scheme ", ["matmul", "repq", "seed"]), ("smi invert --device c", ["cpu", "cuda"]),
+    ("smi distill --selection p", ["pri"]), ("smi quantize --reconstruct ", ["none", "block"]),
+])
+def test_shell_completion_offers_the_values_an_option_takes(words, expected):
+    proc = subprocess.run([sys.executable, "-m", "smi_cli"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "_SMI_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))})
+    assert proc.stdout.split() == expected, proc.stderr

@@ -203,18 +203,18 @@ class Dashboard(App):
 
     def _comparison(self) -> Text:
         """Wall-clock seconds per iteration so far, run against run: the same basis as the demo
-        table's speedup (which is this ratio over whole runs)."""
-        views = self.views
-        text = Text("wall-clock per iteration so far: ", "bold")
-        timed = [(plain(view.run_dir.name), view.state.seconds_per_iteration) for view in views]
-        text.append(" · ".join(f"{name} {'-' if t is None else f'{1000 * t:.1f} ms'}" for name, t in timed))
+        table's speedup (which is this ratio over whole runs). The verdict comes first, and the
+        line wraps rather than cut, so a narrow terminal keeps what the comparison says."""
+        timed = [(plain(view.run_dir.name), view.state.seconds_per_iteration) for view in self.views]
         known = [(name, t) for name, t in timed if t]
+        text = Text()
         if len(known) > 1:
             (fast, fastest), (slow, slowest) = min(known, key=lambda k: k[1]), max(known, key=lambda k: k[1])
-            if slowest > fastest:
-                text.append(f"  →  {fast} is {slowest / fastest:.2f}x faster than {slow}", "bold green")
-            else:
-                text.append("  →  the same speed", "bold")
+            verdict = f"{fast} is {slowest / fastest:.2f}x faster than {slow}" if slowest > fastest else "the same speed"
+            text.append(verdict, "bold green" if slowest > fastest else "bold")
+            text.append(" · ")
+        text.append("wall-clock per iteration so far: ", "bold")
+        text.append(" · ".join(f"{name} {'-' if t is None else f'{1000 * t:.1f} ms'}" for name, t in timed))
         return text
 
     # -- keys -----------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ class Throughput(Panel):
 
     def render_state(self, state: RunState, run_dir: Path) -> Table:
         table = Table.grid(padding=(0, 1))
-        table.add_column(style="bold", no_wrap=True)
+        table.add_column(style="bold", no_wrap=True, min_width=len("token FLOPs"))  # the names never give way
         table.add_column(no_wrap=True, overflow="ellipsis")
         status = (self.liveness or Liveness(state.status)).status
         eta = {"finished": "done", "paused": "paused", "dead": "- (the run died)", "failed": "- (failed)",
@@ -182,12 +182,12 @@ class Throughput(Panel):
                 # images written to the pool (a Patch Rebirth trajectory writes several), not batch x it/s
                 ("images", f"{state.images_made}/{state.total_images}"),
                 ("images/s", "-" if state.images_per_second is None else f"{state.images_per_second:,.2f}"),
-                ("tokens/s", f"{sum(state.tokens_per_s.values()):,.0f}"),
-                ("iterations/s", f"{state.iteration_rate:,.2f}"),
+                ("speed", f"{state.iteration_rate:,.2f} it/s · {sum(state.tokens_per_s.values()):,.0f} tokens/s"),
                 # the cost model, not a speedup: speedups are measured in wall-clock time only
                 ("token FLOPs", "-" if flops is None else f"{100 * flops:.0f}% of dense so far"),
             ]
-        times = [("active", duration(state.clock.active)), ("since start", duration(state.clock.since_start))]
+        # One row for both durations: at 80x24, beside a Problem panel, every row still shows.
+        times = [("time", f"{duration(state.clock.active)} active · {duration(state.clock.since_start)} since start")]
         for key, value in [*rows, *times, ("ETA", eta)]:
             table.add_row(key, value)
         return table
