@@ -23,7 +23,7 @@ from pathlib import Path
 
 from smi_cli.dashboard.app import Dashboard, RunView
 from smi_cli.watch import run_kind
-from smi_engine.events import read_events
+from smi_engine.runs.events import read_events
 
 from results_io import save_results
 

@@ -158,11 +158,11 @@ def quantisation_matrix(folder: Path, teacher: Path, data: str, seed: int, devic
     if target.exists():
         return json.loads(target.read_text())
     from smi_engine.data import ModelInput, load_data, loader
-    from smi_engine.device import resolve_device
-    from smi_engine.evaluate import evaluate
+    from smi_engine.runtime.device import resolve_device
+    from smi_engine.downstream.evaluate import evaluate
     from smi_engine.models import ModelSpec, load_model
     from smi_engine.quantization import QuantConfig
-    from smi_engine.quantization.job import QuantizeJob, calibrate
+    from smi_engine.downstream.quantize import QuantizeJob, calibrate
 
     torch_device = resolve_device(device)
     loaded = load_model(ModelSpec.from_dir(teacher), torch_device)

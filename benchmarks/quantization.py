@@ -70,11 +70,11 @@ def main() -> dict:
 
 def _cells(folder: Path, teacher: Path, data: str, seed: int, opts) -> dict:
     from smi_engine.data import ModelInput, load_data, loader
-    from smi_engine.device import resolve_device
-    from smi_engine.evaluate import evaluate
+    from smi_engine.runtime.device import resolve_device
+    from smi_engine.downstream.evaluate import evaluate
     from smi_engine.models import ModelSpec, load_model
     from smi_engine.quantization import QuantConfig
-    from smi_engine.quantization.job import QuantizeJob, calibrate
+    from smi_engine.downstream.quantize import QuantizeJob, calibrate
     from smi_engine.quantization.names import ReconstructConfig
 
     cache = folder / "quantization-cells.json"

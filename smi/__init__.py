@@ -15,9 +15,9 @@ elsewhere; ``progress=False`` is silent. Errors are ``SmiError`` with one line s
 """
 
 from smi.api import Accuracy, Distilled, Run, distill, evaluate, invert, load_model, quantize, save_model
-from smi_engine.losses import LossSpec
+from smi_engine.inversion.losses import LossSpec
 from smi_engine.quantization.names import ReconstructConfig
-from smi_engine.selection import SelectionSpec
+from smi_engine.inversion.selection import SelectionSpec
 from smi_engine.errors import SmiError
 from smi_engine.models import Normalizer
 from smi_engine.pool import Pool, load_pool

@@ -15,23 +15,23 @@ from torch import nn
 from smi_cli.progress import Display, InversionProgress, PhaseProgress, TerminalDisplay, TrainingProgress, open_display
 from smi_cli.runs import row
 from smi_engine.data import ModelInput, check_fits, load_data, loader
-from smi_engine.device import resolve_device
-from smi_engine.distill import DistillConfig, run_distillation
+from smi_engine.runtime.device import resolve_device
+from smi_engine.downstream.distill import DistillConfig, run_distillation
 from smi_engine.errors import SmiError
-from smi_engine.evaluate import evaluate as accuracy_of
-from smi_engine.events import EventBus, read_events
+from smi_engine.downstream.evaluate import evaluate as accuracy_of
+from smi_engine.runs.events import EventBus, read_events
 from smi_engine.files import read_json
-from smi_engine.invert import InversionConfig, Inverter
-from smi_engine.inversion_run import build_losses, inversion_plan, run_inversion
-from smi_engine.losses import LossSpec
+from smi_engine.inversion.loop import InversionConfig, Inverter
+from smi_engine.inversion.run import build_losses, inversion_plan, run_inversion
+from smi_engine.inversion.losses import LossSpec
 from smi_engine.models import LoadedModel, ModelSpec, create_model, load_model as load_loaded, resolve_normalizer
 from smi_engine.models import save_model as save_loaded
 from smi_engine.pool import Pool, load_pool
-from smi_engine.quantization.job import QuantizeJob, calibrate
+from smi_engine.downstream.quantize import QuantizeJob, calibrate
 from smi_engine.quantization.names import ReconstructConfig
 from smi_engine.quantization.scheme import QuantConfig
-from smi_engine.rundir import RunDir
-from smi_engine.selection import SelectionSpec
+from smi_engine.runs.rundir import RunDir
+from smi_engine.inversion.selection import SelectionSpec
 
 Model = nn.Module | str | Path  # a module in memory, or a model folder (``smi teacher train``, ``save_model``)
 #: What a module made or loaded by smi carries: how to rebuild and feed it (name, normalisation,

@@ -37,7 +37,7 @@ def bench(
     Example: SMI and Patch Rebirth at the seed's schedule, PRI at a steeper one
       smi bench --compare smi --compare pri --compare pri@20:0.5,40:0.5,80:0.5
     """
-    from smi_engine.bench import BenchConfig, run_benchmark
+    from smi_engine.inversion.bench import BenchConfig, run_benchmark
     from smi_engine.files import check_writable, write_json
     from smi_engine.models import parse_model_args
 
@@ -66,8 +66,8 @@ def print_report(result: dict) -> None:
     from rich import box
     from rich.table import Table
 
-    from smi_engine.bench import DENSE
-    from smi_engine.invert import PHASES
+    from smi_engine.inversion.bench import DENSE
+    from smi_engine.inversion.loop import PHASES
 
     cfg = result["config"]
     console = stdout

@@ -34,13 +34,13 @@ def demo(
       smi demo
       smi demo --selection smi --selection pri    # dense, SMI and Patch Rebirth
     """
-    from smi_engine import demo as recipe
-    from smi_engine.device import resolve_device
-    from smi_engine.events import EventBus
+    from smi_engine.inversion import demo as recipe
+    from smi_engine.runtime.device import resolve_device
+    from smi_engine.runs.events import EventBus
     from smi_engine.files import check_writable
-    from smi_engine.inversion_run import run_inversion
+    from smi_engine.inversion.run import run_inversion
     from smi_engine.models import read_card
-    from smi_engine.selection import SelectionSpec, build_selection
+    from smi_engine.inversion.selection import SelectionSpec, build_selection
 
     selections = [SelectionSpec.parse(name) for name in dict.fromkeys(selection or ["smi"])]
     out = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-demo"

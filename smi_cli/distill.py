@@ -95,14 +95,14 @@ def distill(
         --student runs/student-0-4 --pool runs/sparse --data fashion-mnist
     """
     from smi_cli.signals import stop_on_signals
-    from smi_engine import distributed
-    from smi_engine.control import RunControl, RunInterrupted
-    from smi_engine.distill import DistillConfig, resolve_grow, resolve_recipe, run_distillation
-    from smi_engine.invert import InversionConfig
-    from smi_engine.losses import LossSpec, attach_options
+    from smi_engine.runtime import distributed
+    from smi_engine.runs.control import RunControl, RunInterrupted
+    from smi_engine.downstream.distill import DistillConfig, resolve_grow, resolve_recipe, run_distillation
+    from smi_engine.inversion.loop import InversionConfig
+    from smi_engine.inversion.losses import LossSpec, attach_options
     from smi_engine.models import ModelSpec, parse_model_args
-    from smi_engine.rundir import RunDir
-    from smi_engine.selection import SelectionSpec
+    from smi_engine.runs.rundir import RunDir
+    from smi_engine.inversion.selection import SelectionSpec
 
     display = open_display(stderr, quiet, progress_every)
     teacher_spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher)

@@ -32,8 +32,8 @@ def evaluate(
     """
     from smi_engine.checks import at_least
     from smi_engine.data import ModelInput, check_fits, load_data, loader
-    from smi_engine.device import resolve_device
-    from smi_engine.evaluate import evaluate as run_evaluate
+    from smi_engine.runtime.device import resolve_device
+    from smi_engine.downstream.evaluate import evaluate as run_evaluate
     from smi_engine.models import load_model
 
     at_least("--limit", limit, 0, 1000)

@@ -30,7 +30,7 @@ def export(
       smi export runs/sparse --to exported/sparse
       smi export runs/pri --to exported/pri-arrays --format npz --json
     """
-    from smi_engine.export import export_pool
+    from smi_engine.downstream.export import export_pool
 
     result = export_pool(run, to, format, stopped)
     if json_output:

@@ -13,7 +13,7 @@ from smi_cli.console import markup_safe, no_terminal_reason, plain, print_json, 
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, duration, open_display
 from smi_engine.errors import SmiError
-from smi_engine.schedule import SEED_SCHEDULE_TEXT
+from smi_engine.inversion.schedule import SEED_SCHEDULE_TEXT
 
 RUN = o.RUN
 
@@ -86,13 +86,13 @@ def invert(
       smi invert --resume --out runs/sparse
     """
     from smi_cli.signals import stop_on_signals
-    from smi_engine import distributed
-    from smi_engine.control import RunControl, RunInterrupted
-    from smi_engine.invert import InversionConfig
-    from smi_engine.inversion_run import InversionRun, default_out_dir
-    from smi_engine.losses import LossSpec, attach_options
-    from smi_engine.rundir import RunDir
-    from smi_engine.selection import SelectionSpec
+    from smi_engine.runtime import distributed
+    from smi_engine.runs.control import RunControl, RunInterrupted
+    from smi_engine.inversion.loop import InversionConfig
+    from smi_engine.inversion.run import InversionRun, default_out_dir
+    from smi_engine.inversion.losses import LossSpec, attach_options
+    from smi_engine.runs.rundir import RunDir
+    from smi_engine.inversion.selection import SelectionSpec
 
     if tui and (why := no_terminal_reason()):  # nohup, a redirect: a dashboard would write escapes to a log
         warn(f"--tui needs a terminal ({why}): showing plain progress lines instead")
@@ -146,8 +146,8 @@ def invert(
 def _run_with_dashboard(config, out: Path, resume: bool, device, control) -> dict:
     """The job in a worker thread, the dashboard in front; bad requests fail before it opens."""
     from smi_cli.dashboard.app import Dashboard
-    from smi_engine.control import RunInterrupted
-    from smi_engine.inversion_run import InversionRun
+    from smi_engine.runs.control import RunInterrupted
+    from smi_engine.inversion.run import InversionRun
 
     run = InversionRun.prepare(config, out, resume=resume, device=device, control=control)
     result: dict = {}

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 
 from smi_engine.checks import positive
-from smi_engine.schedule import CostModel
+from smi_engine.inversion.schedule import CostModel
 
 DEFAULT_EVERY = 10.0  # seconds between plain progress lines
 

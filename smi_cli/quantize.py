@@ -71,12 +71,12 @@ def quantize(
       smi quantize --teacher runs/teacher --calib noise --data digits --json
     """
     from smi_cli.signals import stop_on_signals
-    from smi_engine.control import RunControl, RunInterrupted
-    from smi_engine.device import resolve_device
-    from smi_engine.events import EventBus
+    from smi_engine.runs.control import RunControl, RunInterrupted
+    from smi_engine.runtime.device import resolve_device
+    from smi_engine.runs.events import EventBus
     from smi_engine.quantization import QuantConfig
-    from smi_engine.quantization.job import QuantizeJob, run_quantization
-    from smi_engine.rundir import RunDir
+    from smi_engine.downstream.quantize import QuantizeJob, run_quantization
+    from smi_engine.runs.rundir import RunDir
 
     display = open_display(stderr, quiet, progress_every)
     job = QuantizeJob(model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), calib=calib,

@@ -17,9 +17,9 @@ from smi_cli.dashboard.state import STATUS_STYLES, RunState, finite_number
 from smi_cli.help import command
 from smi_cli.progress import duration
 from smi_engine.errors import SmiError
-from smi_engine.events import iter_events
+from smi_engine.runs.events import iter_events
 from smi_engine.files import read_json
-from smi_engine.rundir import RunDir
+from smi_engine.runs.rundir import RunDir
 
 SEARCH_DEPTH = 3  # folders below a given one searched for runs (a demo folder holds one run per mode)
 COLUMNS = ("run", "kind", "status", "model", "schedule", "kept", "images", "active", "result")

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from rich.console import Console
 
-from smi_engine.control import RunControl
+from smi_engine.runs.control import RunControl
 
 
 CHECKPOINT = "stopping after this iteration and saving a checkpoint"

@@ -31,10 +31,10 @@ def task(
       smi task quantize -o teacher_dir=runs/teacher -o calib=runs/sparse \\
         -o data=fashion-mnist -o w_bit=4
     """
-    from smi_engine.device import resolve_device
+    from smi_engine.runtime.device import resolve_device
     from smi_engine.models import parse_model_args
     from smi_engine.plugins import get_registry
-    from smi_engine.tasks import TaskContext
+    from smi_engine.downstream.tasks import TaskContext
 
     display = open_display(stderr, quiet, progress_every)
     registration = get_registry().get("tasks", name)

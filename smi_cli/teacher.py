@@ -63,13 +63,13 @@ def train(
         --model-args img_size=32,patch_size=4,in_chans=1 --out runs/teacher
     """
     from smi_engine.data import load_data
-    from smi_engine.device import resolve_device
+    from smi_engine.runtime.device import resolve_device
     from smi_engine.errors import SmiError
     from smi_engine.models import ModelSpec, load_model
     from smi_cli.signals import stop_on_signals
-    from smi_engine.control import RunControl, RunInterrupted
-    from smi_engine.rundir import RunDir
-    from smi_engine.teacher import TrainConfig, run_teacher_training
+    from smi_engine.runs.control import RunControl, RunInterrupted
+    from smi_engine.runs.rundir import RunDir
+    from smi_engine.downstream.teacher import TrainConfig, run_teacher_training
 
     display = open_display(stderr, quiet, progress_every)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

@@ -11,7 +11,7 @@ import typer
 from smi_cli.console import no_terminal_reason, plain
 from smi_cli.help import command
 from smi_engine.errors import SmiError
-from smi_engine.rundir import RunDir
+from smi_engine.runs.rundir import RunDir
 
 
 def watch(

@@ -19,9 +19,10 @@ from torch import nn
 from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.errors import SmiError
 from smi_engine.models import Normalizer
-from smi_engine.pool import Pool, blank_stopped, load_pool
+from smi_engine.pool import Pool, load_pool
+from smi_engine.vit.patches import blank_stopped
 from smi_engine.quantization.names import check_sparse_feed
-from smi_engine.sparse_vit import SparseViT
+from smi_engine.vit.sparse_vit import SparseViT
 
 
 @dataclass

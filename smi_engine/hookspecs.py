@@ -16,7 +16,7 @@ def register_losses(register):
     """Add dense inversion losses: ``register(name, factory)``.
 
     ``factory(**options)`` returns a callable ``loss(state: LossState)`` giving a scalar tensor
-    or a dict of named scalar tensors (see ``smi_engine.losses`` for the optional extras).
+    or a dict of named scalar tensors (see ``smi_engine.inversion.losses`` for the optional extras).
     """
 
 
@@ -24,13 +24,13 @@ def register_losses(register):
 def register_selections(register):
     """Add patch-selection policies: ``register(name, factory)``; ``factory(**options)`` returns
     a policy deciding, at each stop, which patches leave the optimised set and whether they stay
-    in the final image (see ``smi_engine.selection``). Choose one with ``--selection NAME``."""
+    in the final image (see ``smi_engine.inversion.selection``). Choose one with ``--selection NAME``."""
 
 
 @hookspec
 def register_tasks(register):
     """Add downstream tasks: ``register(name, factory)``; ``factory()`` returns a ``Task``
-    (see ``smi_engine.tasks``)."""
+    (see ``smi_engine.downstream.tasks``)."""
 
 
 @hookspec

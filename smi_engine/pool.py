@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, open_regular, own_folder
 from smi_engine.models import ModelSpec, Normalizer
-from smi_engine.patches import PatchGrid
-from smi_engine.preview import unit_pixels
-from smi_engine.rundir import RunDir
+from smi_engine.vit.patches import image_pixel_mask
+from smi_engine.inversion.preview import unit_pixels
+from smi_engine.runs.rundir import RunDir
 
 SHARD_PATTERN = re.compile(r"^batch-(\d+)-r(\d+)\.safetensors$")
 
@@ -95,7 +95,7 @@ class Pool:
 
     def pixel_mask(self) -> torch.Tensor:
         """(N, 1, H, W) bool: the pixels of each image's kept patches."""
-        return _pixel_mask(self.images, self.keep)
+        return image_pixel_mask(self.images, self.keep)
 
     def select(self, rows: torch.Tensor) -> "Pool":
         """The images at ``rows`` (indices or a bool mask), with their provenance."""
@@ -184,19 +184,6 @@ def check_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise bad("keep", "leaves an image with no patch")
     if bool((labels < 0).any()):
         raise bad("labels", "hold a negative class")
-
-
-def blank_stopped(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Stopped patches set to the normaliser's zero (the mean colour): for models that cannot
-    drop tokens."""
-    return images * _pixel_mask(images, keep).to(images.device, images.dtype)
-
-
-def _pixel_mask(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) bool: the pixels of kept patches; the patch size follows from the shapes."""
-    _, c, h, w = images.shape
-    rows, cols = keep.shape[1:]
-    return PatchGrid(c, h, w, h // rows, w // cols).pixel_mask(keep.to(images.device))
 
 
 class PoolDataset(Dataset):

@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smi_engine.augment import Jitter
-from smi_engine.hookspecs import hookimpl
-from smi_engine.losses import InversionContext, LossState
+from smi_engine import InversionContext, Jitter, LossState, hookimpl
 
 
 def instance_features(block_outputs: list[torch.Tensor], prefix_tokens: int) -> torch.Tensor:

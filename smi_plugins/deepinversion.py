@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smi_engine.calibration import Batch, ModelFeeder
-from smi_engine.errors import SmiError
-from smi_engine.hookspecs import hookimpl
-from smi_engine.losses import InversionContext, LossState
-from smi_engine.models import ModelSpec, Normalizer, load_model
+from smi_engine import (
+    Batch, InversionContext, LossState, ModelFeeder,
+    ModelSpec, Normalizer, SmiError, hookimpl, load_model,
+)
 
 
 def bn_statistics_gap(module: nn.BatchNorm2d, inputs: torch.Tensor) -> torch.Tensor:

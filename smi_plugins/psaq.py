@@ -17,8 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from smi_engine.hookspecs import hookimpl
-from smi_engine.losses import LossState
+from smi_engine import LossState, hookimpl
 
 
 def gaussian_kde(samples: torch.Tensor, points: torch.Tensor, bandwidth: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from smi_engine.hookspecs import hookimpl
+from smi_engine import hookimpl
 from smi_engine.quantization.matmul import MatmulScheme
 from smi_engine.quantization.repq import RepQScheme
 from smi_engine.quantization.seed import SeedScheme

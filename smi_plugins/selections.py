@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from smi_engine.checks import choice, flag_value
-from smi_engine.hookspecs import hookimpl
-from smi_engine.selection import LEAVING, StopContext
+from smi_engine import LEAVING, StopContext, choice, flag_value, hookimpl
 
 
 class RankedSelection:

@@ -6,12 +6,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from smi_engine.distill import DistillConfig, resolve_grow, resolve_recipe, run_distillation
-from smi_engine.hookspecs import hookimpl
-from smi_engine.invert import InversionConfig
-from smi_engine.quantization.job import QuantizeJob, run_quantization
-from smi_engine.quantization.scheme import DEFAULT_SCHEME, QuantConfig
-from smi_engine.tasks import TaskContext, TaskOptions
+from smi_engine import (
+    DistillConfig, InversionConfig, QuantConfig, QuantizeJob,
+    TaskContext, TaskOptions, hookimpl, run_distillation, run_quantization,
+)
+from smi_engine.downstream.distill import resolve_grow, resolve_recipe
+from smi_engine.quantization.scheme import DEFAULT_SCHEME
 
 
 class QuantizeTask:

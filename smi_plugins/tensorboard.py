@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from smi_engine.errors import SmiError
-from smi_engine.hookspecs import hookimpl
+from smi_engine import SmiError, hookimpl
 
 LOG_FOLDER = "tensorboard"
 

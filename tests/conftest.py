@@ -13,8 +13,8 @@ import pytest
 import timm
 import torch
 
-from smi_engine.invert import InversionConfig, Inverter
-from smi_engine.inversion_run import build_losses
+from smi_engine.inversion.loop import InversionConfig, Inverter
+from smi_engine.inversion.run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def digits_teacher(tmp_path_factory) -> Path:
     saved as a model folder, once per test session."""
     from smi_engine.data import load_data
     from smi_engine.models import save_model
-    from smi_engine.teacher import TrainConfig, train_classifier
+    from smi_engine.downstream.teacher import TrainConfig, train_classifier
 
     torch.manual_seed(0)
     spec = ModelSpec("vit_tiny_patch16_224", DIGITS_ARGS, mean=(0.5,), std=(0.5,), classes=tuple("0123456789"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from smi_cli.app import main
-from smi_engine.runlock import RunLock, holder_of, is_locked
+from smi_engine.runs.runlock import RunLock, holder_of, is_locked
 
 from .conftest import TINY_MODEL_ARGS, assert_one_line_error, read_events, smi, tree_snapshot
 
@@ -197,7 +197,7 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_being_written():
     from rich.console import Console
 
     from smi_cli.signals import stop_on_signals
-    from smi_engine.control import RunControl
+    from smi_engine.runs.control import RunControl
 
     control = RunControl()
     console = Console(file=open(os.devnull, "w"))

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from smi_engine.bench import BenchConfig, run_benchmark
+from smi_engine.inversion.bench import BenchConfig, run_benchmark
 from smi_engine.errors import SmiError
-from smi_engine.schedule import Schedule, speedup_bound
+from smi_engine.inversion.schedule import Schedule, speedup_bound
 
 from .conftest import FASHION_MNIST, assert_one_line_error, read_events, smi
 
@@ -36,7 +36,7 @@ def test_teacher_training_learns(digits_teacher):
     """The session's teacher (10 epochs of a tiny ViT on digits) against the same ViT untrained,
     measured here: about 84% against 10%; the margin leaves room for other CPUs."""
     from smi_engine.data import ModelInput, load_data, loader
-    from smi_engine.evaluate import evaluate
+    from smi_engine.downstream.evaluate import evaluate
     from smi_engine.models import ModelSpec, load_model
 
     trained = json.loads((digits_teacher / "smi-model.json").read_text())["accuracy"]["top1"]

@@ -21,9 +21,9 @@ from rich.console import Console
 from smi_cli.dashboard.app import Confirm, Dashboard, Keys
 from smi_cli.dashboard.state import RunState
 from smi_cli.dashboard.widgets import LossChart, PatchRetention, Problem, RunHeader, Throughput, Training
-from smi_engine.control import RunControl, RunInterrupted
-from smi_engine.events import read_events
-from smi_engine.rundir import RunDir
+from smi_engine.runs.control import RunControl, RunInterrupted
+from smi_engine.runs.events import read_events
+from smi_engine.runs.rundir import RunDir
 
 from .conftest import TINY_MODEL_ARGS, assert_one_line_error, smi
 
@@ -358,7 +358,7 @@ def test_the_reader_survives_any_bytes_and_any_json():
     raise; every complete line that is not a well-formed event is counted as damaged."""
     import random
 
-    from smi_engine.events import parse_lines
+    from smi_engine.runs.events import parse_lines
 
     rng = random.Random(0)
     for _ in range(300):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from smi_engine.pool import load_pool, shard_batches
-from smi_engine.rundir import RunDir
+from smi_engine.runs.rundir import RunDir
 
 from .conftest import TINY_MODEL_ARGS, read_events, smi
 

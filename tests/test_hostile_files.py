@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from smi_cli.dashboard.follower import EventFollower
-from smi_engine.control import RunControl, RunInterrupted
-from smi_engine.invert import InversionConfig
-from smi_engine.inversion_run import run_inversion
-from smi_engine.rundir import RunDir
+from smi_engine.runs.control import RunControl, RunInterrupted
+from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.run import run_inversion
+from smi_engine.runs.rundir import RunDir
 
 from .conftest import TINY_MODEL_ARGS, assert_one_line_error, smi, tiny_spec, tree_snapshot
 
@@ -136,7 +136,7 @@ def test_the_dashboard_shows_only_the_runs_own_bounded_previews(tmp_path, outsid
     from PIL import Image
 
     from smi_engine.errors import SmiError
-    from smi_engine.preview import read_preview
+    from smi_engine.inversion.preview import read_preview
 
     previews = tmp_path / "previews"
     previews.mkdir()

@@ -7,15 +7,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, write_json
-from smi_engine.invert import InversionConfig
-from smi_engine.inversion_run import run_inversion
-from smi_engine.losses import LossSpec
-from smi_engine.pool import blank_stopped, load_pool, shard_name
-from smi_engine.rundir import RunDir
-from smi_engine.selection import SelectionSpec
+from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.run import run_inversion
+from smi_engine.inversion.losses import LossSpec
+from smi_engine.pool import load_pool, shard_name
+from smi_engine.vit.patches import blank_stopped
+from smi_engine.runs.rundir import RunDir
+from smi_engine.inversion.selection import SelectionSpec
 
 from .conftest import read_events, tiny_spec, tree_snapshot
 

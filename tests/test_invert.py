@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smi_engine.augment import Jitter
-from smi_engine.events import EventBus
-from smi_engine.invert import BatchState, batch_generator, make_targets
+from smi_engine.vit.augment import Jitter
+from smi_engine.runs.events import EventBus
+from smi_engine.inversion.loop import BatchState, batch_generator, make_targets
 from smi_engine.errors import SmiError
 from smi_engine.models import ModelSpec, load_model
-from smi_engine.sparse_image import SparseImage
+from smi_engine.vit.sparse_image import SparseImage
 
 from .conftest import make_inverter
 

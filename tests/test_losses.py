@@ -3,13 +3,12 @@
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus
-from smi_engine.losses import LossSpec, as_terms, attach_options, build_loss
+from smi_engine.runs.events import EventBus
+from smi_engine.inversion.losses import LossSpec, as_terms, attach_options, build_loss
 from smi_engine.models import ModelSpec, load_model, save_model
 from smi_plugins.cmi import ContrastiveLoss, MemoryBank, contrastive_loss, instance_features
 from smi_plugins.deepinversion import DeepInversionLoss, bn_statistics_gap, js_divergence
@@ -47,7 +46,7 @@ def test_deepinversion_terms_and_weights(tiny_loaded):
     first = events[1]["losses"]
     assert set(first) == {"total", "deepinversion.ce", "deepinversion.l2"}  # zero weight: no term
     # at iteration 0 the image is the batch's starting noise: recompute the terms from it
-    from smi_engine.invert import batch_generator
+    from smi_engine.inversion.loop import batch_generator
 
     generator = batch_generator(0, 0)
     noise = torch.randn(4, 1, 32, 32, generator=generator)
@@ -218,7 +217,3 @@ def test_a_non_finite_loss_stops_the_run_with_a_named_term(tiny_loaded):
     inverter.losses.append((LossSpec("explodes"), Explodes()))
     with pytest.raises(SmiError, match="'explodes' became"):
         inverter.invert_batch(0)
-
-
-def test_timm_is_real():
-    assert isinstance(timm.create_model("resnet18"), torch.nn.Module)

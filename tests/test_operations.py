@@ -20,8 +20,8 @@ from smi_cli.dashboard.app import Dashboard
 from smi_cli.dashboard.state import RunState
 from smi_cli.dashboard.widgets import PatchRetention, Problem, RunHeader, Throughput
 from smi_cli.progress import InversionProgress, LogDisplay, TerminalDisplay
-from smi_engine.gpu import open_monitor
-from smi_engine.liveness import STALL_FLOOR_SECONDS
+from smi_engine.runtime.gpu import open_monitor
+from smi_engine.runs.liveness import STALL_FLOOR_SECONDS
 
 from .conftest import TINY_MODEL_ARGS, assert_one_line_error, read_events, smi
 from .test_dashboard import RECORDED, plain, unfinished_copy
@@ -151,7 +151,7 @@ def _render(display: TerminalDisplay) -> str:
 
 def test_eta_projects_the_schedule_cost_and_does_not_jump_at_a_batch_start():
     """Iterations timed exactly by the cost model: the ETA is the true remaining time all along."""
-    from smi_engine.schedule import CostModel
+    from smi_engine.inversion.schedule import CostModel
 
     stops, kept, iterations, batches = [10, 20], [64, 32, 16], 40, 3
     model = CostModel.of(stops, kept, 1, 48, iterations)
@@ -305,7 +305,7 @@ def test_nvml_reading_reaches_events_and_the_header():
 def test_nvml_absent_or_without_a_driver_gives_no_reading():
     assert open_monitor("cpu", None, None) is None
     blocked = subprocess.run([sys.executable, "-c", "import sys; sys.modules['pynvml'] = None\n"
-                              "from smi_engine.gpu import open_monitor\nprint(open_monitor('cuda', 0, 'x'))"],
+                              "from smi_engine.runtime.gpu import open_monitor\nprint(open_monitor('cuda', 0, 'x'))"],
                              capture_output=True, text=True, check=True)
     assert blocked.stdout.strip() == "None"
     pynvml = pytest.importorskip("pynvml")
@@ -386,10 +386,10 @@ def test_a_pause_is_the_last_word_of_the_log_while_it_lasts(tmp_path):
     loop when it waits, after its last iteration."""
     import threading
 
-    from smi_engine.control import RunControl, RunInterrupted
-    from smi_engine.invert import InversionConfig
-    from smi_engine.inversion_run import run_inversion
-    from smi_engine.rundir import RunDir
+    from smi_engine.runs.control import RunControl, RunInterrupted
+    from smi_engine.inversion.loop import InversionConfig
+    from smi_engine.inversion.run import run_inversion
+    from smi_engine.runs.rundir import RunDir
 
     from .conftest import tiny_spec
 

@@ -105,6 +105,10 @@ def test_unknown_sink_and_loss_are_one_line_errors(tmp_path):
     proc = smi("invert", *TINY, "--iterations", "2", "--batch-size", "2", "--sink", "wandb", "--out", tmp_path / "a")
     assert proc.returncode == 2 and "unknown event sink 'wandb'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "a").exists()
+    proc = smi("invert", *TINY, "--iterations", "2", "--batch-size", "2", "--loss", "dreaminversion", "--out", tmp_path / "b")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "unknown loss 'dreaminversion'" in proc.stderr and "deepinversion" in proc.stderr  # what is installed
+    assert not (tmp_path / "b").exists()
 
 
 class _Broken:
@@ -194,3 +198,20 @@ def test_a_sink_never_breaks_json_nor_ends_a_run(plugin_env, tmp_path, sink, mes
         assert "sink saw iteration" in proc.stderr
     else:
         assert [line for line in proc.stderr.splitlines() if "sink" in line] == [f"smi: warning: {message}"]  # one line
+
+
+def test_plugins_find_everything_in_one_module_which_imports_cheaply():
+    """`from smi_engine import X` for every name a plugin needs; the import itself loads no torch."""
+    probe = ("import sys, smi_engine\n"
+             "assert 'torch' not in sys.modules, 'import smi_engine loaded torch'\n"
+             "missing = [n for n in smi_engine.__all__ if getattr(smi_engine, n, None) is None]\n"
+             "print(len(smi_engine.__all__), missing)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    count, missing = proc.stdout.split(" ", 1)
+    assert int(count) >= 30 and missing.strip() == "[]"
+    import smi_engine
+
+    for name in ("hookimpl", "LossState", "InversionContext", "StopContext", "TaskContext", "QuantConfig", "QuantLinear",
+                 "ModelFeeder", "Batch", "choice", "flag_value"):
+        assert name in smi_engine.__all__, name

@@ -8,12 +8,13 @@ import torch
 
 from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.models import ModelSpec, load_model
-from smi_engine.pool import blank_stopped, load_pool
-from smi_engine.quantization.job import QuantizeJob, calibrate
+from smi_engine.pool import load_pool
+from smi_engine.vit.patches import blank_stopped
+from smi_engine.downstream.quantize import QuantizeJob, calibrate
 from smi_engine.quantization.layers import QuantLinear
 from smi_engine.quantization.names import ReconstructConfig
 from smi_engine.quantization.quantizers import ActivationQuantizer, LearnedRounding, WeightGrid, quantize_weight
-from smi_engine.quantization.reconstruct import reconstruction_units
+from smi_engine.downstream.reconstruct import reconstruction_units
 from smi_engine.quantization.scheme import QuantConfig, quantize_model
 
 from .conftest import read_events, smi

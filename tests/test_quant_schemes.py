@@ -2,6 +2,7 @@
 saving and reloading, the plugin hook and the CLI."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from smi_engine.errors import SmiError
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.plugins import get_registry
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
-from smi_engine.quantization.job import QuantizeJob, run_quantization
+from smi_engine.downstream.quantize import QuantizeJob, run_quantization
 from smi_engine.quantization.layers import QuantLinear
 from smi_engine.quantization.quantizers import LogQuantizer, quantize_activation, quantize_log_sqrt2
 from smi_engine.quantization.repq import _post_norm_pairs, fold_channel_ranges
@@ -148,10 +149,49 @@ def test_schemes_are_plugins_and_unknown_ones_are_named(tiny_loaded):
 
 
 def test_quantize_cli_scheme_option(tmp_path, digits_teacher):
+    """--scheme picks the scheme that quantises: the saved model has the seed scheme's quantisers
+    (not matmul's), and scores what the same job run in-process scores."""
+    out = tmp_path / "q"
     proc = smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits", "--scheme", "seed",
-               "--w-bit", "4", "--a-bit", "4", "--limit", "64", "--json", "--device", "cpu", check=True)
-    assert json.loads(proc.stdout)["scheme"] == "seed"
+               "--w-bit", "4", "--a-bit", "4", "--limit", "64", "--json", "--device", "cpu", "--out", out, check=True)
+    teacher = load_model(ModelSpec.from_dir(digits_teacher)).model
+    keys = {scheme: set(quantize_model(teacher, QuantConfig(4, 4, scheme=scheme)).state_dict()) for scheme in ("seed", "matmul")}
+    assert keys["seed"] != keys["matmul"]
+    assert set(load_model(ModelSpec.from_dir(out)).model.state_dict()) == keys["seed"]
+    job = QuantizeJob(ModelSpec.from_dir(digits_teacher), "noise", "digits", QuantConfig(4, 4, scheme="seed"), limit=64)
+    assert json.loads(proc.stdout)["top1"] == run_quantization(job, torch.device("cpu"))["top1"]
     assert_one_line_error(smi("quantize", "--teacher", digits_teacher, "--calib", "noise", "--data", "digits",
                               "--scheme", "nope", "--device", "cpu"), "unknown quantisation scheme 'nope'")
     listed = json.loads(smi("plugins", "--json", check=True).stdout)
     assert next(p for p in listed if p["name"] == "quant_schemes")["schemes"] == ["matmul", "seed", "repq"]
+
+
+def test_a_scheme_is_built_once_per_job_and_keeps_its_state(digits_teacher, monkeypatch):
+    """The job asks `finish` of the very object that built the model, so a scheme may carry
+    state from `build` to `finish` (before: a fresh scheme object at every step)."""
+    from smi_engine.plugins import Registration
+    from smi_engine.quantization.matmul import MatmulScheme
+
+    made = []
+
+    class Stateful(MatmulScheme):
+        def __init__(self):
+            super().__init__()
+            self.built = None
+            made.append(self)
+
+        def build(self, model, config):
+            self.built = super().build(model, config)
+            return self.built
+
+        def finish(self, qmodel, config):
+            assert qmodel is self.built, "finish asked of another scheme object than the one that built"
+            super().finish(qmodel, config)
+
+    monkeypatch.setitem(get_registry().entries["schemes"], "stateful", Registration("stateful", Stateful, "test"))
+    job = QuantizeJob(ModelSpec.from_dir(digits_teacher), "noise", "digits", QuantConfig(4, 4, scheme="stateful"),
+                      calib_size=8, limit=32)
+    result = run_quantization(job, torch.device("cpu"))
+    assert len(made) == 1 and made[0].built is not None
+    matmul = run_quantization(replace(job, quant=QuantConfig(4, 4, scheme="matmul")), torch.device("cpu"))
+    assert result["top1"] == matmul["top1"]  # the same quantisation, only remembered

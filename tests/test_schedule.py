@@ -3,7 +3,7 @@ import math
 import pytest
 
 from smi_engine.errors import SmiError
-from smi_engine.schedule import SEED_SCHEDULE_TEXT, Schedule, Stop, block_flops, speedup_bound
+from smi_engine.inversion.schedule import SEED_SCHEDULE_TEXT, Schedule, Stop, block_flops, speedup_bound
 
 
 def test_parse_round_trips_and_dense():

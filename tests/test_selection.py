@@ -7,10 +7,10 @@ import torch
 
 from smi_cli.dashboard.state import RunState
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus
+from smi_engine.runs.events import EventBus
 from smi_engine.plugins import Registration, get_registry
 from smi_engine.pool import load_pool
-from smi_engine.selection import SelectionSpec
+from smi_engine.inversion.selection import SelectionSpec
 
 from .conftest import TINY_MODEL_ARGS, assert_one_line_error, make_inverter, read_events, smi, step_through_stop
 

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from smi_engine.control import RunInterrupted
+from smi_engine.runs.control import RunInterrupted
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus
-from smi_engine.rundir import RunDir
-from smi_engine.runlock import is_locked
-from smi_engine.session import RunSession
+from smi_engine.runs.events import EventBus
+from smi_engine.runs.rundir import RunDir
+from smi_engine.runs.runlock import is_locked
+from smi_engine.runs.session import RunSession
 
 from .conftest import read_events, smi
 

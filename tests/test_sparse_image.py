@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from smi_engine.augment import Jitter
-from smi_engine.patches import PatchGrid, indices_from_mask
-from smi_engine.sparse_image import SparseImage
+from smi_engine.vit.augment import Jitter
+from smi_engine.vit.patches import PatchGrid, indices_from_mask
+from smi_engine.vit.sparse_image import SparseImage
 
 GRID = PatchGrid(channels=2, height=24, width=32, patch_h=4, patch_w=8)  # 6x4 grid, non-square
 

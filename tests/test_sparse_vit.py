@@ -3,7 +3,7 @@ import timm
 import torch
 
 from smi_engine.errors import SmiError
-from smi_engine.sparse_vit import SparseViT
+from smi_engine.vit.sparse_vit import SparseViT
 
 from .conftest import tiny_model
 

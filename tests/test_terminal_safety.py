@@ -93,7 +93,7 @@ def test_one_damaged_run_is_listed_as_damaged_and_hides_no_other(tmp_path, damag
 
 
 def test_event_logs_are_streamed_with_bounded_lines(tmp_path):
-    from smi_engine.events import MAX_EVENT_LINE, iter_events
+    from smi_engine.runs.events import MAX_EVENT_LINE, iter_events
 
     log = tmp_path / "events.jsonl"
     huge = json.dumps({"event": "iteration", "pad": "x" * (MAX_EVENT_LINE + 10)})

@@ -26,10 +26,10 @@ from smi_cli.dashboard.state import RunState
 from smi_cli.dashboard.widgets import (
     LossChart, Panel, PatchRetention, Preview, Problem, RunHeader, Throughput, Training, loss_series,
 )
-from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.files import write_bytes
-from smi_engine.liveness import Liveness
-from smi_engine.rundir import RunDir
+from smi_engine.runs.liveness import Liveness
+from smi_engine.runs.rundir import RunDir
 
 FRAME_SECONDS = 0.1
 LIVENESS_SECONDS = 1.0  # how often a run is checked for being dead or stalled

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from smi_engine.errors import SmiError
-from smi_engine.events import parse_lines
+from smi_engine.runs.events import parse_lines
 from smi_engine.files import open_regular
 
 CHUNK = 1 << 20

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from smi_cli.console import plain
-from smi_engine.events import RunClock
-from smi_engine.liveness import Liveness, assess
-from smi_engine.schedule import CostModel, block_flops
+from smi_engine.runs.events import RunClock
+from smi_engine.runs.liveness import Liveness, assess
+from smi_engine.inversion.schedule import CostModel, block_flops
 
 SPEED_SMOOTHING = 0.2  # weight of the newest iteration in the throughput averages
 

@@ -13,9 +13,9 @@ from smi_cli.dashboard.drawing import bar_chart, half_blocks
 from smi_cli.console import plain
 from smi_cli.dashboard.state import STATUS_STYLES, RunState
 from smi_cli.progress import duration
-from smi_engine.liveness import Liveness
+from smi_engine.runs.liveness import Liveness
 from smi_engine.errors import SmiError
-from smi_engine.preview import read_preview, split_tiles
+from smi_engine.inversion.preview import read_preview, split_tiles
 
 COLOURS = ("cyan", "magenta", "yellow", "green", "blue", "red")
 KEPT, STOPPED = "█", "·"

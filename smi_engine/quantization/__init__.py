@@ -1,6 +1,9 @@
-"""Post-training quantisation of timm ViTs: quantisers, schemes (``matmul``, ``seed``, ``repq``
-and any a plugin registers), and the calibrate-then-evaluate job. ``quantizers(model)`` lives in
-``smi_engine.quantization.scheme`` (the name ``quantizers`` here is the submodule)."""
+"""Fake quantisation of timm ViTs, as a model transformation: quantisers, the layers schemes
+build from, and the schemes (``matmul``, ``seed``, ``repq`` and any a plugin registers). It
+knows nothing of runs, data or pools, so ``models`` can rebuild a saved quantised model from it;
+the job that calibrates, reconstructs and evaluates is ``smi_engine.downstream.quantize``.
+``quantizers(model)`` lives in ``smi_engine.quantization.scheme`` (the name ``quantizers`` here
+is the submodule)."""
 
 from smi_engine.lazy import lazy_exports
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME

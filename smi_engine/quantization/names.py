@@ -29,7 +29,7 @@ def check_sparse_feed(sparse: str) -> None:
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    """Block reconstruction (``smi_engine.quantization.reconstruct``); ``none`` keeps the
+    """Block reconstruction (``smi_engine.downstream.reconstruct``); ``none`` keeps the
     calibrated ranges and rounds weights to nearest."""
 
     mode: str = "none"  # none | block

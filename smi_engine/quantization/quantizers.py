@@ -6,7 +6,7 @@ clipping (RepQ-ViT). Activations are quantised per tensor, uniformly and asymmet
 (``scale = (high - low) / (2^b - 1)`` with a rounded zero point), or in the log-sqrt(2) domain
 for softmax probabilities (RepQ-ViT). Observers see float activations while calibrating and
 fix their range when calibration finishes; from then on they quantise. Block reconstruction
-(``smi_engine.quantization.reconstruct``) then learns an observer's step size (LSQ) and a
+(``smi_engine.downstream.reconstruct``) then learns an observer's step size (LSQ) and a
 layer's weight rounding (AdaRound) on the same grids.
 """
 

@@ -9,7 +9,7 @@ scheme: the built model's ``QuantLinear`` layers hold float weights until the jo
 to nearest or as block reconstruction learns. A built model answers ``forward(images)``; one
 that handles sparse images itself also has ``forward_masked(images, keep)``; one that is not
 laid out as timm's ViT names its reconstruction units (``reconstruction_units()``, see
-``smi_engine.quantization.reconstruct``).
+``smi_engine.downstream.reconstruct``).
 """
 
 from __future__ import annotations
@@ -38,16 +38,19 @@ class QuantConfig:
 
     def validate(self) -> None:
         validate_bits(self.w_bit, self.a_bit)
-        get_scheme(self.scheme)
+        _registration(self.scheme)  # the name is known; the scheme itself is built once, by its job
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:
             raise SmiError(f"unknown calibrator {self.calibrator!r}: use {', '.join(CALIBRATORS)}")
         number("--percentile", self.percentile, 99.99, low=50, high=100, low_open=True)
 
-    def resolved(self) -> "QuantConfig":
-        """The same with the scheme's calibrator filled in."""
+    def resolved(self, scheme: "QuantScheme | None" = None) -> "QuantConfig":
+        """The same with the scheme's calibrator filled in (``scheme``: the one already built)."""
         if self.calibrator is not None:
             return self
-        return QuantConfig(self.w_bit, self.a_bit, get_scheme(self.scheme).default_calibrator, self.percentile, self.scheme)
+        # From the scheme built for the job, or its class: resolving builds no second scheme.
+        factory = _registration(self.scheme).factory
+        calibrator = getattr(scheme or factory, "default_calibrator", None) or get_scheme(self.scheme).default_calibrator
+        return QuantConfig(self.w_bit, self.a_bit, calibrator, self.percentile, self.scheme)
 
     def activation(self, **kwargs: Any) -> ActivationQuantizer:
         """A per-tensor activation quantiser of this configuration."""
@@ -66,25 +69,38 @@ class QuantScheme(Protocol):
     def finish(self, qmodel: nn.Module, config: QuantConfig) -> None: ...
 
 
-def get_scheme(name: str) -> QuantScheme:
+def _registration(name: str):
     from smi_engine.plugins import get_registry  # the registry imports the built-in schemes
 
-    return get_registry().get("schemes", name).factory()
+    return get_registry().get("schemes", name)
+
+
+def get_scheme(name: str) -> QuantScheme:
+    """A new scheme object of that name (its plugin's factory called once)."""
+    return _registration(name).factory()
+
+
+#: The attribute of a built model that holds the scheme object that built it.
+SCHEME_ATTRIBUTE = "quant_scheme"
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """A fake-quantised copy of ``model`` (the original is untouched), ready to calibrate."""
+    """A fake-quantised copy of ``model`` (the original is untouched), ready to calibrate. The
+    scheme is built once and kept on the copy, so that ``finish`` is asked of the very object
+    that built it (a scheme may keep state between the two)."""
     config.validate()
-    config = config.resolved()
-    return get_scheme(config.scheme).build(copy.deepcopy(model), config).eval()
+    scheme = get_scheme(config.scheme)
+    qmodel = scheme.build(copy.deepcopy(model), config.resolved(scheme)).eval()
+    setattr(qmodel, SCHEME_ATTRIBUTE, scheme)
+    return qmodel
 
 
 @torch.no_grad()
 def fix_ranges(qmodel: nn.Module, config: QuantConfig) -> None:
     """Fix every activation range (and whatever else the scheme does after calibration); the
     weights stay float."""
-    config = config.resolved()
-    get_scheme(config.scheme).finish(qmodel, config)
+    scheme = getattr(qmodel, SCHEME_ATTRIBUTE, None) or get_scheme(config.scheme)
+    scheme.finish(qmodel, config.resolved(scheme))
 
 
 @torch.no_grad()

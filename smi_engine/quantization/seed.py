@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from smi_engine.errors import SmiError
-from smi_engine.patches import indices_from_mask
-from smi_engine.pool import blank_stopped
+from smi_engine.vit.patches import indices_from_mask
+from smi_engine.vit.patches import blank_stopped
 from smi_engine.quantization.layers import QuantLinear, finish_quantizers, swap_linear_layers
 from smi_engine.quantization.scheme import QuantConfig
-from smi_engine.sparse_vit import SparseViT
+from smi_engine.vit.sparse_vit import SparseViT
 
 
 class SeedBlockQuantizers(nn.Module):

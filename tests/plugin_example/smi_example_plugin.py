@@ -15,7 +15,7 @@ class Brightness:
     def __init__(self, target: float = 0.5):          # options: --loss-option brightness.target=0.3
         self.target = target
 
-    def __call__(self, state):                          # state: smi_engine.losses.LossState
+    def __call__(self, state):                          # state: smi_engine.inversion.losses.LossState
         mean = torch.tensor(state.normalizer.mean, device=state.patches.device)
         std = torch.tensor(state.normalizer.std, device=state.patches.device)
         channels = state.grid.channels
@@ -29,7 +29,7 @@ class CentreFirst:
     leaving = "emit"                                    # they make an image of their own ("drop", "freeze")
     keeps_remaining = True                              # the patches inverted to the end make the last one
 
-    def choose(self, stop):                             # stop: smi_engine.selection.StopContext
+    def choose(self, stop):                             # stop: smi_engine.inversion.selection.StopContext
         grid = stop.grid
         rows, cols = stop.kept // grid.cols, stop.kept % grid.cols
         distance = (rows - (grid.rows - 1) / 2) ** 2 + (cols - (grid.cols - 1) / 2) ** 2

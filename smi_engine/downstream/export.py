@@ -31,7 +31,7 @@ from PIL import Image
 
 from smi_engine.errors import SmiError
 from smi_engine.pool import Pool, load_pool, run_teacher
-from smi_engine.preview import unit_pixels
+from smi_engine.inversion.preview import unit_pixels
 
 FORMATS = ("png", "npz")
 STOPPED = ("black", "transparent")

@@ -26,20 +26,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.checks import at_least, number, positive
-from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.data import ModelInput, check_fits, load_data, loader
-from smi_engine.distributed import Placement
+from smi_engine.runtime.distributed import Placement
 from smi_engine.errors import SmiError
-from smi_engine.evaluate import evaluate, validation_progress
-from smi_engine.events import EventBus, EventSink
+from smi_engine.downstream.evaluate import evaluate, validation_progress
+from smi_engine.runs.events import EventBus, EventSink
 from smi_engine.files import read_json
-from smi_engine.invert import InversionConfig, Inverter
-from smi_engine.inversion_run import build_losses
+from smi_engine.inversion.loop import InversionConfig, Inverter
+from smi_engine.inversion.run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.pool import Pool, load_pool, write_shard
-from smi_engine.resources import MemoryProbe
-from smi_engine.rundir import RunDir
-from smi_engine.session import RunSession, build_sinks
+from smi_engine.runtime.resources import MemoryProbe
+from smi_engine.runs.rundir import RunDir
+from smi_engine.runs.session import RunSession, build_sinks
 
 RUN_KIND = "distill"
 OPTIMIZERS = ("adamw", "sgd")

@@ -4,7 +4,7 @@ The optimised variable is the set of patches still being inverted, ``(B, K, C*ph
 patches already stopped sit frozen in a full ``store``. Each iteration materialises the image,
 jitters/flips it, feeds the teacher only the kept patches (embedded one by one, position
 embeddings remapped through the jitter) and steps Adam on the kept patches alone. At a stop,
-the selection policy (``smi_engine.selection``) picks ``ratio`` of the kept patches to leave the
+the selection policy (``smi_engine.inversion.selection``) picks ``ratio`` of the kept patches to leave the
 optimised set for good, optimiser state included: SMI's rule drops the least attended by the last
 block's CLS attention; Patch Rebirth emits the most attended as an image of their own, so one
 trajectory of B images yields B images per stop plus its B final ones. Dense inversion is the same
@@ -23,22 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from smi_engine.augment import Jitter
+from smi_engine.vit.augment import Jitter
 from smi_engine.checks import at_least, number, positive
-from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus
-from smi_engine.losses import InversionContext, LossSpec, LossState, as_terms, loss_origin
+from smi_engine.runs.events import EventBus
+from smi_engine.inversion.losses import InversionContext, LossSpec, LossState, as_terms, loss_origin
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer
-from smi_engine.preview import save_preview
-from smi_engine.resources import MemoryProbe
-from smi_engine.rundir import RunDir
-from smi_engine.patches import PatchGrid
+from smi_engine.inversion.preview import save_preview
+from smi_engine.runtime.resources import MemoryProbe
+from smi_engine.runs.rundir import RunDir
+from smi_engine.vit.patches import PatchGrid
 from smi_engine.pool import Pool
-from smi_engine.schedule import Schedule
-from smi_engine.selection import SelectionSpec, StopContext, build_selection, checked_choice, remaining_positions
-from smi_engine.sparse_image import SparseImage
-from smi_engine.sparse_vit import SparseViT
+from smi_engine.inversion.schedule import Schedule
+from smi_engine.inversion.selection import SelectionSpec, StopContext, build_selection, checked_choice, remaining_positions
+from smi_engine.vit.sparse_image import SparseImage
+from smi_engine.vit.sparse_vit import SparseViT
 
 DEFAULT_LOSSES = (LossSpec("deepinversion"),)
 #: What the pool's keep mask holds: the patches inverted to the end, or (the seed's) the top

@@ -10,7 +10,7 @@ import contextlib
 import threading
 from typing import Callable, Iterator
 
-from smi_engine.rundir import RunDir
+from smi_engine.runs.rundir import RunDir
 
 POLL_SECONDS = 0.5
 

@@ -16,20 +16,20 @@ from typing import Any, Iterable
 import torch
 from safetensors import safe_open
 
-from smi_engine.control import RunControl
-from smi_engine.device import resolve_device
-from smi_engine.distributed import Placement
+from smi_engine.runs.control import RunControl
+from smi_engine.runtime.device import resolve_device
+from smi_engine.runtime.distributed import Placement
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus, EventSink
+from smi_engine.runs.events import EventBus, EventSink
 from smi_engine.files import file_digest
-from smi_engine.invert import BatchResult, InversionConfig, Inverter, config_digest
-from smi_engine.losses import LossSpec, build_loss
+from smi_engine.inversion.loop import BatchResult, InversionConfig, Inverter, config_digest
+from smi_engine.inversion.losses import LossSpec, build_loss
 from smi_engine.models import load_model
 from smi_engine.plugins import get_registry
 from smi_engine.pool import shard_batches, write_shard
-from smi_engine.rundir import RunDir
-from smi_engine.schedule import Schedule, speedup_bound
-from smi_engine.session import RunSession, build_sinks
+from smi_engine.runs.rundir import RunDir
+from smi_engine.inversion.schedule import Schedule, speedup_bound
+from smi_engine.runs.session import RunSession, build_sinks
 
 RUN_KIND = "invert"
 

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from smi_engine.control import RunInterrupted
-from smi_engine.distributed import Placement
+from smi_engine.runs.control import RunInterrupted
+from smi_engine.runtime.distributed import Placement
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus, EventSink, GuardedSink, JsonlSink, RunClock, iter_events
+from smi_engine.runs.events import EventBus, EventSink, GuardedSink, JsonlSink, RunClock, iter_events
 from smi_engine.files import ensure_folder, write_json
-from smi_engine.rundir import RunDir
-from smi_engine.runlock import RunLock
+from smi_engine.runs.rundir import RunDir
+from smi_engine.runs.runlock import RunLock
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from smi_engine.device import resolve_device
+from smi_engine.runtime.device import resolve_device
 from smi_engine.errors import SmiError
 
 TIMEOUT = dt.timedelta(minutes=30)

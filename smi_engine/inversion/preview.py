@@ -15,7 +15,7 @@ from PIL import Image
 from smi_engine.errors import SmiError
 from smi_engine.files import read_regular, write_bytes
 from smi_engine.models import Normalizer
-from smi_engine.patches import PatchGrid
+from smi_engine.vit.patches import PatchGrid
 
 STOPPED_TINT = (0.42, 0.46, 0.56)  # slate grey: stands out from grey pixels of greyscale images
 STOPPED_VISIBILITY = 0.15  # how much of a stopped patch still shows through

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from smi_engine.augment import Jitter
-from smi_engine.patches import PatchGrid
+from smi_engine.vit.augment import Jitter
+from smi_engine.vit.patches import PatchGrid
 
 
 @functools.lru_cache(maxsize=8)

@@ -21,7 +21,7 @@ from typing import Any
 
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, open_regular, read_json, read_regular, unreadable_reason, write_json
-from smi_engine.runlock import LOCK_NAME, in_use, is_locked
+from smi_engine.runs.runlock import LOCK_NAME, in_use, is_locked
 
 
 @dataclass(frozen=True)

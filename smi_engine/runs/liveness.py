@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from smi_engine.runlock import LOCK_NAME, is_locked
+from smi_engine.runs.runlock import LOCK_NAME, is_locked
 
 STALL_FLOOR_SECONDS = 60.0  # never called stalled after less silence than this
 STALL_FACTOR = 10.0  # ... or than this many times the run's recent interval between events

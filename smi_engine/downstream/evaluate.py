@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 
 if TYPE_CHECKING:
-    from smi_engine.events import EventBus
+    from smi_engine.runs.events import EventBus
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smi_engine.patches import PatchGrid
+from smi_engine.vit.patches import PatchGrid
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ import platformdirs
 import torch
 
 from smi_engine.data import load_data
-from smi_engine.events import EventBus
-from smi_engine.invert import InversionConfig
-from smi_engine.losses import LossSpec
+from smi_engine.runs.events import EventBus
+from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.losses import LossSpec
 from smi_engine.models import MODEL_CARD, MODEL_WEIGHTS, ModelSpec, load_model, save_model
-from smi_engine.selection import SelectionSpec
-from smi_engine.teacher import TrainConfig, train_classifier
+from smi_engine.inversion.selection import SelectionSpec
+from smi_engine.downstream.teacher import TrainConfig, train_classifier
 
 TEACHER = ModelSpec(
     "vit_tiny_patch16_224",

@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 import torch
 
-from smi_engine.control import RunControl
-from smi_engine.distributed import Placement
+from smi_engine.runs.control import RunControl
+from smi_engine.runtime.distributed import Placement
 from smi_engine.errors import SmiError
-from smi_engine.events import EventBus, EventSink
+from smi_engine.runs.events import EventBus, EventSink
 from smi_engine.models import ModelSpec
 
 

@@ -19,12 +19,12 @@ import torch
 
 from smi_engine.checks import at_least
 from smi_engine.errors import SmiError
-from smi_engine.invert import PHASES, BatchRun, InversionConfig, Inverter
-from smi_engine.losses import build_loss
+from smi_engine.inversion.loop import PHASES, BatchRun, InversionConfig, Inverter
+from smi_engine.inversion.losses import build_loss
 from smi_engine.models import LoadedModel, ModelSpec, load_model
 from smi_engine.plugins import get_registry
-from smi_engine.schedule import SEED_SCHEDULE_TEXT, Schedule, block_flops, speedup_bound
-from smi_engine.selection import SelectionSpec
+from smi_engine.inversion.schedule import SEED_SCHEDULE_TEXT, Schedule, block_flops, speedup_bound
+from smi_engine.inversion.selection import SelectionSpec
 
 CHUNK = 5  # iterations per turn
 DENSE = "dense"

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from smi_engine.checks import at_least, number, positive
-from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.data import DataSplits, ModelInput, loader
-from smi_engine.evaluate import evaluate, validation_progress
-from smi_engine.events import EventBus, EventSink
+from smi_engine.downstream.evaluate import evaluate, validation_progress
+from smi_engine.runs.events import EventBus, EventSink
 from smi_engine.models import LoadedModel, save_model
-from smi_engine.resources import MemoryProbe
-from smi_engine.rundir import RunDir
-from smi_engine.session import RunSession, build_sinks
+from smi_engine.runtime.resources import MemoryProbe
+from smi_engine.runs.rundir import RunDir
+from smi_engine.runs.session import RunSession, build_sinks
 
 
 @dataclass

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from smi_engine.gpu import monitor_for
+from smi_engine.runtime.gpu import monitor_for
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

@@ -68,3 +68,17 @@ def indices_from_mask(keep: torch.Tensor) -> torch.Tensor:
     # argsort of the negated flags puts kept indices first, in ascending order (stable sort).
     order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)
     return order[:, : int(counts[0]) if counts.numel() else 0]
+
+
+def image_pixel_mask(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) bool: the pixels of each image's kept patches; the patch size follows from
+    the image and mask shapes."""
+    _, c, h, w = images.shape
+    rows, cols = keep.shape[1:]
+    return PatchGrid(c, h, w, h // rows, w // cols).pixel_mask(keep.to(images.device))
+
+
+def blank_stopped(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Stopped patches set to the normaliser's zero (the mean colour): for models that cannot
+    drop tokens."""
+    return images * image_pixel_mask(images, keep).to(images.device, images.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smi_engine.errors import SmiError
-from smi_engine.patches import PatchGrid, indices_from_mask
+from smi_engine.vit.patches import PatchGrid, indices_from_mask
 
 ATTENTION_KERNELS = ("fused", "explicit")
 

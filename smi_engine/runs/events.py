@@ -21,7 +21,7 @@ loggers) consume. Kinds emitted by inversion:
 ``run_error``       message
 Distillation and teacher training add ``train_step`` (epoch, epochs, step, done_steps,
 total_steps, loss) and ``epoch_end``; quantisation adds ``progress`` (phase, done, total),
-``calibrated`` and ``quantized``; see ``smi_engine.distill`` and ``smi_engine.quantization.job``.
+``calibrated`` and ``quantized``; see ``smi_engine.downstream.distill`` and ``smi_engine.downstream.quantize``.
 """
 
 from __future__ import annotations

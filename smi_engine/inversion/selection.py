@@ -31,7 +31,7 @@ import torch
 
 from smi_engine.errors import SmiError
 from smi_engine.models import parse_model_args
-from smi_engine.patches import PatchGrid
+from smi_engine.vit.patches import PatchGrid
 
 
 @dataclass

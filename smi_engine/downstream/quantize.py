@@ -20,18 +20,18 @@ import torch
 
 from smi_engine.calibration import ModelFeeder, calibration_batches
 from smi_engine.checks import at_least, number
-from smi_engine.control import RunControl, RunInterrupted
+from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.data import ModelInput, check_fits, load_data, loader
-from smi_engine.evaluate import evaluate
-from smi_engine.events import EventBus
+from smi_engine.downstream.evaluate import evaluate
+from smi_engine.runs.events import EventBus
 from smi_engine.files import check_writable
 from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
-from smi_engine.rundir import RunDir
+from smi_engine.runs.rundir import RunDir
 from smi_engine.quantization.layers import round_weights
 from smi_engine.quantization.names import ReconstructConfig, check_sparse_feed
-from smi_engine.quantization.reconstruct import reconstruct
+from smi_engine.downstream.reconstruct import reconstruct
 from smi_engine.quantization.scheme import QuantConfig, fix_ranges, quantize_model
-from smi_engine.session import RunSession
+from smi_engine.runs.session import RunSession
 
 RUN_KIND = "quantize"
 

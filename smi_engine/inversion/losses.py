@@ -20,12 +20,12 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from smi_engine.augment import Jitter
+from smi_engine.vit.augment import Jitter
 from smi_engine.errors import SmiError
 from smi_engine.models import LoadedModel, Normalizer, parse_model_args
-from smi_engine.patches import PatchGrid
-from smi_engine.sparse_image import NeighbourDifferences, SparseImage
-from smi_engine.sparse_vit import SparseOutput, SparseViT
+from smi_engine.vit.patches import PatchGrid
+from smi_engine.vit.sparse_image import NeighbourDifferences, SparseImage
+from smi_engine.vit.sparse_vit import SparseOutput, SparseViT
 
 
 @dataclass
