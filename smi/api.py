@@ -23,6 +23,7 @@ from smi_engine.runs.events import EventBus, read_events
 from smi_engine.files import read_json
 from smi_engine.inversion.loop import InversionConfig, Inverter
 from smi_engine.inversion.run import build_losses, inversion_plan, run_inversion
+from smi_engine.inversion.schedule import Schedule
 from smi_engine.inversion.losses import LossSpec
 from smi_engine.models import LoadedModel, ModelSpec, create_model, load_model as load_loaded, resolve_normalizer
 from smi_engine.models import save_model as save_loaded
@@ -93,7 +94,7 @@ class Run:
 
 def invert(
     teacher: Model, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-    schedule: str = "dense", iterations: int = 4000, batch_size: int = 32, batches: int = 1,
+    schedule: str | Schedule = "dense", iterations: int = 4000, batch_size: int = 32, batches: int = 1,
     selection: str | SelectionSpec = "smi", losses: Sequence[str | LossSpec] = ("deepinversion",), seed: int = 0,
     device: str | None = None, out: str | Path | None = None, progress: bool = True, **settings: Any,
 ) -> Pool:
@@ -110,7 +111,7 @@ def invert(
     torch_device = _device(teacher, device)
     loaded = _loaded(teacher, mean, std, torch_device)
     config = InversionConfig(
-        model=loaded.spec, schedule=schedule, iterations=iterations, batch_size=batch_size, batches=batches,
+        model=loaded.spec, schedule=schedule if isinstance(schedule, Schedule) else Schedule.parse(schedule), iterations=iterations, batch_size=batch_size, batches=batches,
         selection=selection if isinstance(selection, SelectionSpec) else SelectionSpec(selection),
         losses=[spec if isinstance(spec, LossSpec) else LossSpec.parse(spec) for spec in losses], seed=seed,
         **settings)

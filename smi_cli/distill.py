@@ -102,6 +102,7 @@ def distill(
     from smi_engine.inversion.losses import LossSpec, attach_options
     from smi_engine.models import ModelSpec, parse_model_args
     from smi_engine.runs.rundir import RunDir
+    from smi_engine.inversion.schedule import Schedule
     from smi_engine.inversion.selection import SelectionSpec
 
     display = open_display(stderr, quiet, progress_every)
@@ -120,7 +121,7 @@ def distill(
     synthesis = None
     if synthesize:
         specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
-        synthesis = InversionConfig(model=teacher_spec, schedule=schedule, iterations=iterations,
+        synthesis = InversionConfig(model=teacher_spec, schedule=Schedule.parse(schedule), iterations=iterations,
                                     selection=SelectionSpec.parse(selection, selection_option),
                                     batch_size=settings.get("synth_batch_size") or 32, lr=inversion_lr,
                                     losses=specs, flip=settings.get("flip", True), seed=seed)

@@ -92,6 +92,7 @@ def invert(
     from smi_engine.inversion.run import InversionRun, default_out_dir
     from smi_engine.inversion.losses import LossSpec, attach_options
     from smi_engine.runs.rundir import RunDir
+    from smi_engine.inversion.schedule import Schedule
     from smi_engine.inversion.selection import SelectionSpec
 
     if tui and (why := no_terminal_reason()):  # nohup, a redirect: a dashboard would write escapes to a log
@@ -110,7 +111,7 @@ def invert(
         specs = attach_options([LossSpec.parse(t) for t in (loss or ["deepinversion"])], loss_option or [])
         config = InversionConfig(
             model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher),
-            schedule=schedule, iterations=iterations, batch_size=batch_size, batches=batches, lr=lr,
+            schedule=Schedule.parse(schedule), iterations=iterations, batch_size=batch_size, batches=batches, lr=lr,
             losses=specs, targets=targets, seed=seed, jitter=jitter, flip=flip, attention=attention,
             jitter_at_stops=jitter_at_stops, final_mask=final_mask,
             selection=SelectionSpec.parse(selection, selection_option), precision=precision, compile=compile,

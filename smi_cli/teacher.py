@@ -25,7 +25,9 @@ def options_from_run(config: dict) -> dict:
     if train.pop("warmup_epochs", 1.0) != 1.0:
         raise SmiError("this run set warmup_epochs, which smi teacher train has no option for: set it in Python")
     train.pop("limit", None)
-    return {**model_options(spec), **train, "data": config["data"], "limit": config.get("train", {}).get("limit") or 0}
+    sinks = train.pop("sinks", [])
+    return {**model_options(spec), **train, "data": config["data"], "limit": config.get("train", {}).get("limit") or 0,
+            "sink": sinks}
 
 
 ConfigFile = o.config_option("teacher", options_from_run)
@@ -73,7 +75,8 @@ def train(
 
     display = open_display(stderr, quiet, progress_every)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         label_smoothing=label_smoothing, flip=flip, shift=shift, seed=seed, limit=limit or None)
+                         label_smoothing=label_smoothing, flip=flip, shift=shift, seed=seed, limit=limit or None,
+                         sinks=list(sink or []))
     config.validate()
     splits = load_data(data)
     spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, None)
@@ -90,8 +93,8 @@ def train(
     control = RunControl(RunDir(out))
     try:
         with stop_on_signals(control, stderr, "stopping after this step; nothing is saved"), display:
-            summary = run_teacher_training(loaded, data, splits, config, out, torch_device,
-                                           [TrainingProgress(display, "train", "epoch")], sink or [], control)
+            summary = run_teacher_training(loaded, splits, config, out, torch_device,
+                                           [TrainingProgress(display, "train", "epoch")], control)
     except RunInterrupted as exc:
         stopped(f"{exc}; nothing saved (training restarts from scratch)")
     if json_output:

@@ -55,7 +55,7 @@ class ModelFeeder:
 
     def __init__(self, model: nn.Module, normalizer: Normalizer, sparse: str = "tokens"):
         check_sparse_feed(sparse)
-        self.model, self.normalizer = model, normalizer
+        self.model, self.normalizer, self.sparse = model, normalizer, sparse
         self.model_input = ModelInput.for_model(model, normalizer)
         self.masked, self.grid = None, None
         if sparse == "blanked":
@@ -68,6 +68,10 @@ class ModelFeeder:
                 self.masked, self.grid = vit.forward_images, vit.grid
             except SmiError:
                 pass
+
+    def for_model(self, model: nn.Module) -> "ModelFeeder":
+        """A feeder of another model (a quantised model's float reference), fed the same way."""
+        return ModelFeeder(model, self.normalizer, self.sparse)
 
     def fits(self, images: torch.Tensor) -> bool:
         """Whether images already have this model's input size."""

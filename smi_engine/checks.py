@@ -14,8 +14,10 @@ def _fail(flag: str, value: Any, problem: str, example: Any) -> None:
 
 
 def number(flag: str, value: Any, example: Any, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
-    """``value`` is a finite number (an integer if ``integer``) within the given bounds."""
+           exclusive: str = "", integer: bool = False) -> None:
+    """``value`` is a finite number (an integer if ``integer``) within the given bounds, which
+    it may equal unless ``exclusive`` names them: ``"low"``, ``"high"`` or ``"both"``."""
+    low_open, high_open = exclusive in ("low", "both"), exclusive in ("high", "both")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         _fail(flag, repr(value), "is not " + ("a whole number" if integer else "a number"), example)
     if not math.isfinite(value):

@@ -16,7 +16,7 @@ import gzip
 import io
 import pickle
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +267,7 @@ def load_data(spec: str) -> DataSplits:
     base, at, selection = spec.partition("@")
     splits = _load(base)
     if not at:
-        return splits
+        return replace(splits, name=spec)  # named as the user wrote it, for configs and summaries
     classes = parse_classes(selection, splits.num_classes)
     return DataSplits(spec, ClassSubset(splits.train, classes), ClassSubset(splits.val, classes),
                       tuple(splits.classes[c] for c in classes), splits.channels)

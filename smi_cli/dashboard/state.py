@@ -14,7 +14,7 @@ from typing import Any
 
 from smi_cli.console import plain
 from smi_engine.runs.events import RunClock
-from smi_engine.runs.liveness import Liveness, assess
+from smi_engine.runs.liveness import Evidence, Liveness, assess
 from smi_engine.inversion.schedule import CostModel, block_flops
 
 SPEED_SMOOTHING = 0.2  # weight of the newest iteration in the throughput averages
@@ -431,4 +431,4 @@ class RunState:
     def liveness(self, run_dir: Path, now: float) -> Liveness:
         """The status with what the events cannot say: paused, stalled or dead."""
         ended = None if self.status == "running" else self.status
-        return assess(run_dir, ended, self.pid, self.host, self.latest, self.recent_interval, self.paused, now)
+        return assess(run_dir, Evidence(ended, self.pid, self.host, self.latest, self.recent_interval, self.paused), now)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.checks import at_least, number, positive
 from smi_engine.runs.control import RunControl, RunInterrupted
-from smi_engine.data import ModelInput, check_fits, load_data, loader
+from smi_engine.data import DataSplits, ModelInput, check_fits, load_data, loader
 from smi_engine.runtime.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.downstream.evaluate import evaluate, validation_progress
@@ -223,7 +223,7 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     session = RunSession(run_dir, RUN_KIND, bus, placement)
     session.check_claimable()
     with session.claim(config.to_dict(), plugin_sinks, folders=[run_dir.pool] if synthesis is not None else []):
-        return _train(config, session, teacher, student, splits, fixed, synthesis, device, control)
+        return Transfer(config, session, teacher, student, splits, fixed, synthesis, device, control).run()
 
 
 class SyntheticData:
@@ -281,88 +281,117 @@ def _optimizer_and_schedule(config: DistillConfig, student: LoadedModel):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _round: 1.0)
 
 
-def _train(config, session: RunSession, teacher, student, splits, fixed, synthesis, device, control) -> dict[str, Any]:
-    run_dir, bus, placement = session.run_dir, session.bus, session.placement
-    data = SyntheticData(fixed, teacher.normalizer, config.grow)
-    total_steps = data.planned_steps(config, placement.world_size,
-                                     0 if synthesis is None else synthesis.inverter.images_per_trajectory)
-    synthesis_plan = None if synthesis is None else {"batches": config.epochs * config.synth_batches,
-                                                     "iterations": config.synthesize.iterations,
-                                                     "images_per_trajectory": synthesis.inverter.images_per_trajectory}
-    session.start(teacher=config.teacher.name, student=config.student.name, epochs=config.epochs, device=str(device),
-                  data=config.data, synthesize=synthesis is not None, synthesis=synthesis_plan,
-                  pool_images=data.fixed_images, steps_per_round=config.steps_per_round, grow=config.grow,
-                  total_steps=total_steps)
-    teacher_feed = ModelFeeder(teacher.model, teacher.normalizer)
-    student_forward = _Fed(ModelFeeder(student.model, student.normalizer))
-    if placement.distributed:
-        # The class token's gradient arrives as a strided view; DDP warns, harmlessly, on every step.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        student_forward = DistributedDataParallel(student_forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer, scheduler = _optimizer_and_schedule(config, student)
-    val = loader(splits.val, ModelInput.for_model(student.model, student.normalizer), 256)
-    generator = torch.Generator().manual_seed(config.seed)
-    synthesized = 0
-    best, history, started = -1.0, [], time.perf_counter()
-    total, seen, since, done_steps = 0.0, 0, time.perf_counter(), 0
-    probe = MemoryProbe(device)
-    for epoch in range(config.epochs):
-        if synthesis is not None:
-            for _ in range(config.synth_batches):
-                made = synthesis.batch()
-                data.add(made)
-                synthesized += len(made)
-        pool = data.available(epoch)
-        student.model.train(not config.linear_probe)
-        batches = (_epoch_batches(pool, config.batch_size, generator, placement) if config.steps_per_round is None
-                   else _drawn_batches(pool, config.batch_size, config.steps_per_round, generator, placement))
+class Transfer:
+    """One knowledge transfer under way: what the student learns from, how it learns, and the
+    running tallies (steps taken, loss of the round, best validation so far)."""
+
+    def __init__(self, config: DistillConfig, session: RunSession, teacher: LoadedModel, student: LoadedModel,
+                 splits: DataSplits, fixed: list[Pool], synthesis: "_Synthesis | None", device: torch.device,
+                 control: RunControl):
+        self.config, self.session, self.teacher, self.student = config, session, teacher, student
+        self.synthesis, self.device, self.control = synthesis, device, control
+        self.placement, self.bus = session.placement, session.bus
+        self.data = SyntheticData(fixed, teacher.normalizer, config.grow)
+        per_trajectory = 0 if synthesis is None else synthesis.inverter.images_per_trajectory
+        self.total_steps = self.data.planned_steps(config, self.placement.world_size, per_trajectory)
+        self.teacher_feed = ModelFeeder(teacher.model, teacher.normalizer)
+        self.student_forward = _Fed(ModelFeeder(student.model, student.normalizer))
+        if self.placement.distributed:
+            # The class token's gradient arrives as a strided view; DDP warns, harmlessly, on every step.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.student_forward = DistributedDataParallel(
+                self.student_forward, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer, self.scheduler = _optimizer_and_schedule(config, student)
+        self.val = loader(splits.val, ModelInput.for_model(student.model, student.normalizer), 256)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.probe = MemoryProbe(device)
+        self.synthesized, self.done_steps, self.best, self.history = 0, 0, -1.0, []
+        # Since the last validation: the summed loss (per image), the images seen, when it began.
+        self.loss_sum, self.seen, self.since = 0.0, 0, time.perf_counter()
+
+    def run(self) -> dict[str, Any]:
+        config, synthesis = self.config, self.synthesis
+        plan = None if synthesis is None else {"batches": config.epochs * config.synth_batches,
+                                               "iterations": config.synthesize.iterations,
+                                               "images_per_trajectory": synthesis.inverter.images_per_trajectory}
+        self.session.start(teacher=config.teacher.name, student=config.student.name, epochs=config.epochs,
+                           device=str(self.device), data=config.data, synthesize=synthesis is not None,
+                           synthesis=plan, pool_images=self.data.fixed_images, steps_per_round=config.steps_per_round,
+                           grow=config.grow, total_steps=self.total_steps)
+        started = time.perf_counter()
+        for epoch in range(config.epochs):
+            pool = self._grow(epoch)
+            self._train_round(pool, epoch)
+            self.scheduler.step()
+            if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
+                self._validate(epoch, pool)
+        synthesized = int(self.placement.sum([self.synthesized])[0])  # every rank takes part
+        if not self.placement.is_main:
+            return {}
+        run_dir, history = self.session.run_dir, self.history
+        summary = {
+            "teacher": config.teacher.name, "student": config.student.name, "data": config.data,
+            "best_top1": self.best, "final_top1": history[-1]["val_top1"], "final_top5": history[-1]["val_top5"],
+            "epochs": config.epochs, "world_size": self.placement.world_size,
+            "synthetic_images": self.data.fixed_images + synthesized,
+            "seconds": time.perf_counter() - started, "student_dir": str(run_dir.path / "student"), "history": history,
+            "run_dir": str(run_dir.path),
+        }
+        return self.session.end(summary)
+
+    def _grow(self, epoch: int) -> Pool:
+        """What the student may learn from in this round, fresh batches synthesised first."""
+        if self.synthesis is not None:
+            for _ in range(self.config.synth_batches):
+                made = self.synthesis.batch()
+                self.data.add(made)
+                self.synthesized += len(made)
+        return self.data.available(epoch)
+
+    def _train_round(self, pool: Pool, epoch: int) -> None:
+        """One round of steps."""
+        config, generator = self.config, self.generator
+        self.student.model.train(not config.linear_probe)
+        batches = (_epoch_batches(pool, config.batch_size, generator, self.placement) if config.steps_per_round is None
+                   else _drawn_batches(pool, config.batch_size, config.steps_per_round, generator, self.placement))
         for step, rows in enumerate(batches):
-            if control.should_stop():
+            if self.control.should_stop():
                 raise RunInterrupted(f"stopped in round {epoch + 1}", epoch, step)
             batch = _batch(pool, rows, config.flip, generator)
-            batch.images = batch.images.to(device)
+            batch.images = batch.images.to(self.device)
             with torch.no_grad():
-                target = teacher_feed(batch, teacher.normalizer)
-            loss = kd_loss(student_forward(batch.images, batch.keep, teacher.normalizer), target, config.temperature)
-            optimizer.zero_grad(set_to_none=True)
+                target = self.teacher_feed(batch, self.teacher.normalizer)
+            loss = kd_loss(self.student_forward(batch.images, batch.keep, self.teacher.normalizer), target,
+                           config.temperature)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(batch.images)
-            seen += len(batch.images)
-            done_steps += 1
-            bus.emit("train_step", epoch=epoch, epochs=config.epochs, step=step, done_steps=done_steps,
-                     total_steps=total_steps, loss=float(loss.detach()), **probe.read())
-        scheduler.step()
-        if (epoch + 1) % config.val_every and epoch + 1 < config.epochs:
-            continue
-        total, seen = placement.sum([total, seen])
-        if placement.is_main:  # rank 0 validates, keeps the best student and reports
-            student.model.eval()
-            metrics = evaluate(student.model, val, device, config.limit, validation_progress(bus))
-            if metrics["top1"] > best:
-                best = metrics["top1"]
-                save_model(run_dir.path / "student", student, {"distilled_from": config.teacher.name, "data": config.data,
-                                                              "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
-            record = {"epoch": epoch, "epochs": config.epochs, "kt_loss": total / max(seen, 1), "val_top1": metrics["top1"],
-                      "val_top5": metrics["top5"], "best_top1": best, "images": int(seen), "pool_images": len(pool),
-                      "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": time.perf_counter() - since}
-            history.append(record)
-            bus.emit("epoch_end", **record)
-        total, seen, since = 0.0, 0, time.perf_counter()
-    synthesized_images = int(placement.sum([synthesized])[0])  # every rank takes part
-    if not placement.is_main:
-        return {}
-    summary = {
-        "teacher": config.teacher.name, "student": config.student.name, "data": config.data,
-        "best_top1": best, "final_top1": history[-1]["val_top1"], "final_top5": history[-1]["val_top5"],
-        "epochs": config.epochs, "world_size": placement.world_size,
-        "synthetic_images": data.fixed_images + synthesized_images,
-        "seconds": time.perf_counter() - started, "student_dir": str(run_dir.path / "student"), "history": history,
-        "run_dir": str(run_dir.path),
-    }
-    summary = session.end(summary)
-    return summary
+            self.optimizer.step()
+            self.loss_sum += float(loss.detach()) * len(batch.images)
+            self.seen += len(batch.images)
+            self.done_steps += 1
+            self.bus.emit("train_step", epoch=epoch, epochs=config.epochs, step=step, done_steps=self.done_steps,
+                          total_steps=self.total_steps, loss=float(loss.detach()), **self.probe.read())
+
+    def _validate(self, epoch: int, pool: Pool) -> None:
+        """Rank 0 validates, keeps the best student and reports the rounds since the last time."""
+        loss_sum, seen = self.placement.sum([self.loss_sum, self.seen])  # every rank takes part
+        since = self.since
+        self.loss_sum, self.seen, self.since = 0.0, 0, time.perf_counter()
+        if not self.placement.is_main:
+            return
+        config, student = self.config, self.student
+        student.model.eval()
+        metrics = evaluate(student.model, self.val, self.device, config.limit, validation_progress(self.bus))
+        if metrics["top1"] > self.best:
+            self.best = metrics["top1"]
+            save_model(self.session.run_dir.path / "student", student,
+                       {"distilled_from": config.teacher.name, "data": config.data,
+                        "accuracy": {"top1": metrics["top1"], "top5": metrics["top5"]}})
+        record = {"epoch": epoch, "epochs": config.epochs, "kt_loss": loss_sum / max(seen, 1), "val_top1": metrics["top1"],
+                  "val_top5": metrics["top5"], "best_top1": self.best, "images": int(seen), "pool_images": len(pool),
+                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - since}
+        self.history.append(record)
+        self.bus.emit("epoch_end", **record)
 
 
 def _epoch_batches(pool: Pool, batch_size: int, generator: torch.Generator, placement: Placement):

@@ -129,12 +129,13 @@ def _capture(feed: Callable[[Batch], torch.Tensor], unit: nn.Module, batches: li
     return calls
 
 
-def reconstruct(qmodel: nn.Module, batches: list[Batch], normalizer: Normalizer, source: Normalizer,
-                config: ReconstructConfig, seed: int = 0, report: Report | None = None,
-                sparse: str = "tokens") -> list[UnitResult]:
-    """Reconstruct every unit of ``qmodel`` (ranges fixed, weights still float) in turn; its
-    weights end rounded. ``batches`` are calibration batches in the ``source`` normalisation."""
+def reconstruct(feeder: ModelFeeder, batches: list[Batch], source: Normalizer, config: ReconstructConfig,
+                seed: int = 0, report: Report | None = None) -> list[UnitResult]:
+    """Reconstruct every unit of the quantised model ``feeder`` feeds (ranges fixed, weights
+    still float) in turn; its weights end rounded. ``batches`` are calibration batches in the
+    ``source`` normalisation, fed the way ``feeder`` feeds them (sparse tokens or blanked)."""
     config.validate()
+    qmodel = feeder.model
     report = report or (lambda *args, **fields: None)
     units = reconstruction_units(qmodel)
     reference = copy.deepcopy(qmodel)  # the float model: every quantiser passes values through
@@ -142,7 +143,7 @@ def reconstruct(qmodel: nn.Module, batches: list[Batch], normalizer: Normalizer,
         if isinstance(quantizer, ActivationQuantizer):
             quantizer.bypass = True
     reference_units = dict(reconstruction_units(reference))
-    quantized_feed, float_feed = ModelFeeder(qmodel, normalizer, sparse), ModelFeeder(reference, normalizer, sparse)
+    quantized_feed, float_feed = feeder, feeder.for_model(reference)
     batches = [part for batch in batches for part in batch.by_kept_count()]  # one unit call per batch
     for parameter in qmodel.parameters():
         parameter.requires_grad_(False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,14 @@ class TrainConfig:
     shift: float = 0.125  # random translation, as a fraction of the image size
     seed: int = 0
     limit: int | None = None  # use only the first N training images (quick runs)
+    sinks: list[str] = field(default_factory=list)  # extra event sinks by name (--sink tensorboard)
 
     def validate(self) -> None:
         at_least("--epochs", self.epochs, 1, 10)
         at_least("--batch-size", self.batch_size, 1, 128)
         positive("--lr", self.lr, 1e-3)
         number("--weight-decay", self.weight_decay, 0.05, low=0)
-        number("--label-smoothing", self.label_smoothing, 0.1, low=0, high=1, high_open=True)
+        number("--label-smoothing", self.label_smoothing, 0.1, low=0, high=1, exclusive="high")
         number("warm-up epochs", self.warmup_epochs, 1, low=0)
         number("--shift", self.shift, 0.125, low=0, high=0.5)
         if self.limit is not None:
@@ -135,16 +136,15 @@ def train_classifier(
     }
 
 
-def run_teacher_training(loaded: LoadedModel, data: str, splits: DataSplits, config: TrainConfig, out: Path,
-                         device: torch.device, sinks: list[EventSink] = (), sink_names: list[str] = (),
-                         control: RunControl | None = None) -> dict[str, Any]:
-    """Train ``loaded`` in the run directory ``out``, which then is a model folder (``--teacher
-    DIR`` loads it). ``sinks`` see every event; the plugin sinks ``sink_names`` start before
-    anything is written. Returns the summary; a stop request ends it with RunInterrupted, nothing
-    saved."""
-    run_dir = RunDir(out)
+def run_teacher_training(loaded: LoadedModel, splits: DataSplits, config: TrainConfig, out: Path,
+                         device: torch.device, sinks: list[EventSink] = (), control: RunControl | None = None) -> dict[str, Any]:
+    """Train ``loaded`` on ``splits`` in the run directory ``out``, which then is a model folder
+    (``--teacher DIR`` loads it). ``sinks`` see every event; the plugin sinks ``config.sinks``
+    start before anything is written. Returns the summary; a stop request ends it with
+    RunInterrupted, nothing saved."""
+    run_dir, data = RunDir(out), splits.name
     run_config = {"model": loaded.spec.to_dict(), "data": data, "train": config.to_dict()}
-    plugin_sinks = build_sinks(sink_names, run_dir, run_config)
+    plugin_sinks = build_sinks(config.sinks, run_dir, run_config)
     session = RunSession(run_dir, "teacher", EventBus(list(sinks)))
     session.check_claimable()
     with session.claim(run_config, plugin_sinks):

@@ -61,7 +61,7 @@ class InversionConfig:
     """A fully resolved inversion run (what ``config.json`` stores)."""
 
     model: ModelSpec
-    schedule: str = "dense"
+    schedule: Schedule = field(default_factory=Schedule)  # a str is parsed: the type holds from the edge in
     iterations: int = 4000
     batch_size: int = 32
     batches: int = 1
@@ -82,8 +82,13 @@ class InversionConfig:
     sinks: list[str] = field(default_factory=list)
     teacher_sha256: str | None = None  # of the teacher's weights file when the run started: --resume checks it
 
+    def __post_init__(self) -> None:
+        if isinstance(self.schedule, str):
+            self.schedule = Schedule.parse(self.schedule)
+
     def to_dict(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["schedule"] = str(self.schedule)
         data["model"] = self.model.to_dict()
         data["losses"] = [spec.to_dict() for spec in self.losses]
         data["betas"] = list(self.betas)
@@ -106,8 +111,8 @@ class InversionConfig:
         number("--seed", self.seed, 0, low=0, high=2**63 - 1, integer=True)  # what a torch generator takes
         positive("--lr", self.lr, 0.25)
         for beta in self.betas:
-            number("Adam beta", beta, 0.9, low=0, high=1, high_open=True)
-        number("--jitter", self.jitter, 0.125, low=0, high=1, high_open=True)
+            number("Adam beta", beta, 0.9, low=0, high=1, exclusive="high")
+        number("--jitter", self.jitter, 0.125, low=0, high=1, exclusive="high")
         number("--checkpoint-every", self.checkpoint_every, 60, low=0)
         if not self.losses:
             raise SmiError("no loss to optimise: pass at least one --loss, e.g. --loss deepinversion")
@@ -297,9 +302,8 @@ class Inverter:
         self.config, self.loaded, self.device = config, loaded, device
         self.vit = SparseViT(loaded.model, config.attention)
         self.grid = self.vit.grid
-        schedule = Schedule.parse(config.schedule)
-        schedule.validate(config.iterations, self.grid.num_patches)
-        self.schedule = schedule.resolved(config.iterations)
+        config.schedule.validate(config.iterations, self.grid.num_patches)
+        self.schedule = config.schedule.resolved(config.iterations)
         self.kept_per_stage = self.schedule.kept_patches(self.grid.num_patches)
         if config.compile:  # per stage a training graph, and the no-grad final pass
             self.vit.compile(graphs=2 * (len(self.schedule.stops) + 1))

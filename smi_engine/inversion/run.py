@@ -28,7 +28,7 @@ from smi_engine.models import load_model
 from smi_engine.plugins import get_registry
 from smi_engine.pool import shard_batches, write_shard
 from smi_engine.runs.rundir import RunDir
-from smi_engine.inversion.schedule import Schedule, speedup_bound
+from smi_engine.inversion.schedule import speedup_bound
 from smi_engine.runs.session import RunSession, build_sinks
 
 RUN_KIND = "invert"
@@ -41,7 +41,7 @@ def build_losses(specs: Iterable[LossSpec]) -> list[tuple[LossSpec, Any]]:
 
 def default_out_dir(config: InversionConfig) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    mode = "dense" if Schedule.parse(config.schedule).is_dense else ("sparse" if config.selection.name == "smi" else config.selection.name)
+    mode = "dense" if config.schedule.is_dense else ("sparse" if config.selection.name == "smi" else config.selection.name)
     return Path("runs") / f"{stamp}-{config.model.name}-{mode}"
 
 
@@ -190,7 +190,7 @@ def _shard_metadata(config: InversionConfig, result: BatchResult, rank: int) -> 
         "stage_iterations": result.stage_iterations,
     }
     return {
-        "batch": str(result.batch), "rank": str(rank), "model": config.model.name, "schedule": config.schedule,
+        "batch": str(result.batch), "rank": str(rank), "model": config.model.name, "schedule": str(config.schedule),
         "seed": str(config.seed), "iterations": str(config.iterations), "stats": json.dumps(stats),
     }
 

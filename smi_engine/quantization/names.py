@@ -44,9 +44,9 @@ class ReconstructConfig:
             raise SmiError(f"--reconstruct {self.mode!r} is not one of {', '.join(RECONSTRUCT_MODES)}: "
                            "use block to learn each block's rounding and step sizes, none for ranges only")
         at_least("--recon-iters", self.iterations, 1, 500)
-        number("--recon-lr", self.rounding_lr, 1e-2, low=0, low_open=True, high=1)
+        number("--recon-lr", self.rounding_lr, 1e-2, low=0, exclusive="low", high=1)
         number("--recon-step-lr", self.step_lr, 4e-4, low=0, high=1)
-        number("--recon-drop", self.drop, 0.5, low=0, high=1, high_open=True)
+        number("--recon-drop", self.drop, 0.5, low=0, high=1, exclusive="high")
         number("--recon-p", self.p, 2.0, low=1, high=4)
 
     @property

@@ -41,7 +41,7 @@ class QuantConfig:
         _registration(self.scheme)  # the name is known; the scheme itself is built once, by its job
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:
             raise SmiError(f"unknown calibrator {self.calibrator!r}: use {', '.join(CALIBRATORS)}")
-        number("--percentile", self.percentile, 99.99, low=50, high=100, low_open=True)
+        number("--percentile", self.percentile, 99.99, low=50, high=100, exclusive="low")
 
     def resolved(self, scheme: "QuantScheme | None" = None) -> "QuantConfig":
         """The same with the scheme's calibrator filled in (``scheme``: the one already built)."""

@@ -53,17 +53,28 @@ def stall_after(recent_interval: float | None) -> float:
     return max(STALL_FLOOR_SECONDS, STALL_FACTOR * (recent_interval or 0.0))
 
 
-def assess(run_dir: str | Path, ended: str | None, pid: int | None, host: str | None, last_event: float | None,
-           recent_interval: float | None, paused: bool, now: float) -> Liveness:
-    """How a run stands now: ``ended`` is its final status from its events, if any."""
-    if ended is not None:
-        return Liveness(ended)
-    if writer_alive(run_dir, pid, host) is False:
-        return Liveness("dead", f"process {pid} on {host} is gone")
-    if paused:
+@dataclass(frozen=True)
+class Evidence:
+    """What a run's events say about it and its writer."""
+
+    ended: str | None  # its final status, if an end event came
+    pid: int | None
+    host: str | None
+    last_event: float | None  # the time of its latest event
+    recent_interval: float | None  # its usual interval between events
+    paused: bool
+
+
+def assess(run_dir: str | Path, evidence: Evidence, now: float) -> Liveness:
+    """How a run stands now, from its events and, on the writer's host, its lock."""
+    if evidence.ended is not None:
+        return Liveness(evidence.ended)
+    if writer_alive(run_dir, evidence.pid, evidence.host) is False:
+        return Liveness("dead", f"process {evidence.pid} on {evidence.host} is gone")
+    if evidence.paused:
         return Liveness("paused")
-    silence = None if last_event is None else now - last_event
-    if silence is not None and silence > stall_after(recent_interval):
+    silence = None if evidence.last_event is None else now - evidence.last_event
+    if silence is not None and silence > stall_after(evidence.recent_interval):
         return Liveness("stalled", f"last event {_ago(silence)} ago")
     return Liveness("running")
 
