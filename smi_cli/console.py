@@ -98,3 +98,8 @@ def no_terminal_reason() -> str | None:
         if stream is None or not stream.isatty():
             return f"{name} is not a terminal"
     return None
+
+
+#: How each status is coloured, in the dashboard header and in `smi runs`.
+STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
+                 "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red", "damaged": "bold red"}

@@ -12,12 +12,11 @@ import typer
 from smi_cli import options as o
 from rich.text import Text
 
-from smi_cli.console import fits, markup_safe, plain, print_json, show, stderr, stdout
-from smi_cli.dashboard.state import STATUS_STYLES, RunState, finite_number
+from smi_cli.console import STATUS_STYLES, fits, markup_safe, plain, print_json, show, stderr, stdout
+from smi_engine.runs.state import RunState, finite_number, read_run
 from smi_cli.help import command
 from smi_cli.progress import duration
 from smi_engine.errors import SmiError
-from smi_engine.runs.events import iter_events
 from smi_engine.files import read_json
 from smi_engine.runs.rundir import RunDir
 
@@ -74,21 +73,6 @@ def find_runs(folders: list[Path]) -> list[Path]:
             elif len(here.parts) - base >= SEARCH_DEPTH:
                 dirs.clear()
     return list(dict.fromkeys(found))
-
-
-def read_run(path: Path) -> RunState:
-    """A run's events folded into one state. A finished run's summary holds its results, so
-    only the head of its log is read, up to ``run_start`` (a long run logs tens of thousands of
-    events)."""
-    run_dir = RunDir(path)
-    state = RunState(kind=run_dir.read_config().get("kind", "invert"))
-    finished = run_dir.is_finished
-    for event in iter_events(run_dir.events):  # streamed: a long log is never held whole
-        state.apply(event)
-        if finished and event.get("event") == "run_start":
-            break
-    state.finished = state.finished or finished  # summary.json is written last: its presence marks a finished run
-    return state
 
 
 def row(path: Path) -> dict[str, Any]:

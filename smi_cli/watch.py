@@ -50,7 +50,7 @@ def watch(
 
 def _stop(runs: list[Path], kinds: list[str], quiet: bool) -> None:
     """Ask each live run to stop; if any is finished or dead, nothing is written at all."""
-    from smi_cli.runs import read_run
+    from smi_engine.runs.state import read_run
 
     for path, kind in zip(runs, kinds):
         liveness = read_run(path).liveness(path, time.time())

@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from smi_cli.dashboard.app import Confirm, Dashboard, Keys
-from smi_cli.dashboard.state import RunState
+from smi_engine.runs.state import RunState
 from smi_cli.dashboard.widgets import LossChart, PatchRetention, Problem, RunHeader, Throughput, Training
 from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.runs.events import read_events
@@ -432,7 +432,7 @@ def test_every_panel_renders_hostile_events_without_control_characters(recorded,
     reaches what it draws, its title or its subtitle."""
     import random
 
-    from smi_cli.dashboard.state import OPTIONAL, REQUIRED
+    from smi_engine.runs.state import OPTIONAL, REQUIRED
     from smi_cli.dashboard.widgets import Panel
 
     from .conftest import control_characters, hostile_value

@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from smi_cli.dashboard.app import Dashboard
-from smi_cli.dashboard.state import RunState
+from smi_engine.runs.state import RunState
 from smi_cli.dashboard.widgets import PatchRetention, Problem, RunHeader, Throughput
 from smi_cli.progress import InversionProgress, LogDisplay, TerminalDisplay
 from smi_engine.runtime.gpu import open_monitor

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from smi_cli.dashboard.state import RunState
+from smi_engine.runs.state import RunState
 from smi_engine.errors import SmiError
 from smi_engine.runs.events import EventBus
 from smi_engine.plugins import Registration, get_registry

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from smi_cli.console import markup_safe, plain
-from smi_cli.dashboard.state import RunState
+from smi_engine.runs.state import RunState
 
 from .conftest import TINY_MODEL_ARGS, control_characters, hostile_value, smi
 

@@ -22,7 +22,7 @@ from textual.widgets import Footer, Static
 from smi_cli.console import plain
 from smi_cli.dashboard.follower import EventFollower
 from smi_cli.dashboard.messages import EngineFinished, EventsArrived
-from smi_cli.dashboard.state import RunState
+from smi_engine.runs.state import RunState
 from smi_cli.dashboard.widgets import (
     LossChart, Panel, PatchRetention, Preview, Problem, RunHeader, Throughput, Training, loss_series,
 )

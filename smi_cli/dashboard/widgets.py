@@ -10,8 +10,8 @@ from rich.text import Text
 from textual.widgets import Static
 
 from smi_cli.dashboard.drawing import bar_chart, half_blocks
-from smi_cli.console import plain
-from smi_cli.dashboard.state import STATUS_STYLES, RunState
+from smi_cli.console import STATUS_STYLES, plain
+from smi_engine.runs.state import RunState
 from smi_cli.progress import duration
 from smi_engine.runs.liveness import Liveness
 from smi_engine.errors import SmiError

@@ -1,7 +1,9 @@
-"""What the dashboard knows about a run: every event folded into one plain object.
+"""What a run's events say about it, folded into one plain object (``RunState``): the state
+the dashboard draws, ``smi runs`` lists and the Python API reports.
 
-No Textual here: the same folding serves live runs, finished runs and tests. Times come from
-the events themselves, so a recorded run always renders the same.
+Engine logic, no UI: the same folding serves live runs, finished runs and tests. Times come
+from the events themselves, so a recorded run always renders the same. Every event is checked
+against one schema where it is read (a run folder is untrusted).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smi_cli.console import plain
-from smi_engine.runs.events import RunClock
+from smi_engine.errors import plain
+from smi_engine.runs.events import RunClock, iter_events
+from smi_engine.runs.rundir import RunDir
 from smi_engine.runs.liveness import Evidence, Liveness, assess
 from smi_engine.inversion.schedule import CostModel, block_flops
 
@@ -53,9 +56,6 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run_error": {"message": _TEXT},
     "run_interrupted": {"message": _TEXT},
 }
-#: How each status is coloured, in the dashboard header and in `smi runs`.
-STATUS_STYLES = {"running": "green", "finished": "bold green", "failed": "bold red", "interrupted": "yellow",
-                 "paused": "bold yellow", "stalled": "bold yellow", "dead": "bold red", "damaged": "bold red"}
 RECENT_EVENTS = 64  # event times kept to measure a run's usual interval between events
 #: Bounds of what an event may say, far past any real run: a log is untrusted, and a 30000 x
 #: 30000 grid or a 10^12-batch plan must be refused as damage, not allocated.
@@ -432,3 +432,18 @@ class RunState:
         """The status with what the events cannot say: paused, stalled or dead."""
         ended = None if self.status == "running" else self.status
         return assess(run_dir, Evidence(ended, self.pid, self.host, self.latest, self.recent_interval, self.paused), now)
+
+
+def read_run(path: Path) -> RunState:
+    """A run's events folded into one state. A finished run's summary holds its results, so
+    only the head of its log is read, up to ``run_start`` (a long run logs tens of thousands of
+    events)."""
+    run_dir = RunDir(path)
+    state = RunState(kind=run_dir.read_config().get("kind", "invert"))
+    finished = run_dir.is_finished
+    for event in iter_events(run_dir.events):  # streamed: a long log is never held whole
+        state.apply(event)
+        if finished and event.get("event") == "run_start":
+            break
+    state.finished = state.finished or finished  # summary.json is written last: its presence marks a finished run
+    return state
