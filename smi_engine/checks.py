@@ -40,7 +40,7 @@ def at_least(flag: str, value: Any, minimum: int, example: Any) -> None:
 
 
 def positive(flag: str, value: Any, example: Any) -> None:
-    number(flag, value, example, low=0, low_open=True)
+    number(flag, value, example, low=0, exclusive="low")
 
 
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
