@@ -164,17 +164,20 @@ RESULT_LABELS = {"teacher_accuracy": "teacher acc", "top1": "top-1", "fp32_top1"
 
 
 def show_runs(rows: list[dict[str, Any]]) -> None:
-    """The table, or where a terminal is too narrow for it, two lines per run (nothing cut)."""
+    """The table, or where a terminal is too narrow for it, a block of three short lines per
+    run: where and how it stands; what it made; what it ran (nothing cut, each line whole)."""
     grid = table(rows)
     if fits(grid):
         show(grid, stdout)
         return
     for r in rows:
-        stdout.print(f"[bold]{markup_safe(r['run'])}[/]  {markup_safe(r['kind'])} · "
-                     f"[{STATUS_STYLES.get(r['status'], '')}]{markup_safe(_status(r))}[/] · "
-                     f"active {duration(r['active_seconds'])} · {_result_text(r) or 'no result yet'}")
-        details = [r["model"], r["schedule"], r["kept"] and f"kept {r['kept']}", r["images"] is not None and f"{r['images']} images"]
-        stdout.print(Text("    " + " · ".join(plain(d) for d in details if d), style="dim"))
+        stdout.print(f"[bold]{markup_safe(r['run'])}[/]  [{STATUS_STYLES.get(r['status'], '')}]{markup_safe(_status(r))}[/]")
+        made = [r["kind"], f"active {duration(r['active_seconds'])}", r["images"] is not None and f"{r['images']} images",
+                _result_text(r) or "no result yet"]
+        ran = [r["model"], r["schedule"], r["kept"] and f"kept {r['kept']}"]
+        for parts, style in ((made, ""), (ran, "dim")):
+            if any(parts):
+                stdout.print(Text("    " + " · ".join(plain(d) for d in parts if d), style=style))
 
 
 def _status(r: dict[str, Any]) -> str:

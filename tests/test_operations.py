@@ -217,8 +217,12 @@ def test_runs_lists_every_kind_newest_first_with_headline_results(tmp_path, digi
     assert 0 <= invert["result"]["teacher_accuracy"] <= 100 and invert["active_seconds"] > 0
     old = next(r for r in rows if r["run"] == str(tmp_path / "old"))
     assert old["status"] == "stalled" and old["reason"].startswith("last event")  # recorded long ago, elsewhere
-    table = smi("runs", tmp_path, check=True, env={"COLUMNS": "80"}).stdout
+    table = smi("runs", tmp_path, check=True, env={"COLUMNS": "80"}).stdout  # piped: the whole table, never cut
     assert "teacher acc" in table and "finished" in table and "stalled" in table and "…" not in table
+    for columns in (80, 60):  # a terminal too narrow for the table: a block of whole short lines per run
+        shown = [line for line in _in_terminal(["runs", "."], columns, cwd=tmp_path).splitlines() if line.strip()]
+        assert len(shown) == 3 * len(rows) and all(len(line) <= columns for line in shown), shown
+        assert all(line.startswith("    ") == bool(i % 3) for i, line in enumerate(shown)), shown
     assert smi("runs", tmp_path, "--quiet", check=True).stdout.split() == [r["run"] for r in rows]
     assert_one_line_error(smi("runs", tmp_path / "nowhere"), "does not exist")
 
@@ -503,7 +507,7 @@ def test_two_runs_at_80_columns_keep_the_verdict(tmp_path):
     assert "recorded-sparse is 2.00x faster than dense" in screen.replace("\n", " ")
 
 
-def _in_terminal(args: list[str], columns: int = 80) -> str:
+def _in_terminal(args: list[str], columns: int = 80, cwd: Path | None = None) -> str:
     """A command run on a pseudo-terminal ``columns`` wide, as the text it showed."""
     import fcntl
     import pty
@@ -513,7 +517,7 @@ def _in_terminal(args: list[str], columns: int = 80) -> str:
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "smi_cli", *args], stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "smi_cli", *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
                             env={**os.environ, "TERM": "xterm", "COLUMNS": str(columns)})
     os.close(slave)
     raw = b""
