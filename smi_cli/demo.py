@@ -34,7 +34,7 @@ def demo(
       smi demo
       smi demo --selection smi --selection pri    # dense, SMI and Patch Rebirth
     """
-    from smi_engine.inversion import demo as recipe
+    from smi_engine.downstream import demo as recipe
     from smi_engine.runtime.device import resolve_device
     from smi_engine.runs.events import EventBus
     from smi_engine.files import check_writable

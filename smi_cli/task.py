@@ -40,7 +40,7 @@ def task(
     registration = get_registry().get("tasks", name)
     options = {}
     for item in option or []:
-        options.update(parse_model_args(item))
+        options.update(parse_model_args(item, "-o", "epochs=5"))
     sinks = [PhaseProgress(display), TrainingProgress(display, name)]
     try:
         with display:

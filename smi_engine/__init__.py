@@ -7,9 +7,9 @@ Everything but ``SmiError`` and ``hookimpl`` is imported on first use (torch and
 to import), so ``import smi_engine`` stays cheap.
 
     vit/           the sparse ViT core: patches, sparse_vit, sparse_image, augment
-    inversion/     loop (InversionConfig, Inverter), losses, selection, schedule, run, preview, bench, demo
+    inversion/     loop (InversionConfig, Inverter), losses, selection, schedule, run, preview, bench
     runs/          rundir, runlock, events, session (the one run lifecycle), control, liveness
-    downstream/    teacher, distill, quantize (the job), reconstruct, evaluate, export, tasks
+    downstream/    teacher, distill, quantize (the job), reconstruct, evaluate, export, tasks, demo
     quantization/  fake quantisation as a model transformation: quantizers, layers, schemes
     runtime/       device, distributed (torchrun), gpu (NVML), resources
     models, data, pool, calibration   models and data: specs and loading, datasets, pools, feeding

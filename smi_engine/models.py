@@ -48,6 +48,10 @@ class Normalizer:
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         return images * self._view(self.std, images) + self._view(self.mean, images)
 
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised -> pixels in [0, 1] on the CPU: what previews and exports show."""
+        return self.denormalize(images.detach().float().cpu()).clamp(0, 1)
+
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (low, high) of the valid pixel range [0, 1] in normalised space."""
         mean, std = torch.tensor(self.mean), torch.tensor(self.std)
@@ -138,8 +142,9 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     return (first_conv.in_channels if first_conv is not None else size[0], *size[1:])
 
 
-def parse_model_args(text: str | None) -> dict[str, Any]:
-    """``k=v,k=v`` -> dict; values are Python literals where they parse (32, 0.1, True, (4, 4))."""
+def parse_model_args(text: str | None, flag: str = "--model-args", example: str = "img_size=32,patch_size=4") -> dict[str, Any]:
+    """``k=v,k=v`` -> dict; values are Python literals where they parse (32, 0.1, True, (4, 4)).
+    ``flag`` and ``example`` name the option in errors (the same syntax serves every option)."""
     if not text:
         return {}
     args: dict[str, Any] = {}
@@ -147,7 +152,7 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise SmiError(f"bad model argument {item!r}: write KEY=VALUE pairs, e.g. img_size=32,patch_size=4")
+            raise SmiError(f"bad {flag} {item!r}: write KEY=VALUE pairs, e.g. {flag} {example}")
         try:
             args[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

@@ -12,12 +12,14 @@ import importlib.metadata
 import inspect
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pluggy
 
 from smi_engine import hookspecs
+from smi_engine.checks import flag_value
 from smi_engine.errors import SmiError, plain
 
 BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.selections",
@@ -91,6 +93,7 @@ def call_factory(factory: Callable[..., Any], options: dict[str, Any], what: str
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise SmiError(f"{what} has no option {unknown[0]!r}: its options are {', '.join(known) or 'none'}")
+    options = typed_options(factory, options, what, fix)
     try:
         return factory(**options)
     except SmiError:
@@ -99,12 +102,48 @@ def call_factory(factory: Callable[..., Any], options: dict[str, Any], what: str
         raise SmiError(f"{what} rejected its options ({exc}): check {fix}") from None
 
 
-def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> None:
+def typed_options(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str) -> dict[str, Any]:
+    """Options (text from the command line, or values from a config) converted to the types the
+    factory's signature annotates: ``bool`` (true/false, yes/no, 1/0), ``int``, ``float`` and
+    ``str``, optional ones too; a value that does not convert is one line naming the option.
+    Options without such an annotation pass as they are."""
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # unresolvable annotations: the plugin's own business
+        hints = {}
+    converted = {}
+    for name, value in options.items():
+        target = _plain_type(hints.get(name))
+        if target is None or value is None or (isinstance(value, target) and not (target is int and isinstance(value, bool))):
+            converted[name] = value
+            continue
+        if target is bool:
+            converted[name] = flag_value(f"{what} option {name}", value)
+            continue
+        try:
+            if isinstance(value, bool) or (target is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            converted[name] = target(value)
+        except (TypeError, ValueError):
+            kind = {int: "a whole number", float: "a number", str: "text"}[target]
+            raise SmiError(f"{what} option {name}={value!r} is not {kind}: check {fix}") from None
+    return converted
+
+
+def _plain_type(hint: Any) -> type | None:
+    """``bool``, ``int``, ``float`` or ``str`` from an annotation (``X | None`` included), else None."""
+    if hint in (bool, int, float, str):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and args[0] in (bool, int, float, str) else None
+
+
+def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo], refresh: bool = False) -> None:
     for module_name in BUILTIN_PLUGINS:
         name = module_name.rpartition(".")[2]
         manager.register(importlib.import_module(module_name), name=name)
         plugins[name] = PluginInfo(name, "smi-toolkit", _version("smi-toolkit"), builtin=True)
-    for info, module in third_party_plugins():  # a fresh info: the registry fills in what it registers
+    for info, module in third_party_plugins(refresh):  # a fresh info: the registry fills in what it registers
         plugins[info.name] = PluginInfo(info.name, info.distribution, info.version, builtin=False, error=info.error)
         if module is not None:
             manager.register(module, name=info.name)
@@ -113,11 +152,12 @@ def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> None
 _THIRD_PARTY: list[tuple[PluginInfo, Any]] | None = None
 
 
-def third_party_plugins() -> list[tuple[PluginInfo, Any]]:
+def third_party_plugins(refresh: bool = False) -> list[tuple[PluginInfo, Any]]:
     """The entry points of group ``smi`` (as ``SMI_LOAD_PLUGINS`` allows), each loaded once per
-    process: (its info, its module, or None when it failed to load, with a warning)."""
+    process unless ``refresh`` looks again (a plugin installed since, or a changed
+    ``SMI_LOAD_PLUGINS``): (its info, its module, or None when it failed to load, with a warning)."""
     global _THIRD_PARTY
-    if _THIRD_PARTY is not None:
+    if _THIRD_PARTY is not None and not refresh:
         return _THIRD_PARTY
     allowed = os.environ.get("SMI_LOAD_PLUGINS")
     allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
@@ -184,12 +224,12 @@ _REGISTRY: Registry | None = None
 
 
 def get_registry(refresh: bool = False) -> Registry:
-    """The process-wide registry (loaded once)."""
+    """The process-wide registry, loaded once; ``refresh`` reads the entry points again."""
     global _REGISTRY
     if _REGISTRY is None or refresh:
         manager = pluggy.PluginManager("smi")
         manager.add_hookspecs(hookspecs)
         plugins: dict[str, PluginInfo] = {}
-        _load(manager, plugins)
+        _load(manager, plugins, refresh)
         _REGISTRY = Registry(manager, plugins, _collect(manager, plugins))
     return _REGISTRY

@@ -22,11 +22,9 @@ from safetensors.torch import load, save_file
 from torch.utils.data import Dataset
 
 from smi_engine.errors import SmiError
-from smi_engine.files import atomic_path, open_regular, own_folder
+from smi_engine.files import atomic_path, open_regular, own_folder, read_json
 from smi_engine.models import ModelSpec, Normalizer
 from smi_engine.vit.patches import image_pixel_mask
-from smi_engine.inversion.preview import unit_pixels
-from smi_engine.runs.rundir import RunDir
 
 SHARD_PATTERN = re.compile(r"^batch-(\d+)-r(\d+)\.safetensors$")
 
@@ -91,7 +89,7 @@ class Pool:
         if self.normalizer is None:
             raise SmiError("this pool does not know the normalisation its images are stored in: set pool.normalizer "
                            "to the teacher's (smi_engine.models.Normalizer(mean, std))")
-        return unit_pixels(self.images, self.normalizer) * self.pixel_mask().cpu()
+        return self.normalizer.pixels(self.images) * self.pixel_mask().cpu()
 
     def pixel_mask(self) -> torch.Tensor:
         """(N, 1, H, W) bool: the pixels of each image's kept patches."""
@@ -125,10 +123,15 @@ class Pool:
 def run_teacher(run_dir: str | Path) -> ModelSpec | None:
     """The teacher whose normalisation a run's pool is stored in (an inversion's model, a
     distillation's teacher), or None for a bare pool folder or a run that does not record it."""
-    if not (Path(run_dir) / "config.json").is_file():
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
         return None
-    config = RunDir(run_dir).read_config().get("config", {})
-    spec = config.get("model") or config.get("teacher") if isinstance(config, dict) else None
+    try:
+        recorded = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise SmiError(f"{path} is unreadable ({exc}): its pool's normalisation is unknown; re-run it") from None
+    config = recorded.get("config", {}) if isinstance(recorded, dict) else None
+    spec = (config.get("model") or config.get("teacher")) if isinstance(config, dict) else None
     return ModelSpec.from_dict(spec) if isinstance(spec, dict) else None
 
 

@@ -63,9 +63,10 @@ class ContrastiveLoss:
                  seed: int = 0):
         if temperature <= 0 or bank_size < 1 or negatives < 0 or not 0 < local_min <= 1:
             raise ValueError("need temperature > 0, bank_size >= 1, negatives >= 0 and local_min in (0, 1]")
-        self.temperature, self.bank_size, self.negatives = float(temperature), int(bank_size), int(negatives)
-        self.head_dim, self.hidden_dim, self.head_lr, self.local_min = int(head_dim), int(hidden_dim), float(head_lr), float(local_min)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        # Options arrive converted to the annotated types (smi_engine.plugins.typed_options).
+        self.temperature, self.bank_size, self.negatives = temperature, bank_size, negatives
+        self.head_dim, self.hidden_dim, self.head_lr, self.local_min = head_dim, hidden_dim, head_lr, local_min
+        self.generator = torch.Generator().manual_seed(seed)
 
     def setup(self, context: InversionContext) -> None:
         dim = len(context.teacher.model.blocks) * context.teacher.width

@@ -51,10 +51,10 @@ class DeepInversionLoss:
                  bn_model: str = "resnet50", bn_checkpoint: str | None = None, bn_pretrained: bool = True,
                  bn_first_scale: float = 10.0, adv: float = 0.0, student: str | None = None,
                  adv_temperature: float = 3.0):
-        self.weights = {"ce": float(ce), "tv_l2": float(tv_l2), "tv_l1": float(tv_l1), "l2": float(l2),
-                        "bn": float(bn), "adv": float(adv)}
-        self.bn_spec = ModelSpec(bn_model, pretrained=bool(bn_pretrained), checkpoint=bn_checkpoint)
-        self.bn_first_scale, self.adv_temperature = float(bn_first_scale), float(adv_temperature)
+        # Options arrive converted to the annotated types (smi_engine.plugins.typed_options).
+        self.weights = {"ce": ce, "tv_l2": tv_l2, "tv_l1": tv_l1, "l2": l2, "bn": bn, "adv": adv}
+        self.bn_spec = ModelSpec(bn_model, pretrained=bn_pretrained, checkpoint=bn_checkpoint)
+        self.bn_first_scale, self.adv_temperature = bn_first_scale, adv_temperature
         self.student_dir = student
         self.bn_feeder: ModelFeeder | None = None
         self.student_feeder: ModelFeeder | None = None

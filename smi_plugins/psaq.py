@@ -48,13 +48,8 @@ class PatchSimilarityLoss:
     def __init__(self, bandwidth: float = 0.01, points: int = 10, blocks: str = "all"):
         if bandwidth <= 0 or points < 2:
             raise ValueError("bandwidth must be positive and points at least 2")
-        self.bandwidth, self.points = float(bandwidth), int(points)
-        if blocks == "all":
-            self.blocks = None
-        elif isinstance(blocks, int):
-            self.blocks = [blocks]
-        else:  # "0,3" or (0, 3)
-            self.blocks = [int(b) for b in (blocks.split(",") if isinstance(blocks, str) else blocks)]
+        self.bandwidth, self.points = bandwidth, points  # converted to the annotated types by smi
+        self.blocks = None if blocks == "all" else [int(b) for b in blocks.strip("()[] ").split(",") if b.strip()]
 
     def __call__(self, state: LossState) -> torch.Tensor:
         heads = state.teacher.model.blocks[0].attn.num_heads

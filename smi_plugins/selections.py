@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from smi_engine import LEAVING, StopContext, choice, flag_value, hookimpl
+from smi_engine import LEAVING, StopContext, choice, hookimpl
 
 
 class RankedSelection:
@@ -25,7 +25,7 @@ class RankedSelection:
     def __init__(self, name: str, lowest: bool, leaving, keep_remaining):
         self.lowest = lowest
         self.leaving = choice(f"--selection-option {name}.leaving", leaving, LEAVING)
-        self.keeps_remaining = flag_value(f"--selection-option {name}.keep_remaining", keep_remaining)
+        self.keeps_remaining = keep_remaining  # a bool: smi converts options to their annotated types
 
     def scores(self, stop: StopContext) -> torch.Tensor:
         return stop.attention

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from smi_engine import hookimpl
+from smi_engine import SmiError, hookimpl
 from smi_engine.plugins import PluginInfo, _collect
 from smi_engine import hookspecs
 
@@ -215,3 +215,28 @@ def test_plugins_find_everything_in_one_module_which_imports_cheaply():
     for name in ("hookimpl", "LossState", "InversionContext", "StopContext", "TaskContext", "QuantConfig", "QuantLinear",
                  "ModelFeeder", "Batch", "choice", "flag_value"):
         assert name in smi_engine.__all__, name
+
+
+def test_plugin_options_arrive_as_the_types_their_factory_annotates():
+    """Text from the command line (or a config.json) becomes bool, int, float or str as the
+    factory says; before, `bn_pretrained=false` reached DeepInversion as the true string 'false'."""
+    from smi_engine.plugins import call_factory
+
+    seen = {}
+
+    def factory(flag: bool = True, count: int = 1, rate: float | None = None, name: str = "x", free=None):
+        seen.update(flag=flag, count=count, rate=rate, name=name, free=free)
+        return seen
+
+    call_factory(factory, {"flag": "false", "count": "3", "rate": "0.5", "name": 7, "free": "as-is"}, "loss 'f'", "--loss-option")
+    assert seen == {"flag": False, "count": 3, "rate": 0.5, "name": "7", "free": "as-is"}
+    for options, message in (({"count": "many"}, "count='many' is not a whole number"), ({"count": 2.5}, "is not a whole number"),
+                             ({"flag": "maybe"}, "is not true or false"), ({"rate": "fast"}, "rate='fast' is not a number"),
+                             ({"count": True}, "is not a whole number")):
+        with pytest.raises(SmiError, match=message):
+            call_factory(factory, options, "loss 'f'", "--loss-option f.KEY=VALUE")
+
+
+def test_a_bad_task_option_is_named_as_such(tmp_path):
+    proc = smi("task", "quantize", "-o", "not a pair")
+    assert proc.returncode == 2 and "bad -o 'not a pair'" in proc.stderr and "model argument" not in proc.stderr

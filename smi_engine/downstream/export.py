@@ -31,7 +31,6 @@ from PIL import Image
 
 from smi_engine.errors import SmiError
 from smi_engine.pool import Pool, load_pool, run_teacher
-from smi_engine.inversion.preview import unit_pixels
 
 FORMATS = ("png", "npz")
 STOPPED = ("black", "transparent")
@@ -75,7 +74,7 @@ def export_pixels(pool: Pool, transparent: bool = False) -> np.ndarray:
     """(N, H, W, C) uint8: the images as pixels, patches outside each keep mask black, or with
     an alpha channel that hides them (C grows by one)."""
     if transparent:
-        pixels = torch.cat([unit_pixels(pool.images, pool.normalizer), pool.pixel_mask().float().cpu()], dim=1)
+        pixels = torch.cat([pool.normalizer.pixels(pool.images), pool.pixel_mask().float().cpu()], dim=1)
     else:
         pixels = pool.pixels()
     return (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

@@ -163,7 +163,7 @@ def attach_options(specs: list[LossSpec], options: list[str]) -> list[LossSpec]:
             raise SmiError(f"bad --loss-option {text!r}: write NAME.KEY=VALUE, e.g. deepinversion.tv_l2=1e-4")
         if target not in by_name:
             raise SmiError(f"--loss-option {text!r} names loss {target!r}, which is not in --loss: add --loss {target}")
-        by_name[target].update(parse_model_args(text[len(target) + 1 :]))
+        by_name[target].update(parse_model_args(text[len(target) + 1 :], "--loss-option", f"{target}.KEY=VALUE"))
     return [LossSpec(s.name, s.weight, by_name[s.name]) for s in specs]
 
 

@@ -42,16 +42,11 @@ def read_preview(run_dir: Path, relative: str) -> Image.Image:
             raise SmiError(f"preview {relative} is too large to show ({exc})") from None
 
 
-def unit_pixels(images: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
-    """(B, C, H, W) normalised -> pixels in [0, 1] on the CPU: what previews and exports show."""
-    return normalizer.denormalize(images.detach().float().cpu()).clamp(0, 1)
-
-
 def preview_pixels(
     images: torch.Tensor, keep: torch.Tensor | None, normalizer: Normalizer, grid: PatchGrid
 ) -> torch.Tensor:
     """(B, C, H, W) normalised -> (B, 3, H, W) in [0, 1] with stopped patches greyed."""
-    pixels = unit_pixels(images, normalizer)
+    pixels = normalizer.pixels(images)
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
     if keep is not None:

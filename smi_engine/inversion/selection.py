@@ -87,7 +87,7 @@ class SelectionSpec:
             if target != name:
                 raise SmiError(f"--selection-option {text!r} is for selection {target!r}, but --selection is {name!r}: "
                                f"pass --selection {target}")
-            options.update(parse_model_args(rest))
+            options.update(parse_model_args(rest, "--selection-option", f"{name}.KEY=VALUE"))
         return cls(name, options)
 
     def __str__(self) -> str:
