@@ -93,14 +93,15 @@ def _row(path: Path) -> dict[str, Any]:
     state = read_run(path)
     liveness = state.liveness(path, time.time())
     summary = _summary(path) or state.summary
-    wall = summary.get("active_seconds") or state.clock.active  # RunClock's active time, for every kind
+    # RunClock's active time; a run finished before summaries recorded it has its wall time.
+    active = summary.get("active_seconds") or summary.get("wall_seconds") or summary.get("seconds") or state.clock.active
     images = _images(state, summary)
-    if not finite_number(wall) or not (images is None or finite_number(images)):
-        raise ValueError(f"summary.json holds {wall if not finite_number(wall) else images!r} where a finite number belongs")
+    if not finite_number(active) or not (images is None or finite_number(images)):
+        raise ValueError(f"summary.json holds {active if not finite_number(active) else images!r} where a finite number belongs")
     return {
         "run": str(path), "kind": state.kind, "status": liveness.status, "reason": liveness.reason,
         "model": summary.get("model") or state.model, "schedule": _schedule(state, summary),
-        "kept": _kept(state, summary), "images": images, "active_seconds": wall,
+        "kept": _kept(state, summary), "images": images, "active_seconds": active,
         "result": _result(state.kind, summary), "started": state.started,
         "host": state.host, "pid": state.pid, "summary": summary or None,
     }

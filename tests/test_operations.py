@@ -558,3 +558,12 @@ def test_shell_completion_offers_the_values_an_option_takes(words, expected):
                           env={**os.environ, "_SMI_COMPLETE": "complete_bash", "COMP_WORDS": words,
                                "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))})
     assert proc.stdout.split() == expected, proc.stderr
+
+
+def test_a_run_from_before_active_time_lists_its_recorded_time():
+    """Summaries written before `active_seconds` existed keep the time they recorded in
+    `smi runs`, rather than the few seconds a listing folds from the head of their log."""
+    summary = json.loads((RECORDED / "summary.json").read_text())
+    assert "active_seconds" not in summary
+    (row,) = json.loads(smi("runs", RECORDED, "--json", check=True).stdout)
+    assert row["active_seconds"] == summary["seconds"]
