@@ -111,7 +111,7 @@ def invert(
     torch_device = _device(teacher, device)
     loaded = _loaded(teacher, mean, std, torch_device)
     config = InversionConfig(
-        model=loaded.spec, schedule=schedule if isinstance(schedule, Schedule) else Schedule.parse(schedule), iterations=iterations, batch_size=batch_size, batches=batches,
+        model=loaded.spec, schedule=schedule, iterations=iterations, batch_size=batch_size, batches=batches,
         selection=selection if isinstance(selection, SelectionSpec) else SelectionSpec(selection),
         losses=[spec if isinstance(spec, LossSpec) else LossSpec.parse(spec) for spec in losses], seed=seed,
         **settings)
@@ -144,8 +144,9 @@ def quantize(
     device: str | None = None, progress: bool = True,
 ) -> nn.Module:
     """A fake-quantised copy of ``model`` calibrated on ``calib`` (a pool, a run directory,
-    ``noise`` or ``real:SPEC``), with the defaults of ``smi quantize``; ``reconstruct=True`` learns each block's rounding and step
-    sizes (``ReconstructConfig`` for its settings). ``model`` is left as it was."""
+    ``noise`` or ``real:SPEC``), with the defaults of ``smi quantize``; ``reconstruct=True``
+    learns each block's rounding and step sizes (``ReconstructConfig`` for its settings).
+    ``model`` is left as it was."""
     torch_device = _device(model, device)
     loaded = _loaded(model, mean, std, torch_device)
     recon = reconstruct if isinstance(reconstruct, ReconstructConfig) else ReconstructConfig("block" if reconstruct else "none")

@@ -96,6 +96,13 @@ def model_options(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v not in (None, {})}
 
 
-def spec_options(specs: list[dict[str, Any]]) -> list[str]:
+def inversion_options(losses: list[dict[str, Any]], selection: dict[str, Any]) -> dict[str, Any]:
+    """Recorded loss and selection specs as ``--loss``, ``--loss-option``, ``--selection`` and
+    ``--selection-option`` (``smi invert`` and ``smi distill --synthesize`` alike)."""
+    return {"loss": [f"{spec['name']}:{spec['weight']}" for spec in losses], "loss_option": _spec_options(losses),
+            "selection": selection["name"], "selection_option": _spec_options([selection])}
+
+
+def _spec_options(specs: list[dict[str, Any]]) -> list[str]:
     """``NAME.KEY=VALUE`` strings for the options of recorded loss or selection specs."""
     return [f"{s['name']}.{k}={v}" for s in specs for k, v in (s.get("options") or {}).items()]

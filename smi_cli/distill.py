@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.config_file import model_options, spec_options
+from smi_cli.config_file import inversion_options, model_options
 from smi_cli.console import print_json, stderr, stopped
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
@@ -31,11 +31,9 @@ def options_from_run(config: dict) -> dict:
                        student_pretrained=student_options.get("pretrained", False))
         options.update({"student_checkpoint": student_options["checkpoint"]} if "checkpoint" in student_options else {})
     if synthesis is not None:
-        losses = synthesis["losses"]
         options.update(synthesize=True, schedule=synthesis["schedule"], iterations=synthesis["iterations"],
-                       selection=synthesis["selection"]["name"], selection_option=spec_options([synthesis["selection"]]),
                        synth_batch_size=synthesis["batch_size"], inversion_lr=synthesis["lr"],
-                       loss=[f"{spec['name']}:{spec['weight']}" for spec in losses], loss_option=spec_options(losses))
+                       **inversion_options(synthesis["losses"], synthesis["selection"]))
     return options
 
 

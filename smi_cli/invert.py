@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.config_file import model_options, spec_options
+from smi_cli.config_file import inversion_options, model_options
 from smi_cli.console import markup_safe, no_terminal_reason, plain, print_json, show, stderr, stdout, stopped, warn
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, duration, open_display
@@ -33,9 +33,7 @@ def options_from_run(config: dict) -> dict:
     config.pop("teacher_sha256", None)  # of the teacher as it is when the new run starts
     losses, selection = config.pop("losses", []), config.pop("selection", {"name": "smi"})
     model, sinks = config.pop("model"), config.pop("sinks", [])
-    return {**model_options(model), **config, "sink": sinks,
-            "loss": [f"{spec['name']}:{spec['weight']}" for spec in losses], "loss_option": spec_options(losses),
-            "selection": selection["name"], "selection_option": spec_options([selection])}
+    return {**model_options(model), **config, "sink": sinks, **inversion_options(losses, selection)}
 
 
 ConfigFile = o.config_option("invert", options_from_run)

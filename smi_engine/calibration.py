@@ -102,10 +102,7 @@ def calibration_batches(source: str | Pool, size: int, batch_size: int, model_in
     """Batches of ``size`` calibration images, the normalisation they are in, and a label.
     ``source``: ``noise``, ``real:SPEC``, a run directory, or a pool in memory."""
     if isinstance(source, Pool):
-        if source.normalizer is None:
-            raise SmiError("the calibration pool does not know the normalisation its images are stored in: set "
-                           "pool.normalizer to the teacher's")
-        return _chosen(source, size, batch_size, generator, "the pool"), source.normalizer, "pool in memory"
+        return _chosen(source, size, batch_size, generator, "the pool"), source.stored_in(), "pool in memory"
     if source == "noise":
         shape = (model_input.channels, model_input.height, model_input.width)
 

@@ -86,10 +86,14 @@ class Pool:
     def pixels(self) -> torch.Tensor:
         """(N, C, H, W) in [0, 1] on the CPU: the images as pictures (what previews and ``smi
         export`` show), patches outside each keep mask black."""
+        return self.stored_in().pixels(self.images) * self.pixel_mask().cpu()
+
+    def stored_in(self) -> Normalizer:
+        """The normalisation the images are stored in, or a one-line error where it is unknown."""
         if self.normalizer is None:
             raise SmiError("this pool does not know the normalisation its images are stored in: set pool.normalizer "
                            "to the teacher's (smi_engine.models.Normalizer(mean, std))")
-        return self.normalizer.pixels(self.images) * self.pixel_mask().cpu()
+        return self.normalizer
 
     def pixel_mask(self) -> torch.Tensor:
         """(N, 1, H, W) bool: the pixels of each image's kept patches."""
@@ -102,9 +106,7 @@ class Pool:
 
     def renormalized(self, target: Normalizer) -> "Pool":
         """The same images stored in ``target``'s normalisation (another model's input)."""
-        if self.normalizer is None:
-            raise SmiError("this pool does not know the normalisation its images are stored in: set pool.normalizer")
-        if self.normalizer == target:
+        if self.stored_in() == target:
             return self
         images = target.normalize(self.normalizer.denormalize(self.images))
         return replace(self, images=images, normalizer=target)

@@ -39,6 +39,10 @@ class Panel(Static):
         self.shown = (state, run_dir)
         self.update(self.render_state(state, run_dir))
 
+    def live(self, state: RunState) -> Liveness:
+        """How the run stands: the view's reading (clock and lock), else what the events say."""
+        return self.liveness or Liveness(state.status)
+
     def render_state(self, state: RunState, run_dir: Path):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -48,7 +52,7 @@ class RunHeader(Panel):
     stands; where it is; what it runs on."""
 
     def render_state(self, state: RunState, run_dir: Path) -> Text:
-        live = self.liveness or Liveness(state.status)
+        live = self.live(state)
         text = Text()
         text.append(f"{plain(run_dir.name)}  ", "bold")
         text.append(live.status.upper(), STATUS_STYLES.get(live.status, ""))
@@ -170,7 +174,7 @@ class Throughput(Panel):
         table = Table.grid(padding=(0, 1))
         table.add_column(style="bold", no_wrap=True, min_width=len("token FLOPs"))  # the names never give way
         table.add_column(no_wrap=True, overflow="ellipsis")
-        status = (self.liveness or Liveness(state.status)).status
+        status = self.live(state).status
         eta = {"finished": "done", "paused": "paused", "dead": "- (the run died)", "failed": "- (failed)",
                "interrupted": "- (stopped)"}.get(status) or duration(state.eta_seconds)
         if state.is_training:
@@ -272,7 +276,7 @@ class Problem(Panel):
     def render_state(self, state: RunState, run_dir: Path) -> Text:
         if state.error:
             return Text(f"the run failed: {state.error}", "bold red")
-        live = self.liveness or Liveness(state.status)
+        live = self.live(state)
         if not (state.interrupted or live.status == "dead"):
             return Text("")
         what = state.interrupted or f"the process writing this run died ({live.reason or 'no end event'})"
