@@ -491,7 +491,9 @@ def test_an_interrupted_run_at_80_by_24_shows_its_whole_resume_command_and_every
         handle.write(json.dumps({"event": "run_interrupted", "time": last + 1, "rank": 0, "message": "stopped at batch 1"}) + "\n")
     screen = _screen([run])
     assert f"smi invert --resume --out {run}" in screen
-    assert all(f"│ {row}" in screen for row in ("images ", "speed ", "time ", "ETA ")), screen
+    assert all(f"│ {row}" in screen for row in ("images ", "speed ", "active ", "ETA ")), screen
+    throughput = [line for line in screen.splitlines() if re.match(r"│ (images|speed|active|token FLOPs|ETA) ", line)]
+    assert throughput and not any("…" in line.split("││")[0] for line in throughput), throughput  # no value cut
 
 
 def test_two_runs_at_80_columns_keep_the_verdict(tmp_path):

@@ -186,12 +186,13 @@ class Throughput(Panel):
                 # images written to the pool (a Patch Rebirth trajectory writes several), not batch x it/s
                 ("images", f"{state.images_made}/{state.total_images}"),
                 ("images/s", "-" if state.images_per_second is None else f"{state.images_per_second:,.2f}"),
-                ("speed", f"{state.iteration_rate:,.2f} it/s · {sum(state.tokens_per_s.values()):,.0f} tokens/s"),
+                ("speed", f"{state.iteration_rate:,.1f} it/s · {sum(state.tokens_per_s.values()) / 1000:,.1f}k tok/s"),
                 # the cost model, not a speedup: speedups are measured in wall-clock time only
                 ("token FLOPs", "-" if flops is None else f"{100 * flops:.0f}% of dense so far"),
             ]
-        # One row for both durations: at 80x24, beside a Problem panel, every row still shows.
-        times = [("time", f"{duration(state.clock.active)} active · {duration(state.clock.since_start)} since start")]
+        # One short row for both durations (active time, of the time since start): at 80x24,
+        # beside a Problem panel, every row shows whole.
+        times = [("active", f"{duration(state.clock.active)} of {duration(state.clock.since_start)}")]
         for key, value in [*rows, *times, ("ETA", eta)]:
             table.add_row(key, value)
         return table
