@@ -21,7 +21,8 @@ from smi_engine.errors import SmiError
 from smi_engine.downstream.evaluate import evaluate as accuracy_of
 from smi_engine.runs.events import EventBus, read_events
 from smi_engine.files import read_json
-from smi_engine.inversion.loop import InversionConfig, Inverter
+from smi_engine.inversion.config import InversionConfig
+from smi_engine.inversion.loop import Inverter
 from smi_engine.inversion.run import build_losses, inversion_plan, run_inversion
 from smi_engine.inversion.schedule import Schedule
 from smi_engine.inversion.losses import LossSpec
@@ -138,19 +139,20 @@ def invert(
 
 def quantize(
     model: Model, calib: Pool | str, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-    scheme: str = QuantConfig.scheme, w_bit: int = QuantConfig.w_bit, a_bit: int = QuantConfig.a_bit,
-    reconstruct: bool | ReconstructConfig = False,
+    scheme: str = QuantConfig.scheme, scheme_options: dict[str, Any] | None = None, w_bit: int = QuantConfig.w_bit,
+    a_bit: int = QuantConfig.a_bit, reconstruct: bool | ReconstructConfig = False,
     calib_size: int = 32, batch_size: int = 64, sparse_calib: str = "tokens", seed: int = 0,
     device: str | None = None, progress: bool = True,
 ) -> nn.Module:
     """A fake-quantised copy of ``model`` calibrated on ``calib`` (a pool, a run directory,
-    ``noise`` or ``real:SPEC``), with the defaults of ``smi quantize``; ``reconstruct=True``
-    learns each block's rounding and step sizes (``ReconstructConfig`` for its settings).
+    ``noise`` or ``real:SPEC``), with the defaults of ``smi quantize``; ``scheme_options``: the
+    scheme factory's keyword arguments (``--scheme-option``); ``reconstruct=True`` learns each
+    block's rounding and step sizes (``ReconstructConfig`` for its settings).
     ``model`` is left as it was."""
     torch_device = _device(model, device)
     loaded = _loaded(model, mean, std, torch_device)
     recon = reconstruct if isinstance(reconstruct, ReconstructConfig) else ReconstructConfig("block" if reconstruct else "none")
-    job = QuantizeJob(model=loaded.spec, calib=calib, data="", quant=QuantConfig(w_bit, a_bit, scheme=scheme),
+    job = QuantizeJob(model=loaded.spec, calib=calib, data="", quant=QuantConfig(w_bit, a_bit, scheme=scheme, scheme_options=dict(scheme_options or {})),
                       calib_size=calib_size, batch_size=batch_size, seed=seed, reconstruct=recon, sparse_calib=sparse_calib)
     job.validate()
     job = replace(job, quant=job.quant.resolved())

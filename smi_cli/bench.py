@@ -67,7 +67,7 @@ def print_report(result: dict) -> None:
     from rich.table import Table
 
     from smi_engine.inversion.bench import DENSE
-    from smi_engine.inversion.loop import PHASES
+    from smi_engine.inversion.batch import PHASES
 
     cfg = result["config"]
     console = stdout

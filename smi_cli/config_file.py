@@ -99,10 +99,16 @@ def model_options(spec: dict[str, Any]) -> dict[str, Any]:
 def inversion_options(losses: list[dict[str, Any]], selection: dict[str, Any]) -> dict[str, Any]:
     """Recorded loss and selection specs as ``--loss``, ``--loss-option``, ``--selection`` and
     ``--selection-option`` (``smi invert`` and ``smi distill --synthesize`` alike)."""
-    return {"loss": [f"{spec['name']}:{spec['weight']}" for spec in losses], "loss_option": _spec_options(losses),
-            "selection": selection["name"], "selection_option": _spec_options([selection])}
+    return {"loss": [f"{spec['name']}:{spec['weight']}" for spec in losses], "loss_option": named_option_texts(losses),
+            "selection": selection["name"], "selection_option": named_option_texts([selection])}
 
 
-def _spec_options(specs: list[dict[str, Any]]) -> list[str]:
-    """``NAME.KEY=VALUE`` strings for the options of recorded loss or selection specs."""
+def sink_flags(names: list[str], options: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """Recorded sinks and their options as ``--sink`` and ``--sink-option``."""
+    return {"sink": list(names), "sink_option": named_option_texts([{"name": n, "options": o} for n, o in (options or {}).items()])}
+
+
+def named_option_texts(specs: list[dict[str, Any]]) -> list[str]:
+    """``NAME.KEY=VALUE`` strings for the options of recorded specs (``{"name", "options"}``:
+    losses, selections, sinks, schemes)."""
     return [f"{s['name']}.{k}={v}" for s in specs for k, v in (s.get("options") or {}).items()]

@@ -68,14 +68,14 @@ def demo(
     if json_output:
         print_json(result)
     elif not quiet:
-        _print_comparison(result)
+        print_comparison(result)
 
 
 # Short headers: three runs side by side still fit 80 columns (the title names the methods).
 TITLES = {"dense": "dense", "smi": "SMI", "pri": "PRI", "random": "random"}
 
 
-def _print_comparison(result: dict) -> None:
+def print_comparison(result: dict) -> None:
     from rich.table import Table
 
     runs = result["runs"]

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.config_file import inversion_options, model_options
+from smi_cli.config_file import inversion_options, model_options, sink_flags
 from smi_cli.console import print_json, stderr, stopped
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, TrainingProgress, open_display
@@ -21,7 +21,8 @@ def options_from_run(config: dict) -> dict:
     """A distillation's config.json as ``smi distill`` options (the recipe is already resolved)."""
     config = dict(config)
     student, synthesis = config.pop("student"), config.pop("synthesize")
-    options = {**model_options(config.pop("teacher")), "pool": config.pop("pools"), "sink": config.pop("sinks"),
+    options = {**model_options(config.pop("teacher")), "pool": config.pop("pools"),
+               **sink_flags(config.pop("sinks"), config.pop("sink_options", None)),
                "limit": config.pop("limit") or 0, **{k: v for k, v in config.items() if v is not None}}
     student_options = model_options(student)
     if "teacher" in student_options:  # a model folder
@@ -75,7 +76,8 @@ def distill(
     val_every: Annotated[Optional[int], typer.Option(help="Validate every N rounds (and after the last) (default: 1).", show_default=False, rich_help_panel=ROUNDS)] = None,
     limit: Annotated[int, typer.Option(help="Validate on at most N images (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this sink, repeatable: tensorboard (built in) or a plugin's.")] = None,
+    sink: o.Sink = None,
+    sink_option: o.SinkOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/TIME-distill).", show_default=False)] = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
@@ -96,9 +98,10 @@ def distill(
     from smi_engine.runtime import distributed
     from smi_engine.runs.control import RunControl, RunInterrupted
     from smi_engine.downstream.distill import DistillConfig, resolve_grow, resolve_recipe, run_distillation
-    from smi_engine.inversion.loop import InversionConfig
+    from smi_engine.inversion.config import InversionConfig
     from smi_engine.inversion.losses import LossSpec, attach_options
-    from smi_engine.models import ModelSpec, parse_model_args
+    from smi_engine.checks import parse_pairs
+    from smi_engine.models import ModelSpec
     from smi_engine.runs.rundir import RunDir
     from smi_engine.inversion.schedule import Schedule
     from smi_engine.inversion.selection import SelectionSpec
@@ -108,7 +111,8 @@ def distill(
     if Path(student).is_dir():
         student_spec = ModelSpec.from_dir(student)
     else:
-        student_spec = ModelSpec(student, parse_model_args(student_args), student_pretrained,
+        student_spec = ModelSpec(student, parse_pairs(student_args, "--student-args", "img_size=32,patch_size=4"),
+                                 student_pretrained,
                                  str(student_checkpoint) if student_checkpoint else None)
     settings = resolve_recipe(recipe, {
         "synth_batches": synth_batches, "synth_batch_size": synth_batch_size, "epochs": epochs,
@@ -127,6 +131,7 @@ def distill(
     config = DistillConfig(  # typed all the way: a bad value is named by the option the user wrote
         teacher=teacher_spec, student=student_spec, data=data, pools=pools, synthesize=synthesis,
         grow=resolve_grow(settings.get("grow"), pools, synthesis), seed=seed, limit=limit or None, sinks=list(sink or []),
+        sink_options=o.sink_options(sink, sink_option),
         **{k: v for k, v in settings.items() if k in DistillConfig.__dataclass_fields__ and k != "grow"})
     config.validate()
     placement, torch_device = distributed.start(device)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.config_file import inversion_options, model_options
+from smi_cli.config_file import inversion_options, model_options, sink_flags
 from smi_cli.console import markup_safe, no_terminal_reason, plain, print_json, show, stderr, stdout, stopped, warn
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, InversionProgress, duration, open_display
@@ -22,6 +22,7 @@ CONFIG_OPTIONS = (
     "model", "model_args", "pretrained", "checkpoint", "mean", "std", "teacher", "schedule", "iterations",
     "batch_size", "batches", "lr", "targets", "seed", "loss", "loss_option", "attention", "jitter", "flip",
     "jitter_at_stops", "final_mask", "selection", "selection_option", "precision", "compile", "checkpoint_every", "sink",
+    "sink_option",
 )
 
 
@@ -32,8 +33,8 @@ def options_from_run(config: dict) -> dict:
         raise SmiError("this run set Adam's betas, which smi invert has no option for: repeat it with smi.invert() in Python")
     config.pop("teacher_sha256", None)  # of the teacher as it is when the new run starts
     losses, selection = config.pop("losses", []), config.pop("selection", {"name": "smi"})
-    model, sinks = config.pop("model"), config.pop("sinks", [])
-    return {**model_options(model), **config, "sink": sinks, **inversion_options(losses, selection)}
+    model, sinks = config.pop("model"), sink_flags(config.pop("sinks", []), config.pop("sink_options", None))
+    return {**model_options(model), **config, **sinks, **inversion_options(losses, selection)}
 
 
 ConfigFile = o.config_option("invert", options_from_run)
@@ -63,7 +64,8 @@ def invert(
     precision: o.Precision = "fp32",
     compile: o.Compile = False,
     checkpoint_every: Annotated[float, typer.Option(help="Seconds between resume checkpoints (0: only when stopped).", rich_help_panel=RUN)] = 60.0,
-    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this sink, repeatable: tensorboard (built in; pip install 'smi-toolkit[tensorboard]') or a plugin's.", rich_help_panel=RUN)] = None,
+    sink: o.Sink = None,
+    sink_option: o.SinkOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/TIME-MODEL-dense or -sparse).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out.")] = False,
     device: o.Device = "auto",
@@ -86,7 +88,7 @@ def invert(
     from smi_cli.signals import stop_on_signals
     from smi_engine.runtime import distributed
     from smi_engine.runs.control import RunControl, RunInterrupted
-    from smi_engine.inversion.loop import InversionConfig
+    from smi_engine.inversion.config import InversionConfig
     from smi_engine.inversion.run import InversionRun, default_out_dir
     from smi_engine.inversion.losses import LossSpec, attach_options
     from smi_engine.runs.rundir import RunDir
@@ -113,7 +115,7 @@ def invert(
             losses=specs, targets=targets, seed=seed, jitter=jitter, flip=flip, attention=attention,
             jitter_at_stops=jitter_at_stops, final_mask=final_mask,
             selection=SelectionSpec.parse(selection, selection_option), precision=precision, compile=compile,
-            checkpoint_every=checkpoint_every, sinks=list(sink or []),
+            checkpoint_every=checkpoint_every, sinks=list(sink or []), sink_options=o.sink_options(sink, sink_option),
         )
         config.validate()
     placement, torch_device = distributed.start(device)

@@ -53,10 +53,24 @@ ProgressEvery = Annotated[float, typer.Option(
     help="When stderr is not a terminal (a log file, nohup, SLURM): seconds between plain progress lines.",
     rich_help_panel=OUTPUT)]
 
+Sink = Annotated[Optional[list[str]], typer.Option("--sink", autocompletion=installed("sinks"), help="Also send events to this sink, repeatable: tensorboard (built in; pip install 'smi-toolkit[tensorboard]') or a plugin's.", rich_help_panel=OUTPUT)]
+SinkOption = Annotated[Optional[list[str]], typer.Option("--sink-option", help="NAME.KEY=VALUE for a sink's factory, repeatable, e.g. tensorboard.every=10.", rich_help_panel=OUTPUT)]
+
 Selection = Annotated[str, typer.Option("--selection", autocompletion=installed("selections"), help="Which patches leave the optimised set at each stop: smi (least attended, dropped), pri (Patch Rebirth: most attended, kept frozen), random, or a plugin's (see `smi plugins`).", rich_help_panel=RUN)]
 SelectionOption = Annotated[Optional[list[str]], typer.Option("--selection-option", help="NAME.KEY=VALUE for the selection's factory, repeatable, e.g. pri.keep_remaining=false.", rich_help_panel=RUN)]
 Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16: autocast of the teacher's forward and backward (pixels and Adam state stay fp32; fp16 scales the loss).", rich_help_panel=RUN)]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's blocks (one graph per stage's token count; pays off on long GPU runs).", rich_help_panel=RUN)]
+
+
+def sink_options(sinks: list[str] | None, texts: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``--sink-option NAME.KEY=VALUE`` texts by the ``--sink`` they are for."""
+    from smi_engine.checks import named_options
+
+    from smi_engine.plugins import registered_options
+
+    grouped = named_options(texts or [], "--sink-option", "event sink", sinks or [], "--sink", "tensorboard.every=10")
+    return {name: registered_options("sinks", name, values, f"--sink-option {name}.KEY=VALUE", args=(None, None))
+            for name, values in grouped.items() if values}
 
 
 def config_option(kind: str, from_run: "FromRun") -> Any:

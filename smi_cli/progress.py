@@ -202,11 +202,9 @@ class InversionProgress:
         rate = 1.0 / max(event["seconds"], 1e-9)
         self.rate = rate if self.rate == 0 else 0.9 * self.rate + 0.1 * rate
         eta = None
-        if self.model is not None:
+        if self.model is not None:  # this process's own batches: after a resume, only what is left
             self.cost_done += self.model.cost(event["iteration"], done_in_batch)
-            later_batches = max(self.batches - self.done_batches - 1, 0)
-            remaining = self.model.cost(done_in_batch, self.iterations) + later_batches * self.model.batch_cost
-            eta = self.seconds / max(self.cost_done, 1e-9) * remaining
+            eta = self.model.eta(self.seconds, self.cost_done, [done_in_batch], self.batches - self.done_batches - 1)
         self.shown = (event, eta)
         if done_in_batch < self.iterations:  # a batch's last iteration is shown by its batch_end, with its images
             self._show(event, eta)

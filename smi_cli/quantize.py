@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from smi_cli import options as o
-from smi_cli.config_file import model_options
+from smi_cli.config_file import model_options, named_option_texts
 from smi_cli.console import markup_safe, print_json, stderr, stopped
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
@@ -17,10 +17,12 @@ from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME, RECONSTRU
 
 def options_from_run(config: dict) -> dict:
     """A quantisation's config.json as ``smi quantize`` options."""
-    quant, recon = config.get("quant", {}), config.get("reconstruct", {})
+    quant, recon = dict(config.get("quant", {})), config.get("reconstruct", {})
+    scheme_option = named_option_texts([{"name": quant.get("scheme"), "options": quant.pop("scheme_options", None)}])
     renamed = {"iterations": "recon_iters", "rounding_lr": "recon_lr", "step_lr": "recon_step_lr", "drop": "recon_drop",
                "p": "recon_p", "mode": "reconstruct"}
     return {**model_options(config["model"]), **{k: v for k, v in quant.items() if v is not None},
+            **({"scheme_option": scheme_option} if scheme_option else {}),
             **{renamed[k]: v for k, v in recon.items()}, "limit": config.get("limit") or 0,
             **{k: config[k] for k in ("calib", "data", "calib_size", "batch_size", "seed", "sparse_calib") if k in config}}
 
@@ -35,6 +37,7 @@ def quantize(
     teacher: o.Teacher = None, model: o.Model = None, model_args: o.ModelArgs = None, pretrained: o.Pretrained = False,
     checkpoint: o.Checkpoint = None, mean: o.Mean = None, std: o.Std = None,
     scheme: Annotated[str, typer.Option(autocompletion=o.installed("schemes"), help="Where and how to quantise: matmul (inputs of every matmul), seed (the seed's / PSAQ-ViT's positions), repq (RepQ-ViT), or a plugin's (see `smi plugins`).")] = DEFAULT_SCHEME,
+    scheme_option: Annotated[Optional[list[str]], typer.Option("--scheme-option", help="NAME.KEY=VALUE for the scheme's factory, repeatable, e.g. repq.reparameterize=false (see `smi plugins`).")] = None,
     w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits (per output channel), 2 to 16: e.g. 8, 4, 3.")] = 8,
     a_bit: Annotated[int, typer.Option("--a-bit", help="Activation bits (per tensor), 2 to 16: e.g. 8, 4, 3.")] = 8,
     calibrator: Annotated[Optional[str], typer.Option(help=f"How activation ranges are set: {', '.join(CALIBRATORS)} (default: the scheme's; minmax for matmul and seed, search for repq).", show_default=False)] = None,
@@ -71,6 +74,8 @@ def quantize(
       smi quantize --teacher runs/teacher --calib noise --data digits --json
     """
     from smi_cli.signals import stop_on_signals
+    from smi_engine.checks import named_options
+    from smi_engine.plugins import registered_options
     from smi_engine.runs.control import RunControl, RunInterrupted
     from smi_engine.runtime.device import resolve_device
     from smi_engine.runs.events import EventBus
@@ -79,8 +84,11 @@ def quantize(
     from smi_engine.runs.rundir import RunDir
 
     display = open_display(stderr, quiet, progress_every)
+    given = named_options(scheme_option or [], "--scheme-option", "scheme", [scheme], "--scheme", "repq.reparameterize=false")
+    scheme_options = registered_options("schemes", scheme, given[scheme], f"--scheme-option {scheme}.KEY=VALUE")
     job = QuantizeJob(model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), calib=calib,
-                      data=data, quant=QuantConfig(w_bit, a_bit, calibrator, percentile, scheme), calib_size=calib_size,
+                      data=data, quant=QuantConfig(w_bit, a_bit, calibrator, percentile, scheme, scheme_options),
+                      calib_size=calib_size,
                       batch_size=batch_size, limit=limit or None, seed=seed, sparse_calib=sparse_calib,
                       reconstruct=ReconstructConfig(reconstruct, recon_iters, recon_lr, recon_step_lr, recon_drop, recon_p))
     control = RunControl(RunDir(out) if out is not None else None)

@@ -32,19 +32,21 @@ def task(
         -o data=fashion-mnist -o w_bit=4
     """
     from smi_engine.runtime.device import resolve_device
-    from smi_engine.models import parse_model_args
-    from smi_engine.plugins import get_registry
+    from smi_engine.checks import parse_pairs
+    from smi_engine.plugins import call_factory, get_registry
     from smi_engine.downstream.tasks import TaskContext
 
     display = open_display(stderr, quiet, progress_every)
     registration = get_registry().get("tasks", name)
     options = {}
     for item in option or []:
-        options.update(parse_model_args(item, "-o", "epochs=5"))
+        options.update(parse_pairs(item, "-o", "epochs=5"))
     sinks = [PhaseProgress(display), TrainingProgress(display, name)]
     try:
+        # The one place where -o text becomes a task's typed options: refused here, before any work.
+        job = call_factory(registration.factory, options, f"task {name!r}", "-o KEY=VALUE")
         with display:
-            result = registration.factory().run(options, TaskContext(resolve_device(device), out, sinks))
+            result = job.run(TaskContext(resolve_device(device), out, sinks))
     except SmiError:
         raise
     except Exception as exc:  # a plugin's bug: name the task and its plugin, in one line

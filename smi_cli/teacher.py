@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from smi_cli import options as o
-from smi_cli.config_file import model_options
+from smi_cli.config_file import model_options, sink_flags
 from smi_cli.console import markup_safe, print_json, stderr, stopped
 from smi_cli.help import command, new_app
 from smi_cli.progress import DEFAULT_EVERY, TrainingProgress, open_display
@@ -25,9 +25,9 @@ def options_from_run(config: dict) -> dict:
     if train.pop("warmup_epochs", 1.0) != 1.0:
         raise SmiError("this run set warmup_epochs, which smi teacher train has no option for: set it in Python")
     train.pop("limit", None)
-    sinks = train.pop("sinks", [])
+    sinks = sink_flags(train.pop("sinks", []), train.pop("sink_options", None))
     return {**model_options(spec), **train, "data": config["data"], "limit": config.get("train", {}).get("limit") or 0,
-            "sink": sinks}
+            **sinks}
 
 
 ConfigFile = o.config_option("teacher", options_from_run)
@@ -49,7 +49,8 @@ def train(
     shift: Annotated[float, typer.Option(help="Random translation, fraction of the image size.")] = 0.125,
     limit: Annotated[int, typer.Option(help="Use only the first N training images (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    sink: Annotated[Optional[list[str]], typer.Option("--sink", help="Also send events to this sink, repeatable: tensorboard (built in) or a plugin's.")] = None,
+    sink: o.Sink = None,
+    sink_option: o.SinkOption = None,
     device: o.Device = "auto",
     quiet: o.Quiet = False,
     json_output: o.Json = False,
@@ -76,7 +77,7 @@ def train(
     display = open_display(stderr, quiet, progress_every)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          label_smoothing=label_smoothing, flip=flip, shift=shift, seed=seed, limit=limit or None,
-                         sinks=list(sink or []))
+                         sinks=list(sink or []), sink_options=o.sink_options(sink, sink_option))
     config.validate()
     splits = load_data(data)
     spec = o.model_spec(model, model_args, pretrained, checkpoint, mean, std, None)

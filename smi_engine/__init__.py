@@ -7,7 +7,8 @@ Everything but ``SmiError`` and ``hookimpl`` is imported on first use (torch and
 to import), so ``import smi_engine`` stays cheap.
 
     vit/           the sparse ViT core: patches, sparse_vit, sparse_image, augment
-    inversion/     loop (InversionConfig, Inverter), losses, selection, schedule, run, preview, bench
+    inversion/     config (InversionConfig), loop (Inverter), batch, losses, selection, schedule, run,
+                   preview, bench
     runs/          rundir, runlock, events, session (the one run lifecycle), control, liveness
     downstream/    teacher, distill, quantize (the job), reconstruct, evaluate, export, tasks, demo
     quantization/  fake quantisation as a model transformation: quantizers, layers, schemes
@@ -22,7 +23,7 @@ from smi_engine.lazy import lazy_exports
 
 _EXPORTS = {
     # inversion, and what losses and selections receive
-    "InversionConfig": "smi_engine.inversion.loop", "Inverter": "smi_engine.inversion.loop",
+    "InversionConfig": "smi_engine.inversion.config", "Inverter": "smi_engine.inversion.loop",
     "run_inversion": "smi_engine.inversion.run", "Schedule": "smi_engine.inversion.schedule",
     "LossSpec": "smi_engine.inversion.losses", "LossState": "smi_engine.inversion.losses",
     "InversionContext": "smi_engine.inversion.losses", "SelectionSpec": "smi_engine.inversion.selection",
@@ -33,14 +34,16 @@ _EXPORTS = {
     "load_model": "smi_engine.models", "Pool": "smi_engine.pool", "load_pool": "smi_engine.pool",
     "Batch": "smi_engine.calibration", "ModelFeeder": "smi_engine.calibration",
     # tasks
-    "TaskContext": "smi_engine.downstream.tasks", "TaskOptions": "smi_engine.downstream.tasks",
+    "TaskContext": "smi_engine.downstream.tasks",
     "DistillConfig": "smi_engine.downstream.distill", "run_distillation": "smi_engine.downstream.distill",
     "QuantizeJob": "smi_engine.downstream.quantize", "run_quantization": "smi_engine.downstream.quantize",
+    "ReconstructConfig": "smi_engine.quantization.names",
     # quantisation schemes
     "QuantConfig": "smi_engine.quantization.scheme", "QuantLinear": "smi_engine.quantization.layers",
     "QuantAttention": "smi_engine.quantization.layers", "ActivationQuantizer": "smi_engine.quantization.quantizers",
     # option checks plugins share
-    "choice": "smi_engine.checks", "flag_value": "smi_engine.checks",
+    "choice": "smi_engine.checks", "flag_value": "smi_engine.checks", "at_least": "smi_engine.checks",
+    "number": "smi_engine.checks",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = ["hookimpl", "SmiError", *_EXPORTS]

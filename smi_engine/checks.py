@@ -1,10 +1,13 @@
-"""Checks of the numbers a user gives: one message shape everywhere, and nan and inf are never
-numbers. Each check raises ``SmiError`` naming the option, the bad value and a valid example."""
+"""Checks of what a user gives, numbers, choices and ``KEY=VALUE`` option texts: one message
+shape everywhere, and nan and inf are never numbers. Each check raises ``SmiError`` naming the
+option, the bad value and a valid example."""
 
 from __future__ import annotations
 
+import ast
 import math
-from typing import Any
+import re
+from typing import Any, Iterable
 
 from smi_engine.errors import SmiError
 
@@ -65,3 +68,40 @@ def choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
     if word not in choices:
         raise SmiError(f"{option}={value} is not one of {', '.join(choices)}: pass e.g. {option}={choices[0]}")
     return word
+
+
+def parse_pairs(text: str | None, flag: str, example: str) -> dict[str, Any]:
+    """``k=v,k=v`` -> dict; values are Python literals where they parse (32, 0.1, True, (4, 4)),
+    text otherwise. ``flag`` and ``example`` name the option in errors: one syntax for every
+    option, and each error names its own flag."""
+    if not text:
+        return {}
+    pairs: dict[str, Any] = {}
+    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SmiError(f"bad {flag} {item!r}: write KEY=VALUE pairs, e.g. {flag} {example}")
+        try:
+            pairs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            pairs[key] = value.strip()
+    return pairs
+
+
+def named_options(texts: Iterable[str], flag: str, noun: str, chosen: Iterable[str], choose_flag: str,
+                  example: str) -> dict[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` texts (``--loss-option``, ``--selection-option``, ``--sink-option``,
+    ``--scheme-option``) grouped by the NAME they are for, which must be one ``chosen``."""
+    names = list(chosen)
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for text in texts:
+        target, sep, rest = text.partition(".")
+        if not sep or "=" not in rest:
+            raise SmiError(f"bad {flag} {text!r}: write NAME.KEY=VALUE, e.g. {flag} {example}")
+        if target not in grouped:
+            used = " ".join(f"{choose_flag} {name}" for name in names) or f"no {choose_flag}"
+            raise SmiError(f"{flag} {text!r} is for {noun} {target!r}, which this run does not use ({used}): "
+                           f"pass {choose_flag} {target}")
+        grouped[target].update(parse_pairs(rest, flag, example))
+    return grouped

@@ -1,6 +1,9 @@
 """Hook specifications of the ``smi`` plugin system (entry-point group ``smi``).
 
 Each hook receives a ``register`` callable; built-in losses and tasks use the very same hooks.
+Every factory's keyword arguments are its options, converted to the types it annotates
+(``smi_engine.plugins.call_factory``) from ``--loss-option``, ``--selection-option``,
+``--sink-option``, ``--scheme-option`` or ``smi task -o``.
 """
 
 from __future__ import annotations
@@ -29,22 +32,23 @@ def register_selections(register):
 
 @hookspec
 def register_tasks(register):
-    """Add downstream tasks: ``register(name, factory)``; ``factory()`` returns a ``Task``
-    (see ``smi_engine.downstream.tasks``)."""
+    """Add downstream tasks: ``register(name, factory)``; ``factory(**options)`` returns a
+    ``Task``, ``run(context) -> dict`` (see ``smi_engine.downstream.tasks``). Run one with
+    ``smi task NAME -o KEY=VALUE``."""
 
 
 @hookspec
 def register_event_sinks(register):
-    """Add run-event consumers: ``register(name, factory)``; ``factory(run_dir, config)``
+    """Add run-event consumers: ``register(name, factory)``; ``factory(run_dir, config, **options)``
     returns a callable ``sink(event: dict)`` (optionally with ``close()``). Enable one with
-    ``--sink NAME``."""
+    ``--sink NAME``, its options with ``--sink-option NAME.KEY=VALUE``."""
 
 
 @hookspec
 def register_quant_schemes(register):
-    """Add post-training quantisation schemes: ``register(name, factory)``; ``factory()``
-    returns a ``QuantScheme`` (see ``smi_engine.quantization.scheme``). Choose one with
-    ``smi quantize --scheme NAME``."""
+    """Add post-training quantisation schemes: ``register(name, factory)``; ``factory(**options)``
+    returns a ``QuantScheme`` (see ``smi_engine.quantization.scheme``), once per job. Choose one
+    with ``smi quantize --scheme NAME``, its options with ``--scheme-option NAME.KEY=VALUE``."""
 
 
 @hookspec

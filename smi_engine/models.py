@@ -7,11 +7,9 @@ A model folder (written by ``smi teacher train``) holds ``model.safetensors`` an
 
 from __future__ import annotations
 
-import ast
 import difflib
 import json
 import math
-import re
 import socket
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from smi_engine.checks import parse_pairs
 from smi_engine.errors import SmiError
 from smi_engine.files import read_regular
 from smi_engine.files import atomic_path, unreadable_reason, write_json
@@ -142,22 +141,9 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     return (first_conv.in_channels if first_conv is not None else size[0], *size[1:])
 
 
-def parse_model_args(text: str | None, flag: str = "--model-args", example: str = "img_size=32,patch_size=4") -> dict[str, Any]:
-    """``k=v,k=v`` -> dict; values are Python literals where they parse (32, 0.1, True, (4, 4)).
-    ``flag`` and ``example`` name the option in errors (the same syntax serves every option)."""
-    if not text:
-        return {}
-    args: dict[str, Any] = {}
-    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise SmiError(f"bad {flag} {item!r}: write KEY=VALUE pairs, e.g. {flag} {example}")
-        try:
-            args[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            args[key] = value.strip()
-    return args
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """``--model-args img_size=32,patch_size=4`` -> the keyword arguments of timm's factory."""
+    return parse_pairs(text, "--model-args", "img_size=32,patch_size=4")
 
 
 def parse_floats(text: str | None) -> tuple[float, ...] | None:

@@ -81,39 +81,65 @@ def plugin_code() -> Iterator[None]:
             raise PluginExit(f"called sys.exit({exc.code!r})") from None
 
 
-def call_factory(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str) -> Any:
-    """``factory(**options)`` for a registered plugin object; unknown or rejected options become
-    one-line errors naming ``what`` and the option flag ``fix``."""
+def call_factory(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str, args: tuple = ()) -> Any:
+    """``factory(*args, **options)`` for a registered plugin object, its options checked and
+    converted (``checked_options``); what it rejects is one line naming ``what`` and ``fix``.
+    ``args``: what the contract passes first (a sink's run directory and config)."""
+    options = checked_options(factory, options, what, fix, args)
     try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        signature = None
-    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        known = [n for n, p in signature.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise SmiError(f"{what} has no option {unknown[0]!r}: its options are {', '.join(known) or 'none'}")
-    options = typed_options(factory, options, what, fix)
-    try:
-        return factory(**options)
+        return factory(*args, **options)
     except SmiError:
         raise
     except (TypeError, ValueError) as exc:
         raise SmiError(f"{what} rejected its options ({exc}): check {fix}") from None
 
 
+def checked_options(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str,
+                    args: tuple = ()) -> dict[str, Any]:
+    """The options a factory would be called with, converted to the types its signature
+    annotates (``typed_options``), without calling it: an unknown or missing option is one line
+    naming ``what`` and the option flag ``fix``. Lets a job refuse bad options before it writes."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        parameters = list(signature.parameters.values())[len(args):]
+        named = [p for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            unknown = sorted(set(options) - {p.name for p in named})
+            if unknown:
+                raise SmiError(f"{what} has no option {unknown[0]!r}: its options are "
+                               f"{', '.join(p.name for p in named) or 'none'}")
+        missing = [p.name for p in named if p.default is p.empty and p.name not in options]
+        if missing:
+            raise SmiError(f"{what} needs option {missing[0]!r}: give it with {fix}")
+    return typed_options(factory, options, what, fix)
+
+
+def registered_options(kind: str, name: str, options: dict[str, Any], fix: str, args: tuple = ()) -> dict[str, Any]:
+    """The options given for the registered ``kind`` ``name``, checked and typed against its
+    factory (``checked_options``): what a run records in its config.json, as the values they are."""
+    return checked_options(get_registry().get(kind, name).factory, options, f"{NOUNS[kind]} {name!r}", fix, args)
+
+
 def typed_options(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str) -> dict[str, Any]:
     """Options (text from the command line, or values from a config) converted to the types the
-    factory's signature annotates: ``bool`` (true/false, yes/no, 1/0), ``int``, ``float`` and
-    ``str``, optional ones too; a value that does not convert is one line naming the option.
-    Options without such an annotation pass as they are."""
+    factory's signature annotates: ``bool`` (true/false, yes/no, 1/0), ``int``, ``float``,
+    ``str`` and ``list[str]`` (one text becomes a list of it), optional ones too; a value that
+    does not convert is one line naming the option. Options without such an annotation pass
+    as they are."""
     try:
         hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
     except Exception:  # unresolvable annotations: the plugin's own business
         hints = {}
     converted = {}
     for name, value in options.items():
-        target = _plain_type(hints.get(name))
+        hint = hints.get(name)
+        if value is not None and _is_text_list(hint):
+            converted[name] = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+            continue
+        target = _plain_type(hint)
         if target is None or value is None or (isinstance(value, target) and not (target is int and isinstance(value, bool))):
             converted[name] = value
             continue
@@ -136,6 +162,12 @@ def _plain_type(hint: Any) -> type | None:
         return hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if len(args) == 1 and args[0] in (bool, int, float, str) else None
+
+
+def _is_text_list(hint: Any) -> bool:
+    """``list[str]`` (``| None`` included)."""
+    hints = [hint, *(a for a in typing.get_args(hint) if a is not type(None))]
+    return any(typing.get_origin(h) is list and typing.get_args(h) == (str,) for h in hints)
 
 
 def _load(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo], refresh: bool = False) -> None:
@@ -196,7 +228,9 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _collect(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> dict[str, dict[str, Registration]]:
+def collect_entries(manager: pluggy.PluginManager, plugins: dict[str, PluginInfo]) -> dict[str, dict[str, Registration]]:
+    """What every registered plugin's hooks register, by kind: a hook that raises is recorded in
+    its ``PluginInfo`` and skipped, and a name registered twice keeps the first (both warned)."""
     entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
     for kind, hook_name in KINDS.items():
         for impl in getattr(manager.hook, hook_name).get_hookimpls():  # in registration order
@@ -231,5 +265,5 @@ def get_registry(refresh: bool = False) -> Registry:
         manager.add_hookspecs(hookspecs)
         plugins: dict[str, PluginInfo] = {}
         _load(manager, plugins, refresh)
-        _REGISTRY = Registry(manager, plugins, _collect(manager, plugins))
+        _REGISTRY = Registry(manager, plugins, collect_entries(manager, plugins))
     return _REGISTRY

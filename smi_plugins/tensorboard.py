@@ -2,6 +2,10 @@
 patches, throughput, GPU readings and the preview images of a run, written with torch's
 ``SummaryWriter`` into ``RUN_DIR/tensorboard``. Needs the ``tensorboard`` package
 (``pip install 'smi-toolkit[tensorboard]'``); then ``tensorboard --logdir RUN_DIR``.
+
+Options (``--sink-option tensorboard.KEY=VALUE``): ``every=N`` writes the scalars of every Nth
+iteration or training step only (a long run's log stays small; batch and epoch results are
+always written), ``images=false`` leaves the previews out.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ LOG_FOLDER = "tensorboard"
 
 
 class TensorBoardSink:
-    def __init__(self, run_dir: str | Path, config: dict[str, Any]):
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], every: int = 1, images: bool = True):
+        if every < 1:
+            raise SmiError(f"--sink-option tensorboard.every={every} is below 1: pass e.g. tensorboard.every=10")
+        self.every, self.images = every, images
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -42,6 +49,8 @@ class TensorBoardSink:
         kind, add = event["event"], self.writer.add_scalar
         if kind == "iteration":
             step = self._step(event)
+            if step % self.every:
+                return
             for name, value in event["losses"].items():
                 add(f"loss/{name}", value, step)
             add("patches/kept", event["kept"], step)
@@ -50,13 +59,13 @@ class TensorBoardSink:
             add("throughput/tokens_per_s", event["tokens_per_s"], step)
             for name, value in (event.get("gpu") or {}).items():
                 add(f"gpu/{name}", value, step)
-        elif kind == "preview":
+        elif kind == "preview" and self.images:
             with Image.open(self.run_dir / event["path"]) as image:
                 pixels = np.asarray(image.convert("RGB"))
             self.writer.add_image(f"preview/batch-{event['batch']:05d}", pixels, self._step(event), dataformats="HWC")
         elif kind == "batch_end":
             add("batch/teacher_accuracy", event["teacher_accuracy"], event["batch"])
-        elif kind == "train_step":
+        elif kind == "train_step" and event["done_steps"] % self.every == 0:
             add("train/loss", event["loss"], event["done_steps"])
         elif kind == "epoch_end":
             add("val/top1", event["val_top1"], event["epoch"])

@@ -13,7 +13,8 @@ import pytest
 import timm
 import torch
 
-from smi_engine.inversion.loop import InversionConfig, Inverter
+from smi_engine.inversion.config import InversionConfig
+from smi_engine.inversion.loop import Inverter
 from smi_engine.inversion.run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, load_model
 

@@ -69,6 +69,56 @@ def test_every_numeric_option_refuses_0_minus_1_nan_and_inf_as_it_should(tmp_pat
     assert checked >= 130
 
 
+def _plugin_option_cases(teacher: Path, out: Path) -> list[tuple[list[str], str]]:
+    """(command line, what its one-line refusal says) for the options of every plugin kind."""
+    invert = ["invert", *TINY, "--iterations", "2", "--batch-size", "2", "--out", str(out)]
+    quantize = ["quantize", "--teacher", str(teacher), "--calib", "noise", "--data", "digits", "--scheme", "repq",
+                "--out", str(out)]
+    teacher_train = ["teacher", "train", "--data", "digits", *TINY[:6], "--epochs", "1", "--out", str(out)]
+    distill = ["distill", "--teacher", str(teacher), "--student", str(teacher), "--pool", str(teacher), "--data",
+               "digits", "--out", str(out)]
+    return [
+        (invert + ["--loss-option", "nope.x=1"], "--loss-option 'nope.x=1' is for loss 'nope', which this run does not use"),
+        (invert + ["--loss-option", "deepinversion.bogus=1"], "loss 'deepinversion' has no option 'bogus'"),
+        (invert + ["--loss-option", "deepinversion.bn_pretrained=maybe"], "bn_pretrained=maybe is not true or false"),
+        (invert + ["--loss-option", "deepinversion.tv_l2=much"], "option tv_l2='much' is not a number"),
+        (invert + ["--selection-option", "pri.leaving=freeze"], "is for selection 'pri', which this run does not use"),
+        (invert + ["--selection", "pri", "--selection-option", "pri.keep_remaining=maybe"], "keep_remaining=maybe is not true or false"),
+        (invert + ["--sink-option", "tensorboard.every=2"], "is for event sink 'tensorboard', which this run does not use"),
+        (invert + ["--sink", "tensorboard", "--sink-option", "tensorboard.every=two"],
+         "event sink 'tensorboard' option every='two' is not a whole number"),
+        (invert + ["--sink", "tensorboard", "--sink-option", "tensorboard.every=0"], "tensorboard.every=0 is below 1"),
+        (invert + ["--sink", "tensorboard", "--sink-option", "tensorboard.colour=red"],
+         "event sink 'tensorboard' has no option 'colour': its options are every, images"),
+        (teacher_train + ["--sink-option", "tensorboard.every=2"], "is for event sink 'tensorboard'"),
+        (distill + ["--sink-option", "tensorboard.every=2"], "is for event sink 'tensorboard'"),
+        (quantize + ["--scheme-option", "matmul.x=1"], "is for scheme 'matmul', which this run does not use"),
+        (quantize + ["--scheme-option", "repq.nope=1"], "scheme 'repq' has no option 'nope'"),
+        (quantize + ["--scheme-option", "repq.reparameterize=maybe"], "reparameterize=maybe is not true or false"),
+        (quantize + ["--scheme-option", "repq.image_bits=1"], "repq.image_bits=1 is outside 2..16"),
+        (quantize + ["--scheme-option", "repq"], "bad --scheme-option 'repq': write NAME.KEY=VALUE"),
+        (["task", "quantize", "-o", f"teacher_dir={teacher}", "-o", "data=digits", "--out", str(out)],
+         "task 'quantize' needs option 'calib'"),
+        (["task", "quantize", "-o", "calib=noise", "-o", "data=digits", "-o", "limit=few", "--out", str(out)],
+         "task 'quantize' option limit='few' is not a whole number"),
+    ]
+
+
+def test_the_options_of_every_plugin_kind_are_typed_and_refused_in_one_line(tmp_path, digits_teacher, capsys, monkeypatch):
+    """Losses, selections, sinks, schemes and tasks alike: an option for a plugin the run does not
+    use, an unknown, missing or unconvertible one is one line naming it, exit 2, nothing written."""
+    out = tmp_path / "out"
+    for argv, message in _plugin_option_cases(digits_teacher, out):
+        monkeypatch.setattr(sys, "argv", ["smi", *argv])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        err = capsys.readouterr().err
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert exited.value.code == 2 and len(lines) == 1 and "Traceback" not in err, (argv, err)
+        assert message in lines[0], (argv, lines[0])
+        assert not out.exists(), argv
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--model-args", "img_size=32,patch_size=4,depth=1,in_chans=1,embed_dim=48,num_heads=5"), "does not split into num_heads=5"),
     (("--model-args", "img_size=32,patch_size=4,depth=1,in_chans=1,num_heads=5"), "dim should be divisible by num_heads"),

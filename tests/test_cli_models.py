@@ -135,14 +135,14 @@ def test_demo_runs_end_to_end_and_reuses_its_teacher(tmp_path, capsys):
     assert "trained now" not in human  # the cached teacher is reused
     assert "speedup" in human and "smi watch" in human
     # A speedup past its own bound (the machine's speed changed between the runs) is explained on the spot.
-    from smi_cli.demo import _print_comparison
+    from smi_cli.demo import print_comparison
 
     sparse["speedup_bound"] = result["speedups"]["smi"] / 1.5
-    _print_comparison(result)
+    print_comparison(result)
     shown = capsys.readouterr().out
     assert "above the" in shown and "its token FLOPs allow" in shown and "smi bench" in shown
     sparse["speedup_bound"] = result["speedups"]["smi"] * 1.5
-    _print_comparison(result)
+    print_comparison(result)
     assert "token FLOPs allow" not in capsys.readouterr().out
 
 

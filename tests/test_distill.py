@@ -12,7 +12,7 @@ from smi_engine.data import ModelInput, load_data, loader
 from smi_engine.downstream.distill import DistillConfig, kd_loss, prepare_student, resolve_recipe, run_distillation
 from smi_engine.errors import SmiError
 from smi_engine.files import write_json
-from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.config import InversionConfig
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.pool import Pool, load_pool, write_shard
 from smi_engine.inversion.selection import SelectionSpec

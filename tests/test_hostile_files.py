@@ -12,7 +12,7 @@ import torch
 
 from smi_cli.dashboard.follower import EventFollower
 from smi_engine.runs.control import RunControl, RunInterrupted
-from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.config import InversionConfig
 from smi_engine.inversion.run import run_inversion
 from smi_engine.runs.rundir import RunDir
 

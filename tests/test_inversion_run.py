@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.errors import SmiError
 from smi_engine.files import atomic_path, write_json
-from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.config import InversionConfig
 from smi_engine.inversion.run import run_inversion
 from smi_engine.inversion.losses import LossSpec
 from smi_engine.pool import load_pool, shard_name

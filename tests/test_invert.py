@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from smi_engine.vit.augment import Jitter
 from smi_engine.runs.events import EventBus
-from smi_engine.inversion.loop import BatchState, batch_generator, make_targets
+from smi_engine.inversion.batch import BatchState, batch_generator, make_targets
 from smi_engine.errors import SmiError
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.vit.sparse_image import SparseImage

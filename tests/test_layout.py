@@ -53,3 +53,16 @@ def test_every_engine_module_belongs_to_a_layer_and_few_stay_flat():
     flat = [p.stem for p in ENGINE.glob("*.py") if p.stem != "__init__"]
     packages = [p.name for p in ENGINE.iterdir() if (p / "__init__.py").is_file()]
     assert len(flat) <= 12 and set(flat) | set(packages) == set(LAYER)
+
+
+def test_no_engine_function_but_a_constructor_takes_more_than_seven_parameters():
+    """Issue 22's bound: a longer list is a config object waiting to be named."""
+    long = []
+    for path in ENGINE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "__init__":
+                arguments = node.args
+                names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+                if len([n for n in names if n not in ("self", "cls")]) > 7:
+                    long.append(f"{path.relative_to(ENGINE)}:{node.lineno} {node.name}")
+    assert not long, long

@@ -46,7 +46,7 @@ def test_deepinversion_terms_and_weights(tiny_loaded):
     first = events[1]["losses"]
     assert set(first) == {"total", "deepinversion.ce", "deepinversion.l2"}  # zero weight: no term
     # at iteration 0 the image is the batch's starting noise: recompute the terms from it
-    from smi_engine.inversion.loop import batch_generator
+    from smi_engine.inversion.batch import batch_generator
 
     generator = batch_generator(0, 0)
     noise = torch.randn(4, 1, 32, 32, generator=generator)
@@ -182,7 +182,7 @@ def test_loss_options_and_their_errors():
     specs = attach_options([LossSpec.parse("deepinversion"), LossSpec.parse("psaq:0.25")],
                            ["deepinversion.tv_l2=1e-3", "psaq.points=20"])
     assert specs[0].options == {"tv_l2": 1e-3} and specs[1] == LossSpec("psaq", 0.25, {"points": 20})
-    with pytest.raises(SmiError, match="not in --loss"):
+    with pytest.raises(SmiError, match="is for loss 'cmi', which this run does not use"):
         attach_options([LossSpec("psaq")], ["cmi.temperature=0.2"])
     with pytest.raises(SmiError, match="NAME.KEY=VALUE"):
         attach_options([LossSpec("psaq")], ["psaq"])

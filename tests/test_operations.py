@@ -349,6 +349,26 @@ def test_tensorboard_sink_writes_losses_patches_and_previews(tmp_path):
     assert tags["images"] and events_file.name.startswith("events.out.tfevents")
 
 
+def test_tensorboard_sink_options_thin_the_scalars_and_leave_out_previews(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    smi("invert", *TINY, "--iterations", "8", "--batch-size", "2", "--schedule", "3:0.5", "--device", "cpu",
+        "--sink", "tensorboard", "--sink-option", "tensorboard.every=3", "--sink-option", "tensorboard.images=false",
+        "--out", out, "--quiet", check=True)
+    log = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    log.Reload()
+    kept = log.Scalars("patches/kept")
+    assert [e.step for e in kept] == [0, 3, 6] and [e.value for e in kept] == [64, 32, 32]
+    assert not log.Tags()["images"]
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["sink_options"] == {"tensorboard": {"every": 3, "images": False}}  # recorded as the values they are
+    again = tmp_path / "again"
+    smi("invert", "--config", out / "config.json", "--out", again, "--quiet", check=True)
+    assert json.loads((again / "config.json").read_text())["config"]["sink_options"] == config["sink_options"]
+
+
 def test_tensorboard_sink_follows_training_runs_too(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -391,7 +411,7 @@ def test_a_pause_is_the_last_word_of_the_log_while_it_lasts(tmp_path):
     import threading
 
     from smi_engine.runs.control import RunControl, RunInterrupted
-    from smi_engine.inversion.loop import InversionConfig
+    from smi_engine.inversion.config import InversionConfig
     from smi_engine.inversion.run import run_inversion
     from smi_engine.runs.rundir import RunDir
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from smi_engine import SmiError, hookimpl
-from smi_engine.plugins import PluginInfo, _collect
+from smi_engine.plugins import PluginInfo, collect_entries
 from smi_engine import hookspecs
 
 from .conftest import TINY_MODEL_ARGS, assert_one_line_error, read_events, smi
@@ -46,6 +46,7 @@ def test_smi_plugins_lists_built_ins_and_third_parties(plugin_env):
     assert (example["distribution"], example["version"]) == ("smi-example-plugin", "0.3.0")
     assert example["losses"] == ["brightness"] and example["sinks"] == ["iteration-counter"] and not example["builtin"]
     assert example["selections"] == ["centre"] and plugins["selections"]["selections"] == ["smi", "pri", "random"]
+    assert example["tasks"] == ["pool-size"]
     assert "needs a package that is not installed" in plugins["broken"]["error"]
     assert "'broken'" in proc.stderr and "continuing without it" in proc.stderr  # named, not a traceback
     table = smi("plugins", env=plugin_env, check=True).stdout
@@ -56,15 +57,28 @@ def test_a_third_party_loss_and_sink_run_inside_smi_invert(plugin_env, tmp_path)
     out = tmp_path / "run"
     smi("invert", *TINY, "--iterations", "6", "--batch-size", "2", "--batches", "2", "--schedule", "3:0.5",
         "--device", "cpu", "--loss", "deepinversion", "--loss", "brightness:2", "--loss-option", "brightness.target=0.8",
-        "--sink", "iteration-counter", "--out", out, env=plugin_env, check=True)
+        "--sink", "iteration-counter", "--sink-option", "iteration-counter.file=counts.json", "--out", out,
+        env=plugin_env, check=True)
     iterations = [e for e in read_events(out) if e["event"] == "iteration"]
     assert len(iterations) == 12
     assert all("brightness.gap" in e["losses"] for e in iterations)
     assert all(e["losses"]["brightness.gap"] > 0 for e in iterations)
-    assert json.loads((out / "example-counter.json").read_text()) == {"iterations": 12}
+    assert json.loads((out / "counts.json").read_text()) == {"iterations": 12}  # the sink's own option
+    assert not (out / "example-counter.json").exists()
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["losses"][1] == {"name": "brightness", "weight": 2.0, "options": {"target": 0.8}}
-    assert config["sinks"] == ["iteration-counter"]
+    assert config["sinks"] == ["iteration-counter"] and config["sink_options"] == {"iteration-counter": {"file": "counts.json"}}
+
+
+def test_a_third_party_task_takes_typed_options_from_smi_task(plugin_env, tmp_path):
+    env, out = {**plugin_env, "SMI_LOAD_PLUGINS": "example"}, tmp_path / "run"
+    smi("invert", *TINY, "--iterations", "2", "--batch-size", "3", "--device", "cpu", "--out", out, "--quiet",
+        env=env, check=True)
+    result = json.loads(smi("task", "pool-size", "-o", f"pool={out}", env=env, check=True).stdout)
+    assert result == {"pool": str(out), "images": 3}
+    assert_one_line_error(smi("task", "pool-size", env=env), "task 'pool-size' needs option 'pool'")
+    assert_one_line_error(smi("task", "pool-size", "-o", f"pool={out}", "-o", "size=2", env=env),
+                          "task 'pool-size' has no option 'size': its options are pool")
 
 
 def test_a_third_party_selection_decides_which_patches_stay(plugin_env, tmp_path):
@@ -125,13 +139,13 @@ class _Fine:
 
 
 def _collect_from(**plugins_by_name):
-    """What ``_collect`` gathers from these plugin objects, and their PluginInfo records."""
+    """What ``collect_entries`` gathers from these plugin objects, and their PluginInfo records."""
     manager = pluggy.PluginManager("smi")
     manager.add_hookspecs(hookspecs)
     for name, plugin in plugins_by_name.items():
         manager.register(plugin, name=name)
     plugins = {n: PluginInfo(n, None, None, False) for n in plugins_by_name}
-    return _collect(manager, plugins), plugins
+    return collect_entries(manager, plugins), plugins
 
 
 def test_a_plugin_raising_at_registration_is_named_and_the_rest_still_load(capsys):

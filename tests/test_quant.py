@@ -8,7 +8,7 @@ import torch
 from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.errors import SmiError
 from smi_engine.inversion.run import run_inversion
-from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.config import InversionConfig
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
 from smi_engine.downstream.quantize import QuantizeJob, run_quantization

@@ -67,7 +67,7 @@ def test_a_learned_step_starts_at_the_calibrated_range_and_learns():
     x = torch.linspace(-1, 2, 301)
     quantizer(x)
     quantizer.finish()
-    before = quantizer(x)
+    before, keys = quantizer(x), set(quantizer.state_dict())
     step = quantizer.learn_step()
     assert torch.allclose(quantizer(x), before, atol=1e-6)
     (quantizer(x) - x * 0.5).pow(2).sum().backward()
@@ -77,7 +77,10 @@ def test_a_learned_step_starts_at_the_calibrated_range_and_learns():
     learned = quantizer(x)
     quantizer.fix_step()
     assert torch.allclose(quantizer(x), learned, atol=1e-6)  # written back as the range
-    assert "_step" not in dict(quantizer.named_buffers()) and quantizer._step is None
+    with torch.no_grad():
+        step.mul_(2.0)
+    assert torch.allclose(quantizer(x), learned, atol=1e-6)  # the learned leaf is let go: it no longer acts
+    assert set(quantizer.state_dict()) == keys  # and it never joined the state dict
     quantizer.bypass = True
     assert torch.equal(quantizer(x), x)
 

@@ -15,7 +15,7 @@ from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quan
 from smi_engine.downstream.quantize import QuantizeJob, run_quantization
 from smi_engine.quantization.layers import QuantLinear
 from smi_engine.quantization.quantizers import LogQuantizer, quantize_activation, quantize_log_sqrt2
-from smi_engine.quantization.repq import _post_norm_pairs, fold_channel_ranges
+from smi_engine.quantization.repq import post_norm_pairs, fold_channel_ranges
 from smi_engine.quantization.seed import SeedBlockQuantizers
 
 from .conftest import assert_one_line_error, smi, tiny_model
@@ -99,7 +99,7 @@ def test_repq_fold_keeps_the_float_model_and_turns_per_channel_into_per_tensor(t
         qmodel(images)
     for quantizer in quantizers(qmodel):
         quantizer.finish()
-    norm, linear = _post_norm_pairs(qmodel)[0]
+    norm, linear = post_norm_pairs(qmodel)[0]
     quantizer = linear.input_quantizer
     assert quantizer.channel_low.shape == (48,)
     tokens = torch.randn(8, 5, 48)
@@ -120,6 +120,46 @@ def test_repq_positions_and_bits(tiny_loaded):
     assert sum(isinstance(q, LogQuantizer) for q in quantizers(qmodel)) == 2
     assert qmodel.patch_embed.proj.input_quantizer.bits == 8  # the image stays at 8 bits
     assert sum(q.per_channel for q in quantizers(qmodel)) == 2 * 2  # qkv and fc1 inputs
+
+
+def test_repq_options_ablate_its_ideas_one_by_one(tiny_loaded):
+    """--scheme-option repq.KEY=VALUE reaches the scheme's factory, typed: each option turns one
+    of RepQ-ViT's ideas off, and the rest of the scheme stays as it was."""
+    def built(**options):
+        return quantize_model(tiny_loaded.model, QuantConfig(3, 3, scheme="repq", scheme_options=options))
+
+    plain = built(reparameterize=False)
+    assert sum(q.per_channel for q in quantizers(plain)) == 0  # no per-channel ranges to fold
+    assert sum(isinstance(q, LogQuantizer) for q in quantizers(plain)) == 2
+    uniform = built(log_softmax="false")  # text, as from the command line
+    assert sum(isinstance(q, LogQuantizer) for q in quantizers(uniform)) == 0
+    assert sum(q.per_channel for q in quantizers(uniform)) == 2 * 2
+    assert built(image_bits="6").patch_embed.proj.input_quantizer.bits == 6
+    images = torch.randn(8, 1, 32, 32)
+    norms = [block.norm1.weight.clone() for block in plain.blocks]
+    _calibrate(plain, QuantConfig(3, 3, "minmax", scheme="repq", scheme_options={"reparameterize": False}), images)
+    assert all(torch.equal(block.norm1.weight, w) for block, w in zip(plain.blocks, norms))  # nothing folded
+    with pytest.raises(SmiError, match="scheme 'repq' option reparameterize=maybe is not true or false"):
+        built(reparameterize="maybe")
+
+
+def test_scheme_options_are_recorded_and_a_saved_model_rebuilds_with_them(tmp_path, digits_teacher):
+    out = tmp_path / "q"
+    proc = smi("quantize", "--teacher", digits_teacher, "--calib", "real:digits", "--data", "digits", "--scheme", "repq",
+               "--scheme-option", "repq.reparameterize=false", "--scheme-option", "repq.log_softmax=false", "--w-bit", "4",
+               "--a-bit", "4", "--limit", "128", "--json", "--device", "cpu", "--out", out, check=True)
+    result = json.loads(proc.stdout)
+    assert result["scheme_options"] == {"reparameterize": False, "log_softmax": False}
+    card = json.loads((out / "smi-model.json").read_text())
+    assert card["quantization"]["scheme_options"] == {"reparameterize": False, "log_softmax": False}
+    shown = json.loads(smi("eval", "--teacher", out, "--data", "digits", "--limit", "128", "--json", "--device", "cpu",
+                           check=True).stdout)
+    assert shown["top1"] == result["top1"]  # the reloaded model is the ablated one, not repq's default
+    again = smi("quantize", "--config", out / "config.json", "--out", tmp_path / "again", "--json", "--device", "cpu",
+                check=True)
+    assert json.loads(again.stdout)["top1"] == result["top1"]
+    reloaded = load_model(ModelSpec.from_dir(out)).model
+    assert not any(isinstance(q, LogQuantizer) for q in quantizers(reloaded))  # rebuilt as saved: uniform softmax
 
 
 @pytest.mark.parametrize("scheme", ["seed", "repq", "matmul"])

@@ -169,7 +169,7 @@ def test_pri_from_the_cli_records_its_choice_and_counts_its_images(tmp_path):
                              "--out", out, "--json", check=True).stdout)
     assert summary["selection"] == "pri,leaving=freeze,keep_remaining=false" and summary["kept_patches"] == 48
     config = json.loads((out / "config.json").read_text())["config"]
-    assert config["selection"] == {"name": "pri", "options": {"leaving": "freeze", "keep_remaining": "false"}}
+    assert config["selection"] == {"name": "pri", "options": {"leaving": "freeze", "keep_remaining": False}}  # typed, as the factory takes it
     emitting = json.loads(smi("invert", *TINY, "--schedule", "every:4", "--iterations", "8", "--batch-size", "2",
                               "--batches", "2", "--selection", "pri", "--device", "cpu", "--out", tmp_path / "pri",
                               "--json", check=True).stdout)

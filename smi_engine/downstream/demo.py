@@ -14,7 +14,7 @@ import torch
 
 from smi_engine.data import load_data
 from smi_engine.runs.events import EventBus
-from smi_engine.inversion.loop import InversionConfig
+from smi_engine.inversion.config import InversionConfig
 from smi_engine.inversion.losses import LossSpec
 from smi_engine.models import MODEL_CARD, MODEL_WEIGHTS, ModelSpec, load_model, save_model
 from smi_engine.inversion.selection import SelectionSpec

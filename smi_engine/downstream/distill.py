@@ -33,7 +33,8 @@ from smi_engine.errors import SmiError
 from smi_engine.downstream.evaluate import evaluate, validation_progress
 from smi_engine.runs.events import EventBus, EventSink
 from smi_engine.files import read_json
-from smi_engine.inversion.loop import InversionConfig, Inverter
+from smi_engine.inversion.config import InversionConfig
+from smi_engine.inversion.loop import Inverter
 from smi_engine.inversion.run import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.pool import Pool, load_pool, write_shard
@@ -109,6 +110,7 @@ class DistillConfig:
     seed: int = 0
     limit: int | None = None
     sinks: list[str] = field(default_factory=list)  # extra event sinks by name (--sink tensorboard)
+    sink_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # --sink-option, by sink name
 
     def validate(self) -> None:
         if not self.pools and self.synthesize is None:
@@ -219,7 +221,7 @@ def run_distillation(config: DistillConfig, out: Path, device: torch.device, sin
     bus = EventBus(list(sinks), rank=placement.rank)
     # Built (losses, schedule against the teacher) before anything is written.
     synthesis = None if synthesis_config is None else _Synthesis(synthesis_config, teacher, student, device, bus, run_dir, control, placement)
-    plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict()) if placement.is_main else []
+    plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict(), config.sink_options) if placement.is_main else []
     session = RunSession(run_dir, RUN_KIND, bus, placement)
     session.check_claimable()
     with session.claim(config.to_dict(), plugin_sinks, folders=[run_dir.pool] if synthesis is not None else []):

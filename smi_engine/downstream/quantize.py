@@ -30,7 +30,7 @@ from smi_engine.runs.rundir import RunDir
 from smi_engine.quantization.layers import round_weights
 from smi_engine.quantization.names import ReconstructConfig, check_sparse_feed
 from smi_engine.downstream.reconstruct import reconstruct
-from smi_engine.quantization.scheme import QuantConfig, fix_ranges, quantize_model
+from smi_engine.quantization.scheme import QuantConfig, QuantScheme, fix_ranges, quantize_model
 from smi_engine.runs.session import RunSession
 
 RUN_KIND = "quantize"
@@ -66,13 +66,13 @@ class QuantizeJob:
 
 
 def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: EventBus | None = None,
-              control: RunControl | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+              control: RunControl | None = None, scheme: QuantScheme | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A calibrated fake-quantised copy of the model (reconstructed with ``job.reconstruct``),
-    and what it was calibrated on."""
+    and what it was calibrated on; ``scheme``: the job's, if already built."""
     bus = bus or EventBus()
     report = _reporter(bus, control)
     started = time.perf_counter()
-    qmodel = quantize_model(loaded.model, job.quant).to(device)
+    qmodel = quantize_model(loaded.model, job.quant, scheme).to(device)
     feeder = ModelFeeder(qmodel, loaded.normalizer, job.sparse_calib)
     generator = torch.Generator().manual_seed(job.seed)
     batches, source, label = calibration_batches(job.calib, job.calib_size, job.batch_size, feeder.model_input, generator)
@@ -120,24 +120,30 @@ def run_quantization(job: QuantizeJob, device: torch.device, bus: EventBus | Non
     if session is not None:
         check_writable(out, "--out")
         session.check_claimable()
-    job = replace(job, quant=job.quant.resolved())
+    scheme = job.quant.build_scheme()  # once, here: a scheme that refuses its options does so before any write
+    job = replace(job, quant=job.quant.resolved(scheme))
     loaded = load_model(job.model, device)
     splits = load_data(job.data)
     check_fits(loaded.spec.name, loaded.num_classes, loaded.spec.classes, splits, job.data)
     if session is None:
-        return _quantize(job, loaded, splits, device, bus, None, control)
+        return _quantize(job, loaded, splits, device, bus, control, scheme)[0]
     with session.claim(job.to_dict()):
-        return _quantize(job, loaded, splits, device, bus, session, control or RunControl(session.run_dir))
+        session.start(model=job.model.name, device=str(device), scheme=job.quant.scheme, w_bit=job.quant.w_bit,
+                      a_bit=job.quant.a_bit, calib=job.calib, data=job.data)
+        result, qmodel = _quantize(job, loaded, splits, device, bus, control or RunControl(session.run_dir), scheme)
+        path = session.run_dir.path
+        spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
+        save_model(path, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": result["calib"]})
+        result.update(run_dir=str(path), saved=str(path))
+        return session.end(result)
 
 
 def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.device, bus: EventBus,
-              session: RunSession | None, control: RunControl | None) -> dict[str, Any]:
+              control: RunControl | None, scheme: QuantScheme) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Calibrate, then evaluate the float and the quantised model: the result and the model."""
     bits = f"W{job.quant.w_bit}A{job.quant.a_bit}"
-    if session is not None:
-        session.start(model=job.model.name, device=str(device), scheme=job.quant.scheme, w_bit=job.quant.w_bit,
-                      a_bit=job.quant.a_bit, calib=job.calib, data=job.data)
     started = time.perf_counter()
-    qmodel, calibration = calibrate(loaded, job, device, bus, control)
+    qmodel, calibration = calibrate(loaded, job, device, bus, control, scheme)
     val = loader(splits.val, ModelInput.for_model(loaded.model, loaded.normalizer), job.batch_size)
 
     report = _reporter(bus, control)
@@ -149,15 +155,10 @@ def _quantize(job: QuantizeJob, loaded: LoadedModel, splits, device: torch.devic
     quantized = evaluate(qmodel, val, device, job.limit, progress(f"eval {bits}"))
     result = {
         "top1": quantized["top1"], "top5": quantized["top5"], "fp32_top1": fp32["top1"], "fp32_top5": fp32["top5"],
-        "scheme": job.quant.scheme, "w_bit": job.quant.w_bit, "a_bit": job.quant.a_bit, "calibrator": job.quant.calibrator,
+        "scheme": job.quant.scheme, "scheme_options": job.quant.scheme_options, "w_bit": job.quant.w_bit,
+        "a_bit": job.quant.a_bit, "calibrator": job.quant.calibrator,
         "eval_images": quantized["images"], "model": job.model.name, "data": job.data, **calibration,
         "seconds": time.perf_counter() - started,
     }
     bus.emit("quantized", **result)
-    if session is not None:
-        path = session.run_dir.path
-        spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "quantization": job.quant.to_dict()})
-        save_model(path, LoadedModel(qmodel, spec, loaded.normalizer), {"quantized_top1": result["top1"], "calib": calibration["calib"]})
-        result.update(run_dir=str(path), saved=str(path))
-        result = session.end(result)
-    return result
+    return result, qmodel

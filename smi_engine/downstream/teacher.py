@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None  # use only the first N training images (quick runs)
     sinks: list[str] = field(default_factory=list)  # extra event sinks by name (--sink tensorboard)
+    sink_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # --sink-option, by sink name
 
     def validate(self) -> None:
         at_least("--epochs", self.epochs, 1, 10)
@@ -144,7 +145,7 @@ def run_teacher_training(loaded: LoadedModel, splits: DataSplits, config: TrainC
     RunInterrupted, nothing saved."""
     run_dir, data = RunDir(out), splits.name
     run_config = {"model": loaded.spec.to_dict(), "data": data, "train": config.to_dict()}
-    plugin_sinks = build_sinks(config.sinks, run_dir, run_config)
+    plugin_sinks = build_sinks(config.sinks, run_dir, run_config, config.sink_options)
     session = RunSession(run_dir, "teacher", EventBus(list(sinks)))
     session.check_claimable()
     with session.claim(run_config, plugin_sinks):

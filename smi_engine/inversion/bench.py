@@ -19,7 +19,9 @@ import torch
 
 from smi_engine.checks import at_least
 from smi_engine.errors import SmiError
-from smi_engine.inversion.loop import PHASES, BatchRun, InversionConfig, Inverter
+from smi_engine.inversion.batch import PHASES, BatchRun
+from smi_engine.inversion.config import InversionConfig
+from smi_engine.inversion.loop import Inverter
 from smi_engine.inversion.losses import build_loss
 from smi_engine.models import LoadedModel, ModelSpec, load_model
 from smi_engine.plugins import get_registry

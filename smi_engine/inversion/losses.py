@@ -21,8 +21,9 @@ from typing import Any, Callable, Protocol
 import torch
 
 from smi_engine.vit.augment import Jitter
+from smi_engine.checks import named_options
 from smi_engine.errors import SmiError
-from smi_engine.models import LoadedModel, Normalizer, parse_model_args
+from smi_engine.models import LoadedModel, Normalizer
 from smi_engine.vit.patches import PatchGrid
 from smi_engine.vit.sparse_image import NeighbourDifferences, SparseImage
 from smi_engine.vit.sparse_vit import SparseOutput, SparseViT
@@ -155,16 +156,12 @@ def _is_non_finite(value: Any) -> bool:
 
 
 def attach_options(specs: list[LossSpec], options: list[str]) -> list[LossSpec]:
-    """Fold ``NAME.key=value`` strings into the specs they name."""
-    by_name = {spec.name: dict(spec.options) for spec in specs}
-    for text in options:
-        target, sep, _ = text.partition(".")
-        if not sep or "=" not in text:
-            raise SmiError(f"bad --loss-option {text!r}: write NAME.KEY=VALUE, e.g. deepinversion.tv_l2=1e-4")
-        if target not in by_name:
-            raise SmiError(f"--loss-option {text!r} names loss {target!r}, which is not in --loss: add --loss {target}")
-        by_name[target].update(parse_model_args(text[len(target) + 1 :], "--loss-option", f"{target}.KEY=VALUE"))
-    return [LossSpec(s.name, s.weight, by_name[s.name]) for s in specs]
+    """Fold ``--loss-option NAME.key=value`` strings into the specs they name."""
+    from smi_engine.plugins import registered_options
+
+    grouped = named_options(options, "--loss-option", "loss", [s.name for s in specs], "--loss", "deepinversion.tv_l2=1e-4")
+    return [LossSpec(s.name, s.weight, registered_options("losses", s.name, {**s.options, **grouped[s.name]},
+                                                          f"--loss-option {s.name}.KEY=VALUE")) for s in specs]
 
 
 def build_loss(spec: LossSpec, factory: Callable[..., Any]) -> Any:

@@ -22,7 +22,9 @@ from smi_engine.runtime.distributed import Placement
 from smi_engine.errors import SmiError
 from smi_engine.runs.events import EventBus, EventSink
 from smi_engine.files import file_digest
-from smi_engine.inversion.loop import BatchResult, InversionConfig, Inverter, config_digest
+from smi_engine.inversion.batch import BatchResult
+from smi_engine.inversion.config import InversionConfig, config_digest
+from smi_engine.inversion.loop import Inverter
 from smi_engine.inversion.losses import LossSpec, build_loss
 from smi_engine.models import load_model
 from smi_engine.plugins import get_registry
@@ -74,7 +76,7 @@ class InversionRun:
         control = control or RunControl(run_dir)
         control.listeners.append(lambda change: bus.emit(change))
         inverter = Inverter(config, loaded, build_losses(config.losses), torch_device, bus, run_dir, control)
-        plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict())  # before creating: a broken sink writes nothing
+        plugin_sinks = build_sinks(config.sinks, run_dir, config.to_dict(), config.sink_options)  # before creating: a broken sink writes nothing
         session = RunSession(run_dir, RUN_KIND, bus, placement, resumable=True)
         # Refusals come before the lock file is touched, so a refused start or resume writes nothing.
         if not resume:

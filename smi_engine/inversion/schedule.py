@@ -13,6 +13,7 @@ patches remain, so every share is ``floor(N / V)`` or one more and the last part
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from smi_engine.errors import SmiError
@@ -185,3 +186,14 @@ class CostModel:
     @property
     def batch_cost(self) -> float:
         return self.cost(0, self.iterations)
+
+    def eta(self, seconds: float, cost_done: float, open_batches: Iterable[int], unstarted: int,
+            workers: int = 1) -> float | None:
+        """Seconds left at the speed so far (``seconds`` for ``cost_done``): the rest of each open
+        batch (its iterations done given) and ``unstarted`` whole batches, shared by ``workers``.
+        The one projection: the dashboard's view of a whole run and a process's own progress line
+        differ only in the work they pass."""
+        if cost_done <= 0 or seconds <= 0:
+            return None
+        remaining = sum(self.cost(done, self.iterations) for done in open_batches) + max(unstarted, 0) * self.batch_cost
+        return seconds / cost_done * remaining / max(workers, 1)

@@ -29,8 +29,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from smi_engine.checks import named_options
 from smi_engine.errors import SmiError
-from smi_engine.models import parse_model_args
 from smi_engine.vit.patches import PatchGrid
 
 
@@ -79,19 +79,15 @@ class SelectionSpec:
     @classmethod
     def parse(cls, name: str, option_texts: list[str] | None = None) -> "SelectionSpec":
         """``--selection NAME`` and its ``--selection-option NAME.key=value`` strings."""
-        options: dict[str, Any] = {}
-        for text in option_texts or []:
-            target, sep, rest = text.partition(".")
-            if not sep or "=" not in rest:
-                raise SmiError(f"bad --selection-option {text!r}: write NAME.KEY=VALUE, e.g. pri.keep_remaining=false")
-            if target != name:
-                raise SmiError(f"--selection-option {text!r} is for selection {target!r}, but --selection is {name!r}: "
-                               f"pass --selection {target}")
-            options.update(parse_model_args(rest, "--selection-option", f"{name}.KEY=VALUE"))
-        return cls(name, options)
+        from smi_engine.plugins import registered_options
+
+        given = named_options(option_texts or [], "--selection-option", "selection", [name], "--selection",
+                              "pri.keep_remaining=false")[name]
+        return cls(name, registered_options("selections", name, given, f"--selection-option {name}.KEY=VALUE"))
 
     def __str__(self) -> str:
-        return ",".join([self.name, *(f"{k}={v}" for k, v in self.options.items())])
+        # Booleans as the command line writes them (keep_remaining=false).
+        return ",".join([self.name, *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.options.items())])
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "options": dict(self.options)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from smi_engine.errors import SmiError
 from smi_engine.quantization.layers import (
     QuantAttention, QuantLinear, finish_quantizers, swap_attention, swap_linear_layers,
 )
@@ -29,7 +30,7 @@ from smi_engine.quantization.scheme import QuantConfig
 IMAGE_BITS = 8
 
 
-def _post_norm_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, QuantLinear]]:
+def post_norm_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, QuantLinear]]:
     """(LayerNorm, the linear layer reading its output) of every block: norm1 -> qkv, norm2 -> fc1."""
     pairs = []
     for block in getattr(model, "blocks", []):
@@ -60,19 +61,34 @@ def fold_channel_ranges(norm: nn.LayerNorm, linear: QuantLinear) -> None:
 
 
 class RepQScheme:
+    """Options (``--scheme-option repq.KEY=VALUE``), each an ablation of one of RepQ-ViT's ideas:
+    ``reparameterize=false`` quantises the post-LayerNorm activations per tensor with no fold,
+    ``log_softmax=false`` quantises the softmax uniformly, ``image_bits`` sets the bits of the
+    patch embedding's input (at least the activations' own)."""
+
     description = ("RepQ-ViT: matmul positions, post-LayerNorm activations per channel folded into LayerNorm, "
                    "log-sqrt(2) softmax, searched clipping")
     default_calibrator = "search"
 
+    def __init__(self, reparameterize: bool = True, log_softmax: bool = True, image_bits: int = IMAGE_BITS):
+        if not 2 <= image_bits <= 16:
+            raise SmiError(f"--scheme-option repq.image_bits={image_bits} is outside 2..16: pass e.g. repq.image_bits=8")
+        self.reparameterize, self.log_softmax, self.image_bits = reparameterize, log_softmax, image_bits
+
     def build(self, model: nn.Module, config: QuantConfig) -> nn.Module:
+        def softmax_quantizer() -> ActivationQuantizer:
+            if self.log_softmax:
+                return LogQuantizer(config.a_bit, config.calibrator, config.percentile)
+            return config.activation()
+
         swap_attention(model, lambda attention: QuantAttention(
-            attention, config.activation(), config.activation(),
-            LogQuantizer(config.a_bit, config.calibrator, config.percentile), config.activation()))
-        folded = {id(linear) for _, linear in _post_norm_pairs(model)}  # by identity, before they are wrapped
+            attention, config.activation(), config.activation(), softmax_quantizer(), config.activation()))
+        # By identity, before they are wrapped.
+        folded = {id(linear) for _, linear in post_norm_pairs(model)} if self.reparameterize else set()
 
         def make(name: str, layer: nn.Module) -> QuantLinear:
             if isinstance(layer, nn.Conv2d):  # the patch embedding reads the image: 8 bits, as RepQ-ViT
-                quantizer = ActivationQuantizer(max(IMAGE_BITS, config.a_bit), config.calibrator, config.percentile)
+                quantizer = ActivationQuantizer(max(self.image_bits, config.a_bit), config.calibrator, config.percentile)
             else:
                 quantizer = config.activation(per_channel=id(layer) in folded)
                 if id(layer) in folded and layer.bias is None:  # the fold needs a bias to shift
@@ -84,5 +100,6 @@ class RepQScheme:
 
     def finish(self, qmodel: nn.Module, config: QuantConfig) -> None:
         finish_quantizers(qmodel)
-        for norm, linear in _post_norm_pairs(qmodel):
-            fold_channel_ranges(norm, linear)
+        if self.reparameterize:
+            for norm, linear in post_norm_pairs(qmodel):
+                fold_channel_ranges(norm, linear)

@@ -15,7 +15,7 @@ laid out as timm's ViT names its reconstruction units (``reconstruction_units()`
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from smi_engine.checks import number
 from smi_engine.errors import SmiError
+from smi_engine.plugins import call_factory, checked_options
 from smi_engine.quantization.layers import round_weights
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
 from smi_engine.quantization.quantizers import ActivationQuantizer, validate_bits
@@ -35,10 +36,12 @@ class QuantConfig:
     calibrator: str | None = None  # None: the scheme's own
     percentile: float = 99.99
     scheme: str = DEFAULT_SCHEME
+    scheme_options: dict[str, Any] = field(default_factory=dict)  # the scheme factory's keyword arguments
 
     def validate(self) -> None:
         validate_bits(self.w_bit, self.a_bit)
-        _registration(self.scheme)  # the name is known; the scheme itself is built once, by its job
+        # The name is known and its options fit; the scheme itself is built once, by its job.
+        checked_options(_registration(self.scheme).factory, self.scheme_options, *_scheme_option_names(self.scheme))
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:
             raise SmiError(f"unknown calibrator {self.calibrator!r}: use {', '.join(CALIBRATORS)}")
         number("--percentile", self.percentile, 99.99, low=50, high=100, exclusive="low")
@@ -49,8 +52,13 @@ class QuantConfig:
             return self
         # From the scheme built for the job, or its class: resolving builds no second scheme.
         factory = _registration(self.scheme).factory
-        calibrator = getattr(scheme or factory, "default_calibrator", None) or get_scheme(self.scheme).default_calibrator
-        return QuantConfig(self.w_bit, self.a_bit, calibrator, self.percentile, self.scheme)
+        calibrator = getattr(scheme or factory, "default_calibrator", None) or self.build_scheme().default_calibrator
+        return replace(self, calibrator=calibrator)
+
+    def build_scheme(self) -> "QuantScheme":
+        """A new scheme object of this configuration (its plugin's factory called once, with
+        ``scheme_options``)."""
+        return call_factory(_registration(self.scheme).factory, self.scheme_options, *_scheme_option_names(self.scheme))
 
     def activation(self, **kwargs: Any) -> ActivationQuantizer:
         """A per-tensor activation quantiser of this configuration."""
@@ -75,21 +83,20 @@ def _registration(name: str):
     return get_registry().get("schemes", name)
 
 
-def get_scheme(name: str) -> QuantScheme:
-    """A new scheme object of that name (its plugin's factory called once)."""
-    return _registration(name).factory()
+def _scheme_option_names(name: str) -> tuple[str, str]:
+    return f"scheme {name!r}", f"--scheme-option {name}.KEY=VALUE"
 
 
 #: The attribute of a built model that holds the scheme object that built it.
 SCHEME_ATTRIBUTE = "quant_scheme"
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig, scheme: "QuantScheme | None" = None) -> nn.Module:
     """A fake-quantised copy of ``model`` (the original is untouched), ready to calibrate. The
-    scheme is built once and kept on the copy, so that ``finish`` is asked of the very object
-    that built it (a scheme may keep state between the two)."""
+    scheme (``scheme``, or one built here) is kept on the copy, so that ``finish`` is asked of
+    the very object that built it (a scheme may keep state between the two)."""
     config.validate()
-    scheme = get_scheme(config.scheme)
+    scheme = scheme or config.build_scheme()
     qmodel = scheme.build(copy.deepcopy(model), config.resolved(scheme)).eval()
     setattr(qmodel, SCHEME_ATTRIBUTE, scheme)
     return qmodel
@@ -99,7 +106,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 def fix_ranges(qmodel: nn.Module, config: QuantConfig) -> None:
     """Fix every activation range (and whatever else the scheme does after calibration); the
     weights stay float."""
-    scheme = getattr(qmodel, SCHEME_ATTRIBUTE, None) or get_scheme(config.scheme)
+    scheme = getattr(qmodel, SCHEME_ATTRIBUTE, None) or config.build_scheme()
     scheme.finish(qmodel, config.resolved(scheme))
 
 

@@ -43,17 +43,26 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any]) -> list[EventSink]:
-    """The plugin sinks a run names (``--sink``), started on its directory and configuration."""
-    from smi_engine.plugins import get_registry, plugin_code
+def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any],
+                options: dict[str, dict[str, Any]] | None = None) -> list[EventSink]:
+    """The plugin sinks a run names (``--sink``), started on its directory and configuration,
+    each with its ``--sink-option NAME.KEY=VALUE`` options (typed as its factory annotates)."""
+    from smi_engine.plugins import call_factory, get_registry, plugin_code
 
+    names, options = list(names), options or {}
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise SmiError(f"--sink-option is for event sink {stray[0]!r}, which this run does not use: pass --sink {stray[0]}")
     registry = get_registry()
     sinks = []
     for name in names:
         registration = registry.get("sinks", name)
         try:
             with plugin_code():
-                sink = registration.factory(run_dir.path, config)
+                sink = call_factory(registration.factory, dict(options.get(name, {})), f"event sink {name!r}",
+                                    f"--sink-option {name}.KEY=VALUE", args=(run_dir.path, config))
+        except SmiError:
+            raise
         except Exception as exc:
             raise SmiError(f"event sink {name!r} (plugin {registration.plugin}) failed to start: {exc}") from None
         sinks.append(GuardedSink(name, sink))

@@ -385,13 +385,11 @@ class RunState:
             if not self.done_steps or not self.total_steps:
                 return None
             return self.clock.active / self.done_steps * max(self.total_steps - self.done_steps, 0)
-        if self.cost is None or not self.actual_cost or not self.iteration_seconds:
+        if self.cost is None:
             return None
-        in_open = sum(self.cost.cost(done, self.iterations) for done in self.open_batches.values())
-        unstarted = max(self.batches - self.batches_done - len(self.open_batches), 0)
-        remaining = in_open + unstarted * self.cost.batch_cost
         done = self.cost.batch_cost * self.batches_done + sum(self.cost.cost(0, d) for d in self.open_batches.values())
-        return self.iteration_seconds / max(done, 1e-9) * remaining / max(self.world_size, 1)
+        unstarted = self.batches - self.batches_done - len(self.open_batches)
+        return self.cost.eta(self.iteration_seconds, done, self.open_batches.values(), unstarted, self.world_size)
 
     @property
     def started(self) -> float | None:

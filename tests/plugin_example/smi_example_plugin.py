@@ -1,12 +1,14 @@
 """An example third-party smi plugin, exactly as README documents it."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import typer
 
-from smi_engine import hookimpl
+from smi_engine import hookimpl, load_pool
 
 
 class Brightness:
@@ -39,8 +41,8 @@ class CentreFirst:
 class IterationCounter:
     """Counts iteration events and writes the count into the run directory when the run ends."""
 
-    def __init__(self, run_dir, config):
-        self.path, self.count = Path(run_dir) / "example-counter.json", 0
+    def __init__(self, run_dir, config, file: str = "example-counter.json"):   # --sink-option iteration-counter.file=n.json
+        self.path, self.count = Path(run_dir) / Path(file).name, 0
 
     def __call__(self, event):
         if event["event"] == "iteration":
@@ -48,6 +50,17 @@ class IterationCounter:
 
     def close(self):
         self.path.write_text(json.dumps({"iterations": self.count}))
+
+
+@dataclass
+class PoolSize:
+    """A task: how many images a pool holds. Its options are its fields, typed (-o pool=runs/x)."""
+
+    description: ClassVar[str] = "count the images of a pool"
+    pool: str
+
+    def run(self, context):                             # context: smi_engine.TaskContext
+        return {"pool": self.pool, "images": len(load_pool(self.pool))}
 
 
 @hookimpl
@@ -63,6 +76,11 @@ def register_selections(register):
 @hookimpl
 def register_event_sinks(register):
     register("iteration-counter", IterationCounter)
+
+
+@hookimpl
+def register_tasks(register):
+    register("pool-size", PoolSize)
 
 
 @hookimpl

@@ -20,7 +20,7 @@ def exploding_loss():
 class ExplodingTask:
     description = "a task that always fails"
 
-    def run(self, options, context):
+    def run(self, context):
         raise RuntimeError("the task exploded")
 
 
