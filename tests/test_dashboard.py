@@ -80,13 +80,13 @@ def test_dashboard_follows_a_growing_file_with_a_half_written_line(recorded):
 
     async def steps(app, pilot):
         retention = app.query_one(PatchRetention)
-        assert "44/64 patches kept (69%) in batch 1" in plain(retention)
+        assert "44/64 kept (69%) · batch 1" in plain(retention)
         assert "RUNNING" in plain(app.query_one(RunHeader))
         with open(recorded / "events.jsonl", "a") as handle:
             handle.write("".join(events[first_stop + 1 : second_stop + 1]))
             handle.write(events[second_stop + 1][:25])  # half a line: the writer is mid-way
         await pilot.pause(0.5)
-        assert "22/64 patches kept (34%)" in plain(retention)
+        assert "22/64 kept (34%)" in plain(retention)
         seen = app.views[0].state.events
         with open(recorded / "events.jsonl", "a") as handle:
             handle.write(events[second_stop + 1][25:] + "".join(events[second_stop + 2 :]))

@@ -514,6 +514,7 @@ def test_an_interrupted_run_at_80_by_24_shows_its_whole_resume_command_and_every
     assert all(f"│ {row}" in screen for row in ("images ", "speed ", "active ", "ETA ")), screen
     throughput = [line for line in screen.splitlines() if re.match(r"│ (images|speed|active|token FLOPs|ETA) ", line)]
     assert throughput and not any("…" in line.split("││")[0] for line in throughput), throughput  # no value cut
+    assert re.search(r"\d+/64 kept \(\d+%\) · batch \d+/\d+ ", screen), screen  # the retention headline, whole
 
 
 def test_two_runs_at_80_columns_keep_the_verdict(tmp_path):

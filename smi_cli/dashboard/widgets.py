@@ -100,7 +100,8 @@ class PatchRetention(Panel):
         if not rows:
             return Text("waiting for the run to start…", "dim")
         text.append(f"{state.kept}/{state.num_patches}", "bold")
-        text.append(f" patches kept ({100 * state.kept / max(state.num_patches, 1):.0f}%) in batch {state.batch + 1}/{state.batches}\n")
+        # Short enough for the half of an 80-column screen this panel gets.
+        text.append(f" kept ({100 * state.kept / max(state.num_patches, 1):.0f}%) · batch {state.batch + 1}/{state.batches}\n")
         text.append_text(self._timeline(state))
         grids = state.keep or [range(state.num_patches)]
         fit = max(1, ((self.size.width or 60) + 2) // (cols + 2))
