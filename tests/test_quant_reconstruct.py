@@ -13,7 +13,7 @@ from smi_engine.vit.patches import blank_stopped
 from smi_engine.downstream.quantize import QuantizeJob, calibrate
 from smi_engine.quantization.layers import QuantLinear
 from smi_engine.quantization.names import ReconstructConfig
-from smi_engine.quantization.quantizers import ActivationQuantizer, LearnedRounding, LogQuantizer, WeightGrid, quantize_weight
+from smi_engine.quantization.quantizers import ActivationQuantizer, LearnedRounding, WeightGrid, quantize_weight
 from smi_engine.downstream.reconstruct import reconstruction_units
 from smi_engine.quantization.scheme import QuantConfig, quantize_model
 
@@ -83,30 +83,6 @@ def test_a_learned_step_starts_at_the_calibrated_range_and_learns():
     assert set(quantizer.state_dict()) == keys  # and it never joined the state dict
     quantizer.bypass = True
     assert torch.equal(quantizer(x), x)
-
-
-def test_the_log_softmax_quantiser_learns_delta_and_passes_gradients_to_its_input():
-    """Before, its rounding stopped every gradient: through a quantised softmax q and k learned
-    nothing. Now values inside the range pass straight through and delta learns as LSQ's step."""
-    quantizer = LogQuantizer(3, "search")
-    probabilities = torch.softmax(torch.randn(4, 3, 9, 9) * 3, dim=-1)
-    quantizer(probabilities)
-    quantizer.finish()
-    searched = quantizer(probabilities)
-    delta = quantizer.learn_step()
-    assert float(delta) == float(quantizer.high)
-    x = probabilities.clone().requires_grad_(True)
-    out = quantizer(x)
-    assert torch.equal(out, searched)  # the very same levels while learning
-    out.sum().backward()
-    inside = (probabilities <= float(delta)) & (searched > 0)
-    assert torch.equal(x.grad, inside.float())  # straight through inside the range; clipped and zeroed: none
-    assert float(delta.grad) == pytest.approx(float((searched / delta).sum()), rel=1e-4)  # each level scales with delta
-    with torch.no_grad():
-        delta.fill_(0.3)
-    learned = quantizer(probabilities)
-    quantizer.fix_step()
-    assert float(quantizer.high) == pytest.approx(float(delta)) and torch.equal(quantizer(probabilities), learned)
 
 
 @pytest.mark.parametrize("scheme, units", [

@@ -78,16 +78,6 @@ def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch
     return torch.where(q >= levels, torch.zeros_like(value), value)
 
 
-def quantize_log_sqrt2_learned(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """``quantize_log_sqrt2`` for learning, the same values: each level holds its index, so
-    ``delta`` learns through every level it scales (as LSQ's step), and the values inside the
-    range pass their gradient straight through to ``x`` (a softmax quantised this way no longer
-    stops what flows back to q and k)."""
-    quantized = quantize_log_sqrt2(x, delta, bits)
-    inside = ((x <= delta) & (quantized > 0)).detach()
-    return quantized + torch.where(inside, x - x.detach(), torch.zeros_like(x))
-
-
 class ActivationQuantizer(nn.Module):
     """Observes an activation while calibrating, fake-quantises it per tensor afterwards.
 
@@ -209,25 +199,13 @@ class ActivationQuantizer(nn.Module):
 
 class LogQuantizer(ActivationQuantizer):
     """Softmax probabilities in the log-sqrt(2) domain (RepQ-ViT); ``high`` holds delta, the
-    value of level 0, searched among the 99.9/99.99/99.999th percentiles and the maximum. Block
-    reconstruction learns delta (``learn_step``) with the levels' rounding passed straight through."""
+    value of level 0, searched among the 99.9/99.99/99.999th percentiles and the maximum."""
 
     fits_range = True
+    learns_step = False  # its delta stays as searched
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self._step is not None:
-            return quantize_log_sqrt2_learned(x, self._step, self.bits)
         return quantize_log_sqrt2(x, self.high, self.bits)
-
-    def learn_step(self) -> torch.Tensor:
-        """Start learning delta, from its searched value; returns it."""
-        self._step = self.high.detach().clone().requires_grad_(True)
-        return self._step
-
-    @torch.no_grad()
-    def fix_step(self) -> None:
-        self.high.copy_(self._step.clamp_min(torch.finfo(self._step.dtype).tiny))
-        self._step = None
 
     def _fit(self, values: torch.Tensor) -> tuple[float, float]:
         candidates = [float(torch.quantile(values, p)) for p in SEARCH_PERCENTILES] + [float(values.max())]
