@@ -65,7 +65,6 @@ Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teac
 def sink_options(sinks: list[str] | None, texts: list[str] | None) -> dict[str, dict[str, Any]]:
     """``--sink-option NAME.KEY=VALUE`` texts by the ``--sink`` they are for."""
     from smi_engine.checks import named_options
-
     from smi_engine.plugins import registered_options
 
     grouped = named_options(texts or [], "--sink-option", "event sink", sinks or [], "--sink", "tensorboard.every=10")
