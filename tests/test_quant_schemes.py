@@ -14,7 +14,7 @@ from smi_engine.plugins import get_registry
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
 from smi_engine.downstream.quantize import QuantizeJob, run_quantization
 from smi_engine.quantization.layers import QuantLinear
-from smi_engine.quantization.quantizers import LogQuantizer, quantize_activation, quantize_log_sqrt2
+from smi_engine.quantization.quantizers import LogQuantizer, qdrop, quantize_activation, quantize_log_sqrt2
 from smi_engine.quantization.repq import post_norm_pairs, fold_channel_ranges
 from smi_engine.quantization.seed import SeedBlockQuantizers
 
@@ -81,12 +81,27 @@ def test_log_sqrt2_levels():
     assert q[1] == pytest.approx(2 ** -0.5)  # log2(0.75) * 2 = -0.83 -> level 1
     assert q[4] == pytest.approx(2 ** -1.5)  # -2 log2(0.3) = 3.47 -> level 3
     assert q[5] == 0 and q[6] == 0  # below the smallest level
+    assert torch.equal(x, torch.tensor([1.0, 0.75, 2 ** -0.5, 0.5, 0.3, 1e-6, 0.0]))  # computed in place, not on x
     observer = LogQuantizer(4, "minmax")
     probs = torch.rand(64, 16).softmax(dim=-1)
     observer(probs)
     observer.finish()
     assert 0 < float(observer.high) <= float(probs.max()) + 1e-6
     assert float((observer(probs) - probs).abs().max()) < float(probs.max()) / 2
+
+
+def test_qdrop_picks_each_value_exactly_from_one_side_and_passes_gradients_to_both():
+    quantized = torch.randn(4000, requires_grad=True)
+    float_values = torch.randn(4000, requires_grad=True)
+    torch.manual_seed(0)
+    mixed = qdrop(quantized, float_values, 0.3)
+    from_float = mixed == float_values
+    assert torch.equal(from_float, mixed != quantized)  # every value is exactly one side's
+    assert 0.25 < float(from_float.float().mean()) < 0.35
+    mixed.sum().backward()
+    assert torch.equal(float_values.grad, from_float.float()) and torch.equal(quantized.grad, (~from_float).float())
+    assert torch.equal(qdrop(quantized, float_values, 0.0), quantized)
+    assert torch.equal(qdrop(quantized, float_values, 1.0), float_values)
 
 
 def test_repq_fold_keeps_the_float_model_and_turns_per_channel_into_per_tensor(tiny_loaded):

@@ -42,7 +42,7 @@ from smi_engine.errors import SmiError
 from smi_engine.models import Normalizer
 from smi_engine.quantization.layers import QuantLinear
 from smi_engine.quantization.names import ReconstructConfig
-from smi_engine.quantization.quantizers import ActivationQuantizer
+from smi_engine.quantization.quantizers import ActivationQuantizer, qdrop
 
 WARMUP = 0.2  # share of the iterations before the rounding regulariser starts
 SHARPNESS = (20.0, 2.0)  # the regulariser's beta, annealed linearly after the warm-up
@@ -220,7 +220,7 @@ def _mixed_inputs(quantized: tuple[tuple, dict], reference: tuple[tuple, dict], 
     (args, kwargs), (float_args, _) = quantized, reference
     if drop <= 0 or not args or not torch.is_tensor(args[0]) or args[0].shape != float_args[0].shape:
         return args, kwargs
-    first = torch.where(torch.rand_like(args[0]) < drop, float_args[0], args[0])
+    first = qdrop(args[0], float_args[0], drop)
     return (first, *args[1:]), kwargs
 
 

@@ -68,14 +68,21 @@ def quantize_learned_step(x: torch.Tensor, step: torch.Tensor, zero: torch.Tenso
     return (levels - zero) * step
 
 
+@torch.no_grad()  # rounding passes no gradient to x: computed in place, three tensors instead of eleven
 def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
     """Log-sqrt(2) fake quantisation of non-negative values (softmax probabilities, RepQ-ViT):
     level ``q = round(-2 log2(x / delta))`` in ``0 .. 2^b - 1`` stands for ``delta * 2^(-q/2)``;
     values below the smallest level become 0."""
     levels = 2**bits
-    q = (-2 * torch.log2((x / delta).clamp_min(torch.finfo(x.dtype).tiny))).round()
-    value = delta * torch.exp2(-q.clamp(0, levels - 1) / 2)
-    return torch.where(q >= levels, torch.zeros_like(value), value)
+    q = (x / delta).clamp_min_(torch.finfo(x.dtype).tiny).log2_().mul_(-2).round_()
+    value = q.clamp(0, levels - 1).mul_(-0.5).exp2_().mul_(delta)
+    return value.mul_(q < levels)  # multiplying by the mask: exact, many times faster than torch.where on CPU
+
+
+def qdrop(quantized: torch.Tensor, float_values: torch.Tensor, drop: float) -> torch.Tensor:
+    """``quantized`` with each value put back in float with probability ``drop`` (QDrop). A lerp
+    with 0/1 weights picks either side exactly, several times faster than torch.where on CPU."""
+    return torch.lerp(quantized, float_values, (torch.rand_like(quantized) < drop).to(quantized.dtype))
 
 
 class ActivationQuantizer(nn.Module):
@@ -115,7 +122,7 @@ class ActivationQuantizer(nn.Module):
         if not self.calibrating:
             quantized = self.quantize(x)
             if self.drop > 0:
-                quantized = torch.where(torch.rand_like(x) < self.drop, x, quantized)
+                quantized = qdrop(quantized, x, self.drop)
             return quantized
         # A running min/max over every value seen (the seed's rule), whatever the calibrator.
         low, high = x.detach().min(), x.detach().max()
