@@ -33,6 +33,7 @@ POOL_SOURCES = {"dense": ["--schedule", "dense", "--batch-size", str(BATCH)],
                         "--batch-size", str(SELECTIONS["pri-v4"][2])]}
 POOL_FOLDERS = {"dense": "dense", "smi": "smi", "pri": "pri-v4"}
 SOURCES = ("noise", "dense", "smi", "smi-blanked", "pri", "real")
+EVAL_BATCH = 250  # 500 images' attention maps (34 MB) pass glibc's 32 MB mmap ceiling: every op page-faults
 
 
 def main() -> dict:
@@ -81,7 +82,7 @@ def _cells(folder: Path, teacher: Path, data: str, seed: int, opts) -> dict:
     cells = json.loads(cache.read_text()) if cache.exists() else {}
     device = resolve_device(opts.device)
     loaded = load_model(ModelSpec.from_dir(teacher), device)
-    val = list(loader(load_data(data).val, ModelInput.for_model(loaded.model, loaded.normalizer), 500))
+    val = list(loader(load_data(data).val, ModelInput.for_model(loaded.model, loaded.normalizer), EVAL_BATCH))
     cells.setdefault(f"{seed}/fp32", evaluate(loaded.model, val, device, opts.limit)["top1"])
     # Ranges only first, every cell (minutes), then reconstruction (the hours): an interrupted
     # run has the whole ranges-only matrix.

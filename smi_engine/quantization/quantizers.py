@@ -53,10 +53,12 @@ def searched_ranges(values: torch.Tensor, bits: int, dim: int) -> tuple[torch.Te
     return best_low.squeeze(dim), best_high.squeeze(dim)
 
 
+@torch.no_grad()  # rounding passes no gradient to x: computed in place, one tensor instead of six
 def quantize_activation(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
-    """Uniform asymmetric fake quantisation to the range [low, high] (broadcasting)."""
+    """Uniform asymmetric fake quantisation to the range [low, high] (broadcasting); no gradient
+    (``quantize_learned_step`` is the one that learns)."""
     scale, zero_point = zero_point_levels(low, high, bits)
-    return ((x / scale + zero_point).round().clamp(0, 2**bits - 1) - zero_point) * scale
+    return (x / scale).add_(zero_point).round_().clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
 
 
 def quantize_learned_step(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -68,15 +70,15 @@ def quantize_learned_step(x: torch.Tensor, step: torch.Tensor, zero: torch.Tenso
     return (levels - zero) * step
 
 
-@torch.no_grad()  # rounding passes no gradient to x: computed in place, three tensors instead of eleven
+@torch.no_grad()  # rounding passes no gradient to x: computed in place, two tensors instead of eleven
 def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
     """Log-sqrt(2) fake quantisation of non-negative values (softmax probabilities, RepQ-ViT):
     level ``q = round(-2 log2(x / delta))`` in ``0 .. 2^b - 1`` stands for ``delta * 2^(-q/2)``;
     values below the smallest level become 0."""
     levels = 2**bits
     q = (x / delta).clamp_min_(torch.finfo(x.dtype).tiny).log2_().mul_(-2).round_()
-    value = q.clamp(0, levels - 1).mul_(-0.5).exp2_().mul_(delta)
-    return value.mul_(q < levels)  # multiplying by the mask: exact, many times faster than torch.where on CPU
+    below = q >= levels
+    return q.clamp_(0, levels - 1).mul_(-0.5).exp2_().mul_(delta).masked_fill_(below, 0.0)
 
 
 def qdrop(quantized: torch.Tensor, float_values: torch.Tensor, drop: float) -> torch.Tensor:
