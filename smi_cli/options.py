@@ -64,12 +64,10 @@ Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the teac
 
 def sink_options(sinks: list[str] | None, texts: list[str] | None) -> dict[str, dict[str, Any]]:
     """``--sink-option NAME.KEY=VALUE`` texts by the ``--sink`` they are for."""
-    from smi_engine.checks import named_options
-    from smi_engine.plugins import registered_options
+    from smi_engine.plugins import plugin_options
 
-    grouped = named_options(texts or [], "--sink-option", "event sink", sinks or [], "--sink", "tensorboard.every=10")
-    return {name: registered_options("sinks", name, values, f"--sink-option {name}.KEY=VALUE", args=(None, None))
-            for name, values in grouped.items() if values}
+    typed = plugin_options("sinks", texts, sinks or [], args=(None, None))  # a sink's factory takes (run_dir, config, ...)
+    return {name: options for name, options in typed.items() if options}
 
 
 def config_option(kind: str, from_run: "FromRun") -> Any:

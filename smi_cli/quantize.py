@@ -74,8 +74,7 @@ def quantize(
       smi quantize --teacher runs/teacher --calib noise --data digits --json
     """
     from smi_cli.signals import stop_on_signals
-    from smi_engine.checks import named_options
-    from smi_engine.plugins import registered_options
+    from smi_engine.plugins import plugin_options
     from smi_engine.runs.control import RunControl, RunInterrupted
     from smi_engine.runtime.device import resolve_device
     from smi_engine.runs.events import EventBus
@@ -84,8 +83,7 @@ def quantize(
     from smi_engine.runs.rundir import RunDir
 
     display = open_display(stderr, quiet, progress_every)
-    given = named_options(scheme_option or [], "--scheme-option", "scheme", [scheme], "--scheme", "repq.reparameterize=false")
-    scheme_options = registered_options("schemes", scheme, given[scheme], f"--scheme-option {scheme}.KEY=VALUE")
+    scheme_options = plugin_options("schemes", scheme_option, [scheme])[scheme]
     job = QuantizeJob(model=o.model_spec(model, model_args, pretrained, checkpoint, mean, std, teacher), calib=calib,
                       data=data, quant=QuantConfig(w_bit, a_bit, calibrator, percentile, scheme, scheme_options),
                       calib_size=calib_size,

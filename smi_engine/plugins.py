@@ -14,12 +14,12 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
 from smi_engine import hookspecs
-from smi_engine.checks import flag_value
+from smi_engine.checks import flag_value, named_options
 from smi_engine.errors import SmiError, plain
 
 BUILTIN_PLUGINS = ("smi_plugins.deepinversion", "smi_plugins.psaq", "smi_plugins.cmi", "smi_plugins.selections",
@@ -28,6 +28,12 @@ KINDS = {"losses": "register_losses", "selections": "register_selections", "task
          "sinks": "register_event_sinks", "schemes": "register_quant_schemes"}
 NOUNS = {"losses": "loss", "selections": "selection", "tasks": "task", "sinks": "event sink",
          "schemes": "quantisation scheme"}
+#: The kinds whose options a run's command line gives as NAME.KEY=VALUE: (the option flag, the
+#: flag that picks the plugin, an example).
+OPTION_FLAGS = {"losses": ("--loss-option", "--loss", "deepinversion.tv_l2=1e-4"),
+                "selections": ("--selection-option", "--selection", "pri.keep_remaining=false"),
+                "sinks": ("--sink-option", "--sink", "tensorboard.every=10"),
+                "schemes": ("--scheme-option", "--scheme", "repq.reparameterize=false")}
 
 
 @dataclass(frozen=True)
@@ -117,10 +123,30 @@ def checked_options(factory: Callable[..., Any], options: dict[str, Any], what: 
     return typed_options(factory, options, what, fix)
 
 
-def registered_options(kind: str, name: str, options: dict[str, Any], fix: str, args: tuple = ()) -> dict[str, Any]:
-    """The options given for the registered ``kind`` ``name``, checked and typed against its
-    factory (``checked_options``): what a run records in its config.json, as the values they are."""
-    return checked_options(get_registry().get(kind, name).factory, options, f"{NOUNS[kind]} {name!r}", fix, args)
+def plugin_options(kind: str, texts: list[str] | None, chosen: Iterable[str], given: dict[str, dict] | None = None,
+                   args: tuple = ()) -> dict[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` texts (``OPTION_FLAGS[kind]``) for the ``chosen`` plugins of ``kind``,
+    by name, over the options ``given`` already, checked and typed against each factory: what a
+    run records in its config.json, as the values they are. ``args``: as ``checked_options``."""
+    flag, choose_flag, example = OPTION_FLAGS[kind]
+    grouped = named_options(texts or [], flag, NOUNS[kind], chosen, choose_flag, example)
+    return {name: typed_plugin_options(kind, name, {**(given or {}).get(name, {}), **values}, args)
+            for name, values in grouped.items()}
+
+
+def typed_plugin_options(kind: str, name: str, options: dict[str, Any], args: tuple = ()) -> dict[str, Any]:
+    """``checked_options`` for the registered ``kind`` ``name``: its options as its factory takes them."""
+    return checked_options(get_registry().get(kind, name).factory, options, *_option_names(kind, name), args)
+
+
+def build_plugin(kind: str, name: str, options: dict[str, Any], args: tuple = ()) -> Any:
+    """``call_factory`` for the registered ``kind`` ``name``: the plugin object, built with its options."""
+    return call_factory(get_registry().get(kind, name).factory, options, *_option_names(kind, name), args)
+
+
+def _option_names(kind: str, name: str) -> tuple[str, str]:
+    """What a message about a plugin's options names, and the flag that fixes them."""
+    return f"{NOUNS[kind]} {name!r}", f"{OPTION_FLAGS[kind][0]} {name}.KEY=VALUE"
 
 
 def typed_options(factory: Callable[..., Any], options: dict[str, Any], what: str, fix: str) -> dict[str, Any]:

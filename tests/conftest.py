@@ -15,7 +15,7 @@ import torch
 
 from smi_engine.inversion.config import InversionConfig
 from smi_engine.inversion.loop import Inverter
-from smi_engine.inversion.run import build_losses
+from smi_engine.inversion.losses import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, load_model
 
 ROOT = Path(__file__).resolve().parents[1]

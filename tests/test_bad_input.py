@@ -92,7 +92,7 @@ def _plugin_option_cases(teacher: Path, out: Path) -> list[tuple[list[str], str]
          "event sink 'tensorboard' has no option 'colour': its options are every, images"),
         (teacher_train + ["--sink-option", "tensorboard.every=2"], "is for event sink 'tensorboard'"),
         (distill + ["--sink-option", "tensorboard.every=2"], "is for event sink 'tensorboard'"),
-        (quantize + ["--scheme-option", "matmul.x=1"], "is for scheme 'matmul', which this run does not use"),
+        (quantize + ["--scheme-option", "matmul.x=1"], "is for quantisation scheme 'matmul', which this run does not use"),
         (quantize + ["--scheme-option", "repq.nope=1"], "scheme 'repq' has no option 'nope'"),
         (quantize + ["--scheme-option", "repq.reparameterize=maybe"], "reparameterize=maybe is not true or false"),
         (quantize + ["--scheme-option", "repq.image_bits=1"], "repq.image_bits=1 is outside 2..16"),

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from smi_engine.errors import SmiError
 from smi_engine.runs.events import EventBus
-from smi_engine.inversion.losses import LossSpec, as_terms, attach_options, build_loss
+from smi_engine.inversion.losses import LossSpec, as_terms, attach_options, build_losses
 from smi_engine.models import ModelSpec, load_model, save_model
-from smi_plugins.cmi import ContrastiveLoss, MemoryBank, contrastive_loss, instance_features
-from smi_plugins.deepinversion import DeepInversionLoss, bn_statistics_gap, js_divergence
+from smi_plugins.cmi import MemoryBank, contrastive_loss, instance_features
+from smi_plugins.deepinversion import bn_statistics_gap, js_divergence
 from smi_plugins.psaq import differential_entropy, gaussian_kde, patch_similarity_entropy
 
 from .conftest import TINY_ARGS, make_inverter
@@ -189,9 +189,9 @@ def test_loss_options_and_their_errors():
     with pytest.raises(SmiError, match="NAME or NAME:WEIGHT"):
         LossSpec.parse("psaq:lots")
     with pytest.raises(SmiError, match="no option 'bandwith'.*bandwidth"):
-        build_loss(LossSpec("psaq", 1.0, {"bandwith": 0.1}), __import__("smi_plugins.psaq").psaq.PatchSimilarityLoss)
+        build_losses([LossSpec("psaq", 1.0, {"bandwith": 0.1})])
     with pytest.raises(SmiError, match="rejected its options"):
-        build_loss(LossSpec("cmi", 1.0, {"temperature": -1}), ContrastiveLoss)
+        build_losses([LossSpec("cmi", 1.0, {"temperature": -1})])
 
 
 def test_loss_results_become_named_scalar_terms():
@@ -205,7 +205,7 @@ def test_loss_results_become_named_scalar_terms():
 
 def test_deepinversion_factory_rejects_unknown_option():
     with pytest.raises(SmiError, match="has no option 'tv'"):
-        build_loss(LossSpec("deepinversion", 1.0, {"tv": 1}), DeepInversionLoss)
+        build_losses([LossSpec("deepinversion", 1.0, {"tv": 1})])
 
 
 def test_a_non_finite_loss_stops_the_run_with_a_named_term(tiny_loaded):

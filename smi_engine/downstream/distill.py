@@ -35,7 +35,7 @@ from smi_engine.runs.events import EventBus, EventSink
 from smi_engine.files import read_json
 from smi_engine.inversion.config import InversionConfig
 from smi_engine.inversion.loop import Inverter
-from smi_engine.inversion.run import build_losses
+from smi_engine.inversion.losses import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.pool import Pool, load_pool, write_shard
 from smi_engine.runtime.resources import MemoryProbe

@@ -22,9 +22,8 @@ from smi_engine.errors import SmiError
 from smi_engine.inversion.batch import PHASES, BatchRun
 from smi_engine.inversion.config import InversionConfig
 from smi_engine.inversion.loop import Inverter
-from smi_engine.inversion.losses import build_loss
+from smi_engine.inversion.losses import build_losses
 from smi_engine.models import LoadedModel, ModelSpec, load_model
-from smi_engine.plugins import get_registry
 from smi_engine.inversion.schedule import SEED_SCHEDULE_TEXT, Schedule, block_flops, speedup_bound
 from smi_engine.inversion.selection import SelectionSpec
 
@@ -88,12 +87,10 @@ class BenchConfig:
 
 def _inverter(loaded: LoadedModel, config: BenchConfig, schedule: Schedule, iterations: int,
               selection: SelectionSpec = SelectionSpec()) -> Inverter:
-    registry = get_registry()
     cfg = InversionConfig(model=loaded.spec, schedule=str(schedule), iterations=iterations, selection=selection,
                           batch_size=config.batch_size, attention=config.attention, precision=config.precision,
                           compile=config.compile, checkpoint_every=0)
-    losses = [(s, build_loss(s, registry.get("losses", s.name).factory)) for s in cfg.losses]
-    return Inverter(cfg, loaded, losses, torch.device(config.device))
+    return Inverter(cfg, loaded, build_losses(cfg.losses), torch.device(config.device))
 
 
 def _synchronize(device: str) -> None:

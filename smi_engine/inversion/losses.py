@@ -16,12 +16,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from smi_engine.vit.augment import Jitter
-from smi_engine.checks import named_options
 from smi_engine.errors import SmiError
 from smi_engine.models import LoadedModel, Normalizer
 from smi_engine.vit.patches import PatchGrid
@@ -157,18 +156,17 @@ def _is_non_finite(value: Any) -> bool:
 
 def attach_options(specs: list[LossSpec], options: list[str]) -> list[LossSpec]:
     """Fold ``--loss-option NAME.key=value`` strings into the specs they name."""
-    from smi_engine.plugins import registered_options
+    from smi_engine.plugins import plugin_options
 
-    grouped = named_options(options, "--loss-option", "loss", [s.name for s in specs], "--loss", "deepinversion.tv_l2=1e-4")
-    return [LossSpec(s.name, s.weight, registered_options("losses", s.name, {**s.options, **grouped[s.name]},
-                                                          f"--loss-option {s.name}.KEY=VALUE")) for s in specs]
+    typed = plugin_options("losses", options, [s.name for s in specs], {s.name: s.options for s in specs})
+    return [LossSpec(s.name, s.weight, typed[s.name]) for s in specs]
 
 
-def build_loss(spec: LossSpec, factory: Callable[..., Any]) -> Any:
-    """Call a registered factory with the spec's options; bad options become one-line errors."""
-    from smi_engine.plugins import call_factory
+def build_losses(specs: list[LossSpec]) -> list[tuple[LossSpec, Any]]:
+    """Each spec with its registered loss, built with the spec's options (bad ones: one line)."""
+    from smi_engine.plugins import build_plugin
 
-    return call_factory(factory, spec.options, f"loss {spec.name!r}", f"--loss-option {spec.name}.KEY=VALUE")
+    return [(spec, build_plugin("losses", spec.name, spec.options)) for spec in specs]
 
 
 def as_terms(name: str, result: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

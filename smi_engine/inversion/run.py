@@ -25,20 +25,14 @@ from smi_engine.files import file_digest
 from smi_engine.inversion.batch import BatchResult
 from smi_engine.inversion.config import InversionConfig, config_digest
 from smi_engine.inversion.loop import Inverter
-from smi_engine.inversion.losses import LossSpec, build_loss
+from smi_engine.inversion.losses import build_losses
 from smi_engine.models import load_model
-from smi_engine.plugins import get_registry
 from smi_engine.pool import shard_batches, write_shard
 from smi_engine.runs.rundir import RunDir
 from smi_engine.inversion.schedule import speedup_bound
 from smi_engine.runs.session import RunSession, build_sinks
 
 RUN_KIND = "invert"
-
-
-def build_losses(specs: Iterable[LossSpec]) -> list[tuple[LossSpec, Any]]:
-    registry = get_registry()
-    return [(spec, build_loss(spec, registry.get("losses", spec.name).factory)) for spec in specs]
 
 
 def default_out_dir(config: InversionConfig) -> Path:

@@ -29,7 +29,6 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from smi_engine.checks import named_options
 from smi_engine.errors import SmiError
 from smi_engine.vit.patches import PatchGrid
 
@@ -79,11 +78,9 @@ class SelectionSpec:
     @classmethod
     def parse(cls, name: str, option_texts: list[str] | None = None) -> "SelectionSpec":
         """``--selection NAME`` and its ``--selection-option NAME.key=value`` strings."""
-        from smi_engine.plugins import registered_options
+        from smi_engine.plugins import plugin_options
 
-        given = named_options(option_texts or [], "--selection-option", "selection", [name], "--selection",
-                              "pri.keep_remaining=false")[name]
-        return cls(name, registered_options("selections", name, given, f"--selection-option {name}.KEY=VALUE"))
+        return cls(name, plugin_options("selections", option_texts, [name])[name])
 
     def __str__(self) -> str:
         # Booleans as the command line writes them (keep_remaining=false).
@@ -100,11 +97,10 @@ class SelectionSpec:
 
 def build_selection(spec: SelectionSpec) -> Selection:
     """The policy a spec names, with its options, checked against the contract."""
-    from smi_engine.plugins import call_factory, get_registry
+    from smi_engine.plugins import build_plugin, get_registry
 
     registration = get_registry().get("selections", spec.name)
-    policy = call_factory(registration.factory, spec.options, f"selection {spec.name!r}",
-                          f"--selection-option {spec.name}.KEY=VALUE")
+    policy = build_plugin("selections", spec.name, spec.options)
     origin = f"selection {spec.name!r} (plugin {registration.plugin})"
     missing = [a for a in ("choose", "leaving", "keeps_remaining") if not hasattr(policy, a)]
     if missing:

@@ -23,7 +23,7 @@ from torch import nn
 
 from smi_engine.checks import number
 from smi_engine.errors import SmiError
-from smi_engine.plugins import call_factory, checked_options
+from smi_engine.plugins import build_plugin, typed_plugin_options
 from smi_engine.quantization.layers import round_weights
 from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
 from smi_engine.quantization.quantizers import ActivationQuantizer, validate_bits
@@ -41,7 +41,7 @@ class QuantConfig:
     def validate(self) -> None:
         validate_bits(self.w_bit, self.a_bit)
         # The name is known and its options fit; the scheme itself is built once, by its job.
-        checked_options(_registration(self.scheme).factory, self.scheme_options, *_scheme_option_names(self.scheme))
+        typed_plugin_options("schemes", self.scheme, self.scheme_options)
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:
             raise SmiError(f"unknown calibrator {self.calibrator!r}: use {', '.join(CALIBRATORS)}")
         number("--percentile", self.percentile, 99.99, low=50, high=100, exclusive="low")
@@ -58,7 +58,7 @@ class QuantConfig:
     def build_scheme(self) -> "QuantScheme":
         """A new scheme object of this configuration (its plugin's factory called once, with
         ``scheme_options``)."""
-        return call_factory(_registration(self.scheme).factory, self.scheme_options, *_scheme_option_names(self.scheme))
+        return build_plugin("schemes", self.scheme, self.scheme_options)
 
     def activation(self, **kwargs: Any) -> ActivationQuantizer:
         """A per-tensor activation quantiser of this configuration."""
@@ -81,10 +81,6 @@ def _registration(name: str):
     from smi_engine.plugins import get_registry  # the registry imports the built-in schemes
 
     return get_registry().get("schemes", name)
-
-
-def _scheme_option_names(name: str) -> tuple[str, str]:
-    return f"scheme {name!r}", f"--scheme-option {name}.KEY=VALUE"
 
 
 #: The attribute of a built model that holds the scheme object that built it.

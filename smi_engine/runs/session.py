@@ -47,7 +47,7 @@ def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any],
                 options: dict[str, dict[str, Any]] | None = None) -> list[EventSink]:
     """The plugin sinks a run names (``--sink``), started on its directory and configuration,
     each with its ``--sink-option NAME.KEY=VALUE`` options (typed as its factory annotates)."""
-    from smi_engine.plugins import call_factory, get_registry, plugin_code
+    from smi_engine.plugins import build_plugin, get_registry, plugin_code
 
     names, options = list(names), options or {}
     stray = sorted(set(options) - set(names))
@@ -59,8 +59,7 @@ def build_sinks(names: Iterable[str], run_dir: RunDir, config: dict[str, Any],
         registration = registry.get("sinks", name)
         try:
             with plugin_code():
-                sink = call_factory(registration.factory, dict(options.get(name, {})), f"event sink {name!r}",
-                                    f"--sink-option {name}.KEY=VALUE", args=(run_dir.path, config))
+                sink = build_plugin("sinks", name, dict(options.get(name, {})), args=(run_dir.path, config))
         except SmiError:
             raise
         except Exception as exc:
