@@ -1,15 +1,16 @@
 """Quantisation benchmark on Fashion-MNIST: every scheme, with and without block reconstruction,
-at low bit widths, calibrated on noise, the dense pool, the smi pool (as tokens and blanked), a
-Patch Rebirth pool and real images.
+at low bit widths, calibrated on noise, the dense pool, the smi pool (hybrid, as tokens and
+blanked), a Patch Rebirth pool (hybrid and as tokens) and real images.
 
     python benchmarks/quantization.py [--out benchmarks/results/fashion-mnist] [--seeds 0 1 2]
-        [--schemes matmul seed repq] [--bits 4:4 3:3 4:3] [--sources noise dense smi smi-blanked pri real]
+        [--schemes matmul seed repq] [--bits 4:4 3:3 4:3] [--sources noise dense smi-hybrid ... real]
         [--modes none block] [--recon-iters 500] [--limit 10000]
 
 The teacher and the pools are quality.py's (same folder, same commands: a step whose output
 exists is reused, so the two benchmarks share them). Each cell is one in-process run equal to
 `smi quantize --scheme S --w-bit W --a-bit A --calib C --calib-size 64 --seed SEED
-[--reconstruct block] [--sparse-calib blanked]`, top-1 on the first --limit test images;
+[--reconstruct block] [--sparse-calib F]` (source POOL-F, e.g. smi-tokens), top-1 on the first
+--limit test images;
 the wall time of calibration (and of reconstruction within it) is recorded per cell; every
 ranges-only cell runs before the first reconstruction. Writes
 quantization.json and quantization.md in --out.
@@ -32,7 +33,7 @@ POOL_SOURCES = {"dense": ["--schedule", "dense", "--batch-size", str(BATCH)],
                 "pri": ["--schedule", SELECTIONS["pri-v4"][1], "--selection", *SELECTIONS["pri-v4"][0],
                         "--batch-size", str(SELECTIONS["pri-v4"][2])]}
 POOL_FOLDERS = {"dense": "dense", "smi": "smi", "pri": "pri-v4"}
-SOURCES = ("noise", "dense", "smi", "smi-blanked", "pri", "real")
+SOURCES = ("noise", "dense", "smi-hybrid", "smi-tokens", "smi-blanked", "pri-hybrid", "pri-tokens", "real")
 EVAL_BATCH = 250  # 500 images' attention maps (34 MB) pass glibc's 32 MB mmap ceiling: every op page-faults
 
 
@@ -60,7 +61,7 @@ def main() -> dict:
     results: dict = {"cells": {}, "commands": commands}
     for seed in opts.seeds:
         folder = out / f"seed-{seed}"
-        for source in {s.removesuffix("-blanked") for s in opts.sources} & set(POOL_SOURCES):
+        for source in {s.partition("-")[0] for s in opts.sources} & set(POOL_SOURCES):
             target = folder / POOL_FOLDERS[source]
             run(commands, invert + POOL_SOURCES[source] + ["--seed", str(seed), "--out", str(target)],
                 f"invert-{source}-{seed}", target / "summary.json")
@@ -108,11 +109,11 @@ def _cell(loaded, val, folder: Path, data: str, device, setting: tuple, opts) ->
     from smi_engine.quantization.names import ReconstructConfig
 
     seed, scheme, w, a, source, mode = setting
-    calib = {"noise": "noise", "real": f"real:{data}"}.get(source) or str(folder / POOL_FOLDERS[source.removesuffix("-blanked")])
+    pool, _, feed = source.partition("-")
+    calib = {"noise": "noise", "real": f"real:{data}"}.get(pool) or str(folder / POOL_FOLDERS[pool])
     started = time.perf_counter()
     job = QuantizeJob(loaded.spec, calib, data, QuantConfig(w, a, scheme=scheme), calib_size=BATCH, seed=seed,
-                      reconstruct=ReconstructConfig(mode, opts.recon_iters),
-                      sparse_calib="blanked" if source.endswith("-blanked") else "tokens")
+                      reconstruct=ReconstructConfig(mode, opts.recon_iters), sparse_calib=feed or "hybrid")
     qmodel, info = calibrate(loaded, job, device)
     seconds = time.perf_counter() - started
     return {"top1": evaluate(qmodel, val, device, opts.limit)["top1"], "seconds": seconds,
@@ -130,16 +131,20 @@ def _table(cells: dict, opts) -> str:
     fp32 = [cells[f"{s}/fp32"] for s in opts.seeds]
     lines = [f"fp32 top-1 {statistics.mean(fp32):.2f} % (first {opts.limit} test images), seeds {opts.seeds}, "
              f"reconstruction {opts.recon_iters} iterations per unit", "",
-             "| scheme | W/A | reconstruct | " + " | ".join(opts.sources) + " | seconds (smi pool) |",
+             "| scheme | W/A | reconstruct | " + " | ".join(opts.sources) + " | seconds (dense / smi-hybrid) |",
              "|---|---|---|" + "---:|" * (len(opts.sources) + 1)]
+
+    def seconds(suffix: str) -> str:
+        times = [cells[k]["seconds"] for s in opts.seeds if (k := f"{s}/{suffix}") in cells]
+        return f"{statistics.mean(times):.0f}" if times else "-"
+
     for scheme in opts.schemes:
         for bits in opts.bits:
             w, a = bits.split(":")
-            for mode in ("none", "block"):
-                times = [cells[k]["seconds"] for s in opts.seeds if (k := f"{s}/{scheme}/W{w}A{a}/smi/{mode}") in cells]
+            for mode in opts.modes:
                 row = [cell(f"{scheme}/W{w}A{a}/{source}/{mode}") for source in opts.sources]
-                seconds = f"{statistics.mean(times):.1f}" if times else ""
-                lines.append(f"| {scheme} | W{w}A{a} | {mode} | " + " | ".join(row) + f" | {seconds} |")
+                times = " / ".join(seconds(f"{scheme}/W{w}A{a}/{pool}/{mode}") for pool in ("dense", "smi-hybrid"))
+                lines.append(f"| {scheme} | W{w}A{a} | {mode} | " + " | ".join(row) + f" | {times} |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from smi_engine.errors import SmiError
 from smi_engine.models import Normalizer
 from smi_engine.pool import Pool, load_pool
 from smi_engine.vit.patches import blank_stopped
-from smi_engine.quantization.names import check_sparse_feed
+from smi_engine.quantization.names import SPARSE_FEEDS, check_sparse_calib
 from smi_engine.vit.sparse_vit import SparseViT
 
 
@@ -54,7 +54,7 @@ class ModelFeeder:
     """
 
     def __init__(self, model: nn.Module, normalizer: Normalizer, sparse: str = "tokens"):
-        check_sparse_feed(sparse)
+        check_sparse_calib(sparse, SPARSE_FEEDS)
         self.model, self.normalizer, self.sparse = model, normalizer, sparse
         self.model_input = ModelInput.for_model(model, normalizer)
         self.masked, self.grid = None, None

@@ -97,6 +97,7 @@ def _plugin_option_cases(teacher: Path, out: Path) -> list[tuple[list[str], str]
         (quantize + ["--scheme-option", "repq.reparameterize=maybe"], "reparameterize=maybe is not true or false"),
         (quantize + ["--scheme-option", "repq.image_bits=1"], "repq.image_bits=1 is outside 2..16"),
         (quantize + ["--scheme-option", "repq"], "bad --scheme-option 'repq': write NAME.KEY=VALUE"),
+        (quantize + ["--sparse-calib", "half"], "--sparse-calib 'half' is not one of hybrid, tokens, blanked"),
         (["task", "quantize", "-o", f"teacher_dir={teacher}", "-o", "data=digits", "--out", str(out)],
          "task 'quantize' needs option 'calib'"),
         (["task", "quantize", "-o", "calib=noise", "-o", "data=digits", "-o", "limit=few", "--out", str(out)],

@@ -1,5 +1,5 @@
 """Block reconstruction (AdaRound rounding, LSQ step sizes, QDrop) and how sparse pool images
-calibrate (as tokens, blanked, in groups of equal patch count)."""
+calibrate (as tokens, blanked, hybrid, in groups of equal patch count)."""
 
 import json
 
@@ -8,10 +8,10 @@ import torch
 
 from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.models import ModelSpec, load_model
-from smi_engine.pool import load_pool
+from smi_engine.pool import Pool, load_pool
 from smi_engine.vit.patches import blank_stopped
 from smi_engine.downstream.quantize import QuantizeJob, calibrate
-from smi_engine.quantization.layers import QuantLinear
+from smi_engine.quantization.layers import QuantLinear, softmax_quantizers
 from smi_engine.quantization.names import ReconstructConfig
 from smi_engine.quantization.quantizers import ActivationQuantizer, LearnedRounding, WeightGrid, quantize_weight
 from smi_engine.downstream.reconstruct import reconstruction_units
@@ -22,10 +22,10 @@ from .conftest import read_events, smi
 CPU = torch.device("cpu")
 
 
-def _job(teacher, scheme="matmul", bits=(3, 3), iterations=60, seed=0, **reconstruct):
+def _job(teacher, scheme="matmul", bits=(3, 3), iterations=60, seed=0, calib="real:digits", sparse="hybrid", **reconstruct):
     mode = "block" if iterations else "none"
-    return QuantizeJob(ModelSpec.from_dir(teacher), "real:digits", "digits", QuantConfig(*bits, scheme=scheme),
-                       calib_size=32, seed=seed, reconstruct=ReconstructConfig(mode, iterations or 1, **reconstruct))
+    return QuantizeJob(ModelSpec.from_dir(teacher), calib, "digits", QuantConfig(*bits, scheme=scheme), calib_size=32,
+                       seed=seed, reconstruct=ReconstructConfig(mode, iterations or 1, **reconstruct), sparse_calib=sparse)
 
 
 def _top1(qmodel, loaded, val) -> float:
@@ -151,6 +151,54 @@ def test_sparse_images_feed_as_tokens_blanked_or_in_groups_of_equal_count(tiny_l
     assert torch.allclose(blanked, qmodel(blank_stopped(images, keep)), atol=1e-6)
     assert not torch.allclose(blanked, together, atol=1e-3)
     assert [len(b.images) for b in Batch(images, keep).by_kept_count()] == [2, 1]
+
+
+@pytest.fixture(scope="module")
+def sparse_digits(digits_val) -> Pool:
+    """32 real digits, each keeping 4 of its 16 patches: a sparse pool's shape, with known images."""
+    loaded, val = digits_val
+    images, labels = val[0][0][:32], val[0][1][:32]
+    order = torch.rand(32, 16, generator=torch.Generator().manual_seed(0)).argsort(1)
+    keep = torch.zeros(32, 16, dtype=torch.bool).scatter_(1, order[:, :4], True).view(32, 4, 4)
+    return Pool(images, labels, keep, normalizer=loaded.normalizer)
+
+
+def _ranges(qmodel) -> dict[str, tuple[float, float]]:
+    return {name: (float(m.low), float(m.high)) for name, m in qmodel.named_modules() if isinstance(m, ActivationQuantizer)}
+
+
+@pytest.mark.parametrize("scheme", ["matmul", "repq"])
+def test_hybrid_calibration_takes_the_softmax_ranges_from_whole_images_and_the_rest_from_tokens(
+        digits_teacher, digits_val, sparse_digits, scheme):
+    loaded, _ = digits_val
+    made = {sparse: calibrate(loaded, _job(digits_teacher, scheme, iterations=0, calib=sparse_digits, sparse=sparse), CPU)
+            for sparse in ("hybrid", "tokens", "blanked")}
+    assert made["hybrid"][1]["sparse_calib"] == "hybrid"
+    hybrid, tokens, blanked = (_ranges(made[s][0]) for s in ("hybrid", "tokens", "blanked"))
+    softmax = {name for name in hybrid if name.endswith("attn.probs")}
+    assert len(softmax) == 2 == len(softmax_quantizers(made["hybrid"][0]))  # one per block
+    for name in hybrid:
+        assert hybrid[name] == (blanked if name in softmax else tokens)[name], name
+    assert all(tokens[name] != blanked[name] for name in softmax)  # 5 tokens attend otherwise than all 17
+
+
+def test_hybrid_is_tokens_where_nothing_is_sparse_or_no_softmax_is_quantised(digits_teacher, digits_val, sparse_digits):
+    loaded, _ = digits_val
+    for scheme, calib in (("matmul", "real:digits"), ("seed", sparse_digits)):  # seed: pre-softmax logits only
+        hybrid, tokens = (calibrate(loaded, _job(digits_teacher, scheme, iterations=0, calib=calib, sparse=s), CPU)[0]
+                          for s in ("hybrid", "tokens"))
+        a, b = hybrid.state_dict(), tokens.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), scheme
+
+
+def test_hybrid_reconstruction_holds_the_softmax_ranges_and_learns_the_others(digits_teacher, digits_val, sparse_digits):
+    loaded, _ = digits_val
+    calibrated = _ranges(calibrate(loaded, _job(digits_teacher, iterations=0, calib=sparse_digits), CPU)[0])
+    reconstructed = _ranges(calibrate(loaded, _job(digits_teacher, iterations=10, calib=sparse_digits), CPU)[0])
+    softmax = [name for name in calibrated if name.endswith("attn.probs")]
+    assert all(reconstructed[name] == calibrated[name] for name in softmax)
+    moved = [name for name in calibrated if name not in softmax and reconstructed[name] != calibrated[name]]
+    assert len(moved) > len(calibrated) // 2, moved  # the other step sizes were learned
 
 
 @pytest.mark.slow

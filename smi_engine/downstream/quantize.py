@@ -18,17 +18,18 @@ from typing import Any, Callable
 
 import torch
 
-from smi_engine.calibration import ModelFeeder, calibration_batches
+from smi_engine.calibration import Batch, ModelFeeder, calibration_batches
 from smi_engine.checks import at_least, number
 from smi_engine.runs.control import RunControl, RunInterrupted
 from smi_engine.data import ModelInput, check_fits, load_data, loader
 from smi_engine.downstream.evaluate import evaluate
 from smi_engine.runs.events import EventBus
 from smi_engine.files import check_writable
-from smi_engine.models import LoadedModel, ModelSpec, load_model, save_model
+from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, save_model
 from smi_engine.runs.rundir import RunDir
-from smi_engine.quantization.layers import round_weights
-from smi_engine.quantization.names import ReconstructConfig, check_sparse_feed
+from smi_engine.quantization.layers import round_weights, softmax_quantizers
+from smi_engine.quantization.quantizers import ActivationQuantizer
+from smi_engine.quantization.names import ReconstructConfig, check_sparse_calib
 from smi_engine.downstream.reconstruct import reconstruct
 from smi_engine.quantization.scheme import QuantConfig, QuantScheme, fix_ranges, quantize_model
 from smi_engine.runs.session import RunSession
@@ -47,12 +48,12 @@ class QuantizeJob:
     limit: int | None = None  # evaluate at most this many validation images
     seed: int = 0
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
-    sparse_calib: str = "tokens"  # how sparse pool images reach the model: tokens | blanked
+    sparse_calib: str = "hybrid"  # how sparse pool images calibrate the model: hybrid | tokens | blanked
 
     def validate(self) -> None:
         self.quant.validate()
         self.reconstruct.validate()
-        check_sparse_feed(self.sparse_calib)
+        check_sparse_calib(self.sparse_calib)
         at_least("--calib-size", self.calib_size, 1, 32)
         at_least("--batch-size", self.batch_size, 1, 64)
         if self.limit is not None:
@@ -73,31 +74,50 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: 
     report = _reporter(bus, control)
     started = time.perf_counter()
     qmodel = quantize_model(loaded.model, job.quant, scheme).to(device)
-    feeder = ModelFeeder(qmodel, loaded.normalizer, job.sparse_calib)
+    feeder = ModelFeeder(qmodel, loaded.normalizer, "blanked" if job.sparse_calib == "blanked" else "tokens")
     generator = torch.Generator().manual_seed(job.seed)
     batches, source, label = calibration_batches(job.calib, job.calib_size, job.batch_size, feeder.model_input, generator)
     batches = list(batches)  # reconstruction feeds them again
-    seen, kept = 0, []
-    with torch.no_grad():
-        for batch in batches:
-            batch.images = batch.images.to(device)
-            if batch.keep is not None:
-                kept.append(batch.keep.float().mean().item())
-            feeder(batch, source)
-            seen += len(batch.images)
-            report("calibrate", seen, max(job.calib_size, seen))
+    for batch in batches:
+        batch.images = batch.images.to(device)
+    kept = [batch.keep.float().mean().item() for batch in batches if batch.keep is not None]
+    images = sum(len(batch.images) for batch in batches)
+    whole = softmax_quantizers(qmodel) if job.sparse_calib == "hybrid" and kept else []
+    _observe(feeder, batches, source, whole, lambda done: report("calibrate", done, images))
+    if whole:  # hybrid: the softmax ranges from the whole images, the other quantisers watching none of it
+        others = [m for m in qmodel.modules() if isinstance(m, ActivationQuantizer) and all(m is not w for w in whole)]
+        _observe(ModelFeeder(qmodel, loaded.normalizer, "blanked"), batches, source, others,
+                 lambda done: report("calibrate softmax", done, images))
     fix_ranges(qmodel, job.quant)
-    info = {"calib": label, "calib_images": seen, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0,
+    info = {"calib": label, "calib_images": images, "calib_kept_fraction": sum(kept) / len(kept) if kept else 1.0,
             "sparse_calib": job.sparse_calib, "reconstruct": job.reconstruct.mode}
     bus.emit("calibrated", **info, seconds=time.perf_counter() - started)
     if job.reconstruct.enabled:
         started = time.perf_counter()
-        units = reconstruct(feeder, batches, source, job.reconstruct, job.seed, report)
+        units = reconstruct(feeder, batches, source, job.reconstruct, job.seed, report, held=whole)
         info["reconstruction"] = {"units": [u.to_dict() for u in units], "seconds": time.perf_counter() - started}
         bus.emit("reconstructed", **info["reconstruction"])
     else:
         round_weights(qmodel)
     return qmodel, info
+
+
+@torch.no_grad()
+def _observe(feeder: ModelFeeder, batches: list[Batch], source: Normalizer, blind: list[ActivationQuantizer],
+             report: Callable[[int], None]) -> None:
+    """Feed the calibration batches to the observers, all but the ``blind`` ones (those pass
+    values through unseen); ``report(images so far)`` after each batch."""
+    for quantizer in blind:
+        quantizer.bypass = True
+    try:
+        seen = 0
+        for batch in batches:
+            feeder(batch, source)
+            seen += len(batch.images)
+            report(seen)
+    finally:
+        for quantizer in blind:
+            quantizer.bypass = False
 
 
 def _reporter(bus: EventBus, control: RunControl | None) -> Callable[..., None]:

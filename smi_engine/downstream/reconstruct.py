@@ -32,7 +32,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -130,10 +130,12 @@ def _capture(feed: Callable[[Batch], torch.Tensor], unit: nn.Module, batches: li
 
 
 def reconstruct(feeder: ModelFeeder, batches: list[Batch], source: Normalizer, config: ReconstructConfig,
-                seed: int = 0, report: Report | None = None) -> list[UnitResult]:
+                seed: int = 0, report: Report | None = None, held: Sequence[ActivationQuantizer] = ()) -> list[UnitResult]:
     """Reconstruct every unit of the quantised model ``feeder`` feeds (ranges fixed, weights
     still float) in turn; its weights end rounded. ``batches`` are calibration batches in the
-    ``source`` normalisation, fed the way ``feeder`` feeds them (sparse tokens or blanked)."""
+    ``source`` normalisation, fed the way ``feeder`` feeds them (sparse tokens or blanked).
+    ``held``: quantisers whose ranges stay as calibrated (hybrid's softmax ranges, taken from
+    whole images, which the fed tokens would pull back to their own scale)."""
     config.validate()
     qmodel = feeder.model
     report = report or (lambda *args, **fields: None)
@@ -155,18 +157,22 @@ def reconstruct(feeder: ModelFeeder, batches: list[Batch], source: Normalizer, c
             phase = f"reconstruct {index}/{len(units)} {name}"
             quantized = _capture(lambda b: quantized_feed(b, source), unit, batches)
             target = _capture(lambda b: float_feed(b, source), reference_units[name], batches)
-            results.append(_reconstruct_unit(name, unit, quantized, target, config, lambda *a, **f: report(phase, *a, **f)))
+            results.append(_reconstruct_unit(name, unit, (quantized, target), config, held,
+                                             lambda *a, **f: report(phase, *a, **f)))
     return results
 
 
-def _reconstruct_unit(name: str, unit: nn.Module, quantized: _Calls, target: _Calls, config: ReconstructConfig,
-                      report: Report) -> UnitResult:
+def _reconstruct_unit(name: str, unit: nn.Module, calls: tuple[_Calls, _Calls], config: ReconstructConfig,
+                      held: Sequence[ActivationQuantizer], report: Report) -> UnitResult:
+    """``calls``: what the unit gets in the quantised model, and the float unit's (its target)."""
     started = time.perf_counter()
+    quantized, target = calls
     layers = [m for m in unit.modules() if isinstance(m, QuantLinear)]
     activations = [m for m in unit.modules() if isinstance(m, ActivationQuantizer)]
+    learners = [a for a in activations if a.learns_step and all(a is not h for h in held)]
     nearest = _nearest_error(unit, layers, quantized, target, config.p)
     roundings = [layer.learn_rounding() for layer in layers]
-    steps = [a.learn_step() for a in activations if a.learns_step]
+    steps = [a.learn_step() for a in learners]
     for quantizer in activations:
         quantizer.drop = config.drop
     optimizers = [torch.optim.Adam([r.alpha for r in roundings], lr=config.rounding_lr)] if roundings else []
@@ -199,9 +205,8 @@ def _reconstruct_unit(name: str, unit: nn.Module, quantized: _Calls, target: _Ca
     finally:  # also when a stop is asked: the unit is left whole (rounded, ranges fixed)
         for quantizer in activations:
             quantizer.drop = 0.0
-        for quantizer in activations:
-            if quantizer.learns_step:
-                quantizer.fix_step()
+        for quantizer in learners:
+            quantizer.fix_step()
         for layer in layers:
             layer.fix_rounding()
     learned = _output_error(unit, quantized, target, config.p)

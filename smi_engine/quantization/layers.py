@@ -80,6 +80,12 @@ class QuantAttention(nn.Module):
         return a.proj_drop(a.proj(out))
 
 
+def softmax_quantizers(qmodel: nn.Module) -> list[ActivationQuantizer]:
+    """The quantisers of the attention probabilities (``QuantAttention.probs``): the one
+    activation whose scale depends on how many tokens a sequence has."""
+    return [m.probs for m in qmodel.modules() if isinstance(m, QuantAttention) and isinstance(m.probs, ActivationQuantizer)]
+
+
 def is_attention(module: nn.Module) -> bool:
     return hasattr(module, "qkv") and hasattr(module, "proj") and not isinstance(module, QuantAttention)
 

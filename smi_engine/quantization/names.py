@@ -18,13 +18,19 @@ DEFAULT_SCHEME = "matmul"
 #: How sparse pool images reach a model: the kept patches as tokens, or whole images with the
 #: stopped patches at the normaliser's zero (the seed's way).
 SPARSE_FEEDS = ("tokens", "blanked")
+#: How they calibrate a quantised model: one of the feeds, or ``hybrid``: tokens, except that the
+#: softmax probabilities take their ranges from whole images. An L-token sequence's attention
+#: probabilities scale about as 1/L, so ranges seen on a pool's few kept tokens are several times
+#: too wide for the whole images the model serves; every other activation is per token.
+SPARSE_CALIBRATIONS = ("hybrid", *SPARSE_FEEDS)
 RECONSTRUCT_MODES = ("none", "block")
 
 
-def check_sparse_feed(sparse: str) -> None:
-    if sparse not in SPARSE_FEEDS:
-        raise SmiError(f"--sparse-calib {sparse!r} is not one of {', '.join(SPARSE_FEEDS)}: "
-                       "tokens feeds the kept patches, blanked the whole image with stopped patches at zero")
+def check_sparse_calib(sparse: str, choices: tuple[str, ...] = SPARSE_CALIBRATIONS) -> None:
+    if sparse not in choices:
+        raise SmiError(f"--sparse-calib {sparse!r} is not one of {', '.join(choices)}: tokens feeds the kept patches, "
+                       "blanked the whole image with stopped patches at zero"
+                       + (", hybrid tokens with the softmax ranges from whole images" if "hybrid" in choices else ""))
 
 
 @dataclass(frozen=True)
