@@ -104,8 +104,10 @@ def quantize(
             stderr.print(f"reconstructed {len(recon['units'])} units in {recon['seconds']:.1f} s: output error "
                          f"{_total(recon, 'nearest_error'):.4g} rounded to nearest, {_total(recon, 'learned_error'):.4g} learned",
                          soft_wrap=True)
+        kept = result.get("calib_kept_fraction", 1.0)
+        sparse = f", {kept:.0%} of their patches kept, fed {result['sparse_calib']}" if kept < 1 else ""
         typer.echo(
-            f"{result['model']} W{w_bit}A{a_bit} ({result['scheme']} scheme, {result['calibrator']}, calibrated on {result['calib']}, {result['calib_images']} images): "
+            f"{result['model']} W{w_bit}A{a_bit} ({result['scheme']} scheme, {result['calibrator']}, calibrated on {result['calib']}, {result['calib_images']} images{sparse}): "
             f"top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}%  |  fp32 top-1 {result['fp32_top1']:.2f}% "
             f"top-5 {result['fp32_top5']:.2f}%  ({result['eval_images']} images of {data})"
         )
