@@ -94,7 +94,7 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: 
     bus.emit("calibrated", **info, seconds=time.perf_counter() - started)
     if job.reconstruct.enabled:
         started = time.perf_counter()
-        units = reconstruct(feeder, batches, source, job.reconstruct, job.seed, report, held=whole)
+        units = reconstruct(feeder, batches, source, job.reconstruct, job.seed, report)
         info["reconstruction"] = {"units": [u.to_dict() for u in units], "seconds": time.perf_counter() - started}
         bus.emit("reconstructed", **info["reconstruction"])
     else:

@@ -32,7 +32,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -130,12 +130,10 @@ def _capture(feed: Callable[[Batch], torch.Tensor], unit: nn.Module, batches: li
 
 
 def reconstruct(feeder: ModelFeeder, batches: list[Batch], source: Normalizer, config: ReconstructConfig,
-                seed: int = 0, report: Report | None = None, held: Sequence[ActivationQuantizer] = ()) -> list[UnitResult]:
+                seed: int = 0, report: Report | None = None) -> list[UnitResult]:
     """Reconstruct every unit of the quantised model ``feeder`` feeds (ranges fixed, weights
     still float) in turn; its weights end rounded. ``batches`` are calibration batches in the
-    ``source`` normalisation, fed the way ``feeder`` feeds them (sparse tokens or blanked).
-    ``held``: quantisers whose ranges stay as calibrated (hybrid's softmax ranges, taken from
-    whole images, which the fed tokens would pull back to their own scale)."""
+    ``source`` normalisation, fed the way ``feeder`` feeds them (sparse tokens or blanked)."""
     config.validate()
     qmodel = feeder.model
     report = report or (lambda *args, **fields: None)
@@ -157,19 +155,16 @@ def reconstruct(feeder: ModelFeeder, batches: list[Batch], source: Normalizer, c
             phase = f"reconstruct {index}/{len(units)} {name}"
             quantized = _capture(lambda b: quantized_feed(b, source), unit, batches)
             target = _capture(lambda b: float_feed(b, source), reference_units[name], batches)
-            results.append(_reconstruct_unit(name, unit, (quantized, target), config, held,
-                                             lambda *a, **f: report(phase, *a, **f)))
+            results.append(_reconstruct_unit(name, unit, quantized, target, config, lambda *a, **f: report(phase, *a, **f)))
     return results
 
 
-def _reconstruct_unit(name: str, unit: nn.Module, calls: tuple[_Calls, _Calls], config: ReconstructConfig,
-                      held: Sequence[ActivationQuantizer], report: Report) -> UnitResult:
-    """``calls``: what the unit gets in the quantised model, and the float unit's (its target)."""
+def _reconstruct_unit(name: str, unit: nn.Module, quantized: _Calls, target: _Calls, config: ReconstructConfig,
+                      report: Report) -> UnitResult:
     started = time.perf_counter()
-    quantized, target = calls
     layers = [m for m in unit.modules() if isinstance(m, QuantLinear)]
     activations = [m for m in unit.modules() if isinstance(m, ActivationQuantizer)]
-    learners = [a for a in activations if a.learns_step and all(a is not h for h in held)]
+    learners = [a for a in activations if a.learns_step]
     nearest = _nearest_error(unit, layers, quantized, target, config.p)
     roundings = [layer.learn_rounding() for layer in layers]
     steps = [a.learn_step() for a in learners]
