@@ -30,7 +30,7 @@ from smi_engine.models import LoadedModel, ModelSpec, create_model, load_model a
 from smi_engine.models import save_model as save_loaded
 from smi_engine.pool import Pool, load_pool
 from smi_engine.downstream.quantize import QuantizeJob, calibrate
-from smi_engine.quantization.names import ReconstructConfig
+from smi_engine.quantization.names import DEFAULT_SPARSE_CALIB, ReconstructConfig
 from smi_engine.quantization.scheme import QuantConfig
 from smi_engine.runs.rundir import RunDir
 from smi_engine.inversion.selection import SelectionSpec
@@ -141,7 +141,7 @@ def quantize(
     model: Model, calib: Pool | str, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
     scheme: str = QuantConfig.scheme, scheme_options: dict[str, Any] | None = None, w_bit: int = QuantConfig.w_bit,
     a_bit: int = QuantConfig.a_bit, reconstruct: bool | ReconstructConfig = False,
-    calib_size: int = 32, batch_size: int = 64, sparse_calib: str = "tokens", seed: int = 0,
+    calib_size: int = 32, batch_size: int = 64, sparse_calib: str = DEFAULT_SPARSE_CALIB, seed: int = 0,
     device: str | None = None, progress: bool = True,
 ) -> nn.Module:
     """A fake-quantised copy of ``model`` calibrated on ``calib`` (a pool, a run directory,

@@ -12,7 +12,9 @@ from smi_cli.config_file import model_options, named_option_texts
 from smi_cli.console import markup_safe, print_json, stderr, stopped
 from smi_cli.help import command
 from smi_cli.progress import DEFAULT_EVERY, PhaseProgress, open_display
-from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME, RECONSTRUCT_MODES, SPARSE_CALIBRATIONS, ReconstructConfig
+from smi_engine.quantization.names import (
+    CALIBRATORS, DEFAULT_SCHEME, DEFAULT_SPARSE_CALIB, RECONSTRUCT_MODES, SPARSE_CALIBRATIONS, ReconstructConfig,
+)
 
 
 def options_from_run(config: dict) -> dict:
@@ -46,7 +48,7 @@ def quantize(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     limit: Annotated[int, typer.Option(help="Evaluate on at most N validation images (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Which calibration images are drawn (and reconstruction's randomness).")] = 0,
-    sparse_calib: Annotated[str, typer.Option("--sparse-calib", help="How sparse pool images calibrate: hybrid (the kept patches as tokens, the softmax ranges from whole images: an attention map's scale depends on its token count), tokens (the kept patches only) or blanked (whole images, stopped patches at the normaliser's zero, the seed's way).", autocompletion=lambda: list(SPARSE_CALIBRATIONS))] = "hybrid",
+    sparse_calib: Annotated[str, typer.Option("--sparse-calib", help="How sparse pool images calibrate: hybrid (the kept patches as tokens, the softmax ranges from whole images: an attention map's scale depends on its token count), tokens (the kept patches only) or blanked (whole images, stopped patches at the normaliser's zero, the seed's way).", autocompletion=lambda: list(SPARSE_CALIBRATIONS))] = DEFAULT_SPARSE_CALIB,
     reconstruct: Annotated[str, typer.Option(rich_help_panel="Reconstruction options", help="After range calibration: none, or block (learn each block's weight rounding and activation step sizes against the float block's output: BRECQ/QDrop).", autocompletion=lambda: list(RECONSTRUCT_MODES))] = "none",
     recon_iters: Annotated[int, typer.Option("--recon-iters", rich_help_panel="Reconstruction options", help="Reconstruction steps per unit (patch embedding, each block, head).")] = ReconstructConfig.iterations,
     recon_lr: Annotated[float, typer.Option("--recon-lr", rich_help_panel="Reconstruction options", help="Adam learning rate of the weight rounding (AdaRound).")] = ReconstructConfig.rounding_lr,

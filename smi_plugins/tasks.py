@@ -54,7 +54,7 @@ class QuantizeTask:
     seed: int = 0
     reconstruct: str = "none"
     recon_iters: int = ReconstructConfig.iterations
-    sparse_calib: str = "tokens"
+    sparse_calib: str = QuantizeJob.sparse_calib
     out: str | None = None
 
     def run(self, context: TaskContext) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from smi_engine.models import LoadedModel, ModelSpec, Normalizer, load_model, sa
 from smi_engine.runs.rundir import RunDir
 from smi_engine.quantization.layers import round_weights, softmax_quantizers
 from smi_engine.quantization.quantizers import ActivationQuantizer
-from smi_engine.quantization.names import ReconstructConfig, check_sparse_calib
+from smi_engine.quantization.names import DEFAULT_SPARSE_CALIB, ReconstructConfig, check_sparse_calib
 from smi_engine.downstream.reconstruct import reconstruct
 from smi_engine.quantization.scheme import QuantConfig, QuantScheme, fix_ranges, quantize_model
 from smi_engine.runs.session import RunSession
@@ -48,7 +48,7 @@ class QuantizeJob:
     limit: int | None = None  # evaluate at most this many validation images
     seed: int = 0
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
-    sparse_calib: str = "hybrid"  # how sparse pool images calibrate the model: hybrid | tokens | blanked
+    sparse_calib: str = DEFAULT_SPARSE_CALIB  # how sparse pool images calibrate the model: hybrid | tokens | blanked
 
     def validate(self) -> None:
         self.quant.validate()

@@ -23,6 +23,7 @@ SPARSE_FEEDS = ("tokens", "blanked")
 #: probabilities scale about as 1/L, so ranges seen on a pool's few kept tokens are several times
 #: too wide for the whole images the model serves; every other activation is per token.
 SPARSE_CALIBRATIONS = ("hybrid", *SPARSE_FEEDS)
+DEFAULT_SPARSE_CALIB = "hybrid"
 RECONSTRUCT_MODES = ("none", "block")
 
 
