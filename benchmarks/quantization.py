@@ -12,8 +12,10 @@ exists is reused, so the two benchmarks share them). Each cell is one in-process
 [--reconstruct block] [--sparse-calib F]` (source POOL-F, e.g. smi-tokens), top-1 on the first
 --limit test images;
 the wall time of calibration (and of reconstruction within it) is recorded per cell; every
-ranges-only cell runs before the first reconstruction. Writes
-quantization.json and quantization.md in --out.
+ranges-only cell runs before the first reconstruction. Each seed's cells are cached in its
+folder (quantization-cells.json): an interrupted run goes on where it stopped, and
+--report-only writes the tables from what is there. Writes quantization.json and
+quantization.md in --out (a cell measured on fewer seeds than asked says how many).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> dict:
     parser.add_argument("--limit", type=int, default=10000, help="test images evaluated per cell")
     parser.add_argument("--iterations", type=int, default=400, help="inversion iterations of the pools")
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables from the cells measured so far (each seed's cache), measuring nothing")
     opts = parser.parse_args()
     out, data, device = opts.out, f"fashion-mnist:{opts.fashion}", ["--device", opts.device]
     commands: list[dict] = []
@@ -61,6 +65,9 @@ def main() -> dict:
     results: dict = {"cells": {}, "commands": commands}
     for seed in opts.seeds:
         folder = out / f"seed-{seed}"
+        if opts.report_only:
+            results["cells"].update(_cached(folder))
+            continue
         for source in {s.partition("-")[0] for s in opts.sources} & set(POOL_SOURCES):
             target = folder / POOL_FOLDERS[source]
             run(commands, invert + POOL_SOURCES[source] + ["--seed", str(seed), "--out", str(target)],
@@ -79,8 +86,7 @@ def _cells(folder: Path, teacher: Path, data: str, seed: int, opts) -> dict:
     from smi_engine.models import ModelSpec, load_model
     from smi_engine.runtime.device import resolve_device
 
-    cache = folder / "quantization-cells.json"
-    cells = json.loads(cache.read_text()) if cache.exists() else {}
+    cache, cells = folder / "quantization-cells.json", _cached(folder)
     device = resolve_device(opts.device)
     loaded = load_model(ModelSpec.from_dir(teacher), device)
     val = list(loader(load_data(data).val, ModelInput.for_model(loaded.model, loaded.normalizer), EVAL_BATCH))
@@ -99,6 +105,11 @@ def _cells(folder: Path, teacher: Path, data: str, seed: int, opts) -> dict:
                               f"reconstruction {cells[key]['reconstruction_seconds']:.1f} s)", flush=True)
                         cache.write_text(json.dumps(cells, indent=2))
     return cells
+
+
+def _cached(folder: Path) -> dict:
+    cache = folder / "quantization-cells.json"
+    return json.loads(cache.read_text()) if cache.exists() else {}
 
 
 def _cell(loaded, val, folder: Path, data: str, device, setting: tuple, opts) -> dict:
@@ -124,11 +135,12 @@ def _table(cells: dict, opts) -> str:
     def values(suffix: str) -> list[float]:
         return [cells[f"{s}/{suffix}"]["top1"] for s in opts.seeds if f"{s}/{suffix}" in cells]
 
-    def cell(suffix: str) -> str:
+    def cell(suffix: str) -> str:  # mean ± std, and how many seeds where some are missing
         v = values(suffix)
-        return "" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}"
+        missing = f" ({len(v)})" if len(v) < len(opts.seeds) else ""
+        return "" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}{missing}"
 
-    fp32 = [cells[f"{s}/fp32"] for s in opts.seeds]
+    fp32 = [cells[f"{s}/fp32"] for s in opts.seeds if f"{s}/fp32" in cells]
     lines = [f"fp32 top-1 {statistics.mean(fp32):.2f} % (first {opts.limit} test images), seeds {opts.seeds}, "
              f"reconstruction {opts.recon_iters} iterations per unit", "",
              "| scheme | W/A | reconstruct | " + " | ".join(opts.sources) + " | seconds (dense / smi-hybrid) |",
