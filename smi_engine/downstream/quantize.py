@@ -31,7 +31,7 @@ from smi_engine.quantization.layers import round_weights, softmax_quantizers
 from smi_engine.quantization.quantizers import ActivationQuantizer
 from smi_engine.quantization.names import DEFAULT_SPARSE_CALIB, ReconstructConfig, check_sparse_calib
 from smi_engine.downstream.reconstruct import reconstruct
-from smi_engine.quantization.scheme import QuantConfig, QuantScheme, fix_ranges, quantize_model
+from smi_engine.quantization.scheme import QuantConfig, QuantScheme, fix_ranges, quantize_model, quantizers
 from smi_engine.runs.session import RunSession
 
 RUN_KIND = "quantize"
@@ -85,7 +85,7 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: 
     whole = softmax_quantizers(qmodel) if job.sparse_calib == "hybrid" and kept else []
     _observe(feeder, batches, source, whole, lambda done: report("calibrate", done, images))
     if whole:  # hybrid: the softmax ranges from the whole images, the other quantisers watching none of it
-        others = [m for m in qmodel.modules() if isinstance(m, ActivationQuantizer) and all(m is not w for w in whole)]
+        others = [q for q in quantizers(qmodel) if all(q is not w for w in whole)]
         _observe(ModelFeeder(qmodel, loaded.normalizer, "blanked"), batches, source, others,
                  lambda done: report("calibrate softmax", done, images))
     fix_ranges(qmodel, job.quant)

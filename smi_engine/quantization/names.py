@@ -24,14 +24,15 @@ SPARSE_FEEDS = ("tokens", "blanked")
 #: too wide for the whole images the model serves; every other activation is per token.
 SPARSE_CALIBRATIONS = ("hybrid", *SPARSE_FEEDS)
 DEFAULT_SPARSE_CALIB = "hybrid"
+_SPARSE_MEANINGS = {"hybrid": "feeds the kept patches but takes the softmax ranges from whole images",
+                    "tokens": "feeds the kept patches", "blanked": "feeds the whole image with stopped patches at zero"}
 RECONSTRUCT_MODES = ("none", "block")
 
 
 def check_sparse_calib(sparse: str, choices: tuple[str, ...] = SPARSE_CALIBRATIONS) -> None:
     if sparse not in choices:
-        raise SmiError(f"--sparse-calib {sparse!r} is not one of {', '.join(choices)}: tokens feeds the kept patches, "
-                       "blanked the whole image with stopped patches at zero"
-                       + (", hybrid tokens with the softmax ranges from whole images" if "hybrid" in choices else ""))
+        meanings = ", ".join(f"{choice} {_SPARSE_MEANINGS[choice]}" for choice in choices)
+        raise SmiError(f"--sparse-calib {sparse!r} is not one of {', '.join(choices)}: {meanings}")
 
 
 @dataclass(frozen=True)
