@@ -10,7 +10,8 @@ each module called once per forward. Each unit in turn:
   aims at what the float model's same unit outputs on the float model's inputs;
 - learns how each weight of its ``QuantLinear`` layers rounds (AdaRound: Adam, a regulariser
   weighted 0.01 from 20 % of the iterations on, its sharpness annealed from 20 to 2) and the
-  step size of each uniform ``ActivationQuantizer`` (LSQ: Adam, cosine to zero), minimising
+  step size of each uniform ``ActivationQuantizer`` (LSQ: Adam on a factor of the calibrated
+  step, so that one rate suits 3 and 16 bits alike; cosine to zero), minimising
   ``|out - target|^p`` summed over channels and averaged over images and tokens;
 - with QDrop, leaves each activation, and each value of its input, in float with probability
   ``drop`` while learning (0: BRECQ, always quantised);
@@ -19,11 +20,13 @@ each module called once per forward. Each unit in turn:
 
 Defaults follow QDrop's published configuration (drop 0.5, p = 2, the regulariser and its
 annealing, one calibration batch per iteration) except the step budget: QDrop runs 20,000
-iterations per unit at Adam lr 1e-3 (rounding) and 4e-5 (step sizes); here 500 iterations at
-1e-2 and 4e-4, so that alpha can travel far enough from its start (which rounds to nearest) in
-a CPU's budget. Measured on the digits ViT, W3A3, 5 calibration draws of 32 images: ranges
-alone 72.5 % on average, QDrop's learning rates at 100 iterations no better (-1.2 to +7 points,
-unstable), these defaults +0.6 to +5.4 points, every draw better.
+iterations per unit at Adam lr 1e-3 (rounding) and 4e-5 (step sizes, absolute); here 500
+iterations at 1e-2 and 1e-3 of each step (the absolute 4e-4 used before is about that at 3 bits,
+but multiplied a 16-bit step, 1e-4 of its range, many times over), so that alpha can travel far
+enough from its start (which rounds to nearest) in a CPU's budget. Measured on the digits ViT,
+W3A3, 5 calibration draws of 32 images: ranges alone 72.5 % on average, QDrop's learning rates
+at 100 iterations no better (-1.2 to +7 points, unstable), these defaults +0.6 to +5.4 points,
+every draw better.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class ReconstructConfig:
     mode: str = "none"  # none | block
     iterations: int = 500  # per unit
     rounding_lr: float = 1e-2
-    step_lr: float = 4e-4
+    step_lr: float = 1e-3  # relative: the learned factor on each calibrated step size
     drop: float = 0.5
     p: float = 2.0
 
@@ -53,7 +53,7 @@ class ReconstructConfig:
                            "use block to learn each block's rounding and step sizes, none for ranges only")
         at_least("--recon-iters", self.iterations, 1, 500)
         number("--recon-lr", self.rounding_lr, 1e-2, low=0, exclusive="low", high=1)
-        number("--recon-step-lr", self.step_lr, 4e-4, low=0, high=1)
+        number("--recon-step-lr", self.step_lr, 1e-3, low=0, high=1)
         number("--recon-drop", self.drop, 0.5, low=0, high=1, exclusive="high")
         number("--recon-p", self.p, 2.0, low=1, high=4)
 
