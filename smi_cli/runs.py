@@ -122,9 +122,24 @@ def _schedule(state: RunState, summary: dict) -> str | None:
         sparse = state.schedule not in ("", "dense")
         return f"{state.schedule} ({state.selection})" if sparse and state.selection else (state.schedule or None)
     if state.kind == "quantize" and summary:
-        reconstructed = " +block" if summary.get("reconstruct") == "block" else ""
-        return f"{summary['scheme']} W{summary['w_bit']}A{summary['a_bit']}{reconstructed}"
+        return _quantization(summary)
     return None
+
+
+def _quantization(summary: dict) -> str:
+    """e.g. ``repq(log_softmax=False) W3A3 +block hybrid``: the scheme with the options it was
+    given, the bits, whether blocks were reconstructed, and how a sparse pool was fed."""
+    options = summary.get("scheme_options") or {}
+    if not isinstance(options, dict):
+        raise ValueError("summary.json's scheme_options is not a JSON object")
+    given = ",".join(f"{key}={value}" for key, value in sorted(options.items()))
+    parts = [f"{summary['scheme']}({given})" if given else str(summary["scheme"]), f"W{summary['w_bit']}A{summary['a_bit']}"]
+    if summary.get("reconstruct") == "block":
+        parts.append("+block")
+    kept = summary.get("calib_kept_fraction", 1.0)
+    if finite_number(kept) and kept < 1 and summary.get("sparse_calib"):
+        parts.append(str(summary["sparse_calib"]))
+    return " ".join(parts)
 
 
 def _kept(state: RunState, summary: dict) -> str | None:

@@ -228,4 +228,4 @@ def test_quantize_reconstructs_on_a_patch_rebirth_pool_reports_and_reloads(tmp_p
     assert evaluated["top1"] == result["top1"]
     listed = json.loads(smi("runs", out, "--json", check=True).stdout)
     assert listed[0]["status"] == "finished" and listed[0]["result"]["top1"] == result["top1"]
-    assert listed[0]["schedule"] == "repq W4A4 +block"
+    assert listed[0]["schedule"] == "repq W4A4 +block hybrid"  # the PRI pool is sparse: fed hybrid, the default
