@@ -125,8 +125,9 @@ def test_reconstruction_lowers_every_units_error_and_beats_ranges_alone(digits_t
 @pytest.mark.parametrize("a_bit", [4, 16])
 def test_step_sizes_learn_at_the_same_relative_pace_at_any_bit_width(digits_teacher, digits_val, a_bit):
     """A 16-bit step is about 1e-4 of its range: one absolute learning rate for every step size
-    (as QDrop's) multiplied it many times over within 30 iterations and the units' errors rose
-    tenfold. Learned as a factor on the calibrated step, every unit ends below rounding to nearest."""
+    (as QDrop's) multiplied it many times over, and a unit ended worse than rounding to nearest
+    (on the Fashion-MNIST ViT, W3A16: blocks.0's error 0.077 -> 1.14, top-1 10 %). Learned as a
+    factor on the calibrated step, every unit ends below rounding to nearest."""
     loaded, _ = digits_val
     _, info = calibrate(loaded, _job(digits_teacher, "repq", (4, a_bit), iterations=30), CPU)
     units = info["reconstruction"]["units"]
