@@ -133,7 +133,8 @@ def check_writable(target: str | Path, flag: str, folder: bool = True) -> None:
     if target.exists() and target.is_dir() != folder:
         kind = "a file" if folder else "a folder"
         raise SmiError(f"{flag} {target} is {kind}: choose another path")
-    parent = target if target.exists() else next((p for p in target.parents if p.exists()), Path("."))
+    # An existing file is replaced through its folder (temp file, then rename): that folder is what must be writable.
+    parent = target if target.is_dir() else next((p for p in target.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SmiError(f"{flag} {target} cannot be written ({parent} is not a writable folder): choose another path")
 

@@ -110,6 +110,10 @@ def test_bench_command_prints_every_run_and_writes_json(tmp_path):
                  "vs dense per image (2 a trajectory)"):
         assert text in proc.stdout
     assert list(json.loads(out.read_text())["runs"]) == ["dense", "pri", "random@3:0.75"]
+    # Run again onto the same file (a benchmark's default --out): the new result replaces it.
+    smi("bench", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4,depth=1",
+        "--batch-size", "1", "--iterations", "6", "--schedule", "2:0.5", "--no-memory", "--out", out, check=True)
+    assert list(json.loads(out.read_text())["runs"]) == ["dense", "smi"]
 
 
 def test_benchmark_refuses_a_dense_or_repeated_comparison():

@@ -107,6 +107,19 @@ def test_neighbour_differences_give_the_seeds_prior_on_the_whole_image(kept_coun
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kept_count", [None, 13, 1])
+def test_neighbour_differences_give_the_seeds_gradients(kept_count):
+    """Pairs inside a patch (slices) and across its edges (index maps) together push each kept
+    pixel exactly as the seed's prior on the whole image does."""
+    image = _image(kept_count)
+    got_l1, got_l2 = _tv(image)
+    (got_l1 + got_l2).backward()
+    param = image.param.detach().clone().requires_grad_(True)
+    want_l1, want_l2 = _reference_tv(image.images(param))
+    (want_l1 + want_l2).backward()
+    torch.testing.assert_close(image.param.grad, param.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_a_lone_kept_patch_is_pulled_towards_its_stopped_neighbours():
     image = _image(1)
     image.neighbour_differences().l2().backward()
