@@ -55,10 +55,10 @@ def _neighbour_index(grid: PatchGrid, device: torch.device, backward: bool = Fal
     return torch.stack(maps)
 
 
-def _within_patch_slices(grid: PatchGrid) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
-    """Per direction, the two slices of a (..., ph, pw) patch whose difference is the pairs
-    inside the patch (most pairs; only those across a patch's edge need index maps)."""
-    h, w = grid.patch_h, grid.patch_w
+def _neighbour_slices(h: int, w: int) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """Per direction, the two slices of a (..., h, w) array whose difference is every pair of
+    neighbours inside it: of a whole image, or of one patch (its inner pairs; only those across
+    a patch's edge need index maps)."""
     return [((Ellipsis, slice(0, h - dy), slice(max(0, -dx), w - max(0, dx))),
              (Ellipsis, slice(dy, h), slice(max(0, dx), w - max(0, -dx)))) for dy, dx in TV_OFFSETS]
 
@@ -73,7 +73,7 @@ class _WithinPatchSums(torch.autograd.Function):
         ctx.save_for_backward(patches)
         ctx.grid, ctx.squared = grid, squared
         x = patches.view(*patches.shape[:2], grid.channels, grid.patch_h, grid.patch_w)
-        diffs = (x[first] - x[second] for first, second in _within_patch_slices(grid))
+        diffs = (x[first] - x[second] for first, second in _neighbour_slices(grid.patch_h, grid.patch_w))
         return torch.stack([(d.square() if squared else d.abs()).sum() for d in diffs])
 
     @staticmethod
@@ -82,7 +82,7 @@ class _WithinPatchSums(torch.autograd.Function):
         grid = ctx.grid
         x = patches.view(*patches.shape[:2], grid.channels, grid.patch_h, grid.patch_w)
         out = torch.zeros_like(x)
-        for (first, second), weight in zip(_within_patch_slices(grid), grad):
+        for (first, second), weight in zip(_neighbour_slices(grid.patch_h, grid.patch_w), grad):
             diff = x[first] - x[second]
             slope = diff.mul_(2 * weight) if ctx.squared else diff.sign_().mul_(weight)
             out[first] += slope
@@ -170,7 +170,7 @@ class SparseImage:
 
     def _index_prior(self) -> None:
         """The image prior's pairs across a kept patch's edge, per direction, packed (the pairs
-        inside a patch are slices, ``_within_patch_slices``): kept-kept pairs as two indices
+        inside a patch are slices, ``_neighbour_slices``): kept-kept pairs as two indices
         into the flattened kept patches (each pair once, from its first pixel), kept-stopped
         pairs (either order) as one index and the stopped pixel's frozen value. Only border
         elements are looked at (60 of a 16x16 patch's 256): a stop re-indexes 10x faster.
@@ -207,10 +207,7 @@ class SparseImage:
         images = self.grid.unpatchify(self.store)
         stopped = self.grid.pixel_mask(~self.keep_mask()).to(images.dtype).expand_as(images)
         squares, absolute, counts = [], [], []
-        for dy, dx in TV_OFFSETS:
-            h, w = images.shape[-2:]
-            first = (slice(None), slice(None), slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
-            second = (slice(None), slice(None), slice(dy, h), slice(max(0, dx), w - max(0, -dx)))
+        for first, second in _neighbour_slices(*images.shape[-2:]):
             diff = (images[first] - images[second]) * stopped[first] * stopped[second]
             squares.append(diff.pow(2).sum())
             absolute.append(diff.abs().sum())
@@ -270,8 +267,8 @@ class SparseImage:
     def neighbour_differences(self, param: torch.Tensor | None = None) -> NeighbourDifferences:
         """The total-variation prior's differences over the whole image, stopped pixels frozen:
         the kept ones move against their kept and stopped neighbours alike (the seed's prior)."""
-        flat = (self.param if param is None else param).flatten(1)
-        flat = torch.cat([flat, flat.new_zeros(len(flat), 1)], dim=1)  # the padding's zero
+        param = self.param if param is None else param
+        flat = torch.cat([param.flatten(1), param.new_zeros(len(param), 1)], dim=1)  # the padding's zero
 
         def take(index: torch.Tensor) -> torch.Tensor:
             return flat.gather(1, index.expand(len(flat), -1, -1).flatten(1)).view(len(flat), *index.shape[1:])
@@ -279,7 +276,8 @@ class SparseImage:
         first, second = self.tv_pairs
         own, frozen = self.tv_frozen_partners
         across = torch.cat([take(first) - take(second), take(own) - frozen.expand(len(flat), -1, -1)], dim=2)
-        return NeighbourDifferences(self.param if param is None else param, self.grid, across, self.tv_frozen_squares, self.tv_frozen_absolute, self.tv_counts)
+        return NeighbourDifferences(param, self.grid, across, self.tv_frozen_squares, self.tv_frozen_absolute,
+                                    self.tv_counts)
 
     def shrink(self, selected: torch.Tensor) -> None:
         """Stop all but the ``selected`` (B, K') rows of the kept set: commit their pixels to the
