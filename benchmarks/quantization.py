@@ -3,23 +3,24 @@ at low bit widths, calibrated on noise, the dense pool, the smi pool (hybrid, as
 blanked), a Patch Rebirth pool (hybrid and as tokens) and real images.
 
     python benchmarks/quantization.py [--out benchmarks/results/fashion-mnist] [--seeds 0 1 2]
-        [--schemes matmul seed repq] [--bits 4:4 3:3 4:3] [--sources noise dense smi-hybrid ... real]
-        [--modes none block] [--recon-iters 500] [--limit 10000]
+        [--schemes matmul seed repq repq:softmax=adaptive-log] [--bits 4:4 3:3 4:3]
+        [--sources noise dense smi-hybrid ... real] [--modes none block] [--recon-iters 500] [--limit 10000]
 
-The teacher and the pools are quality.py's (same folder, same commands: a step whose output
-exists is reused, so the two benchmarks share them). Each cell is one in-process run equal to
-`smi quantize --scheme S --w-bit W --a-bit A --calib C --calib-size 64 --seed SEED
+A scheme is NAME or NAME:KEY=VALUE,... (its options). The teacher and the pools are
+quality.py's (same folder, same commands: a step whose output exists is reused, so the two
+benchmarks share them). Each cell is one in-process run equal to `smi quantize --scheme NAME
+[--scheme-option NAME.KEY=VALUE ...] --w-bit W --a-bit A --calib C --calib-size 64 --seed SEED
 [--reconstruct block] [--sparse-calib F]` (source POOL-F, e.g. smi-tokens), top-1 on the first
---limit test images;
-the wall time of calibration (and of reconstruction within it) is recorded per cell; every
-ranges-only cell runs before the first reconstruction. Each seed's cells are cached in its
-folder (quantization-cells.json): an interrupted run goes on where it stopped, and
+--limit test images; the wall time of calibration (and of reconstruction within it) is recorded
+per cell; every ranges-only cell runs before the first reconstruction. Each seed's cells are
+cached in its folder (quantization-cells.json): an interrupted run goes on where it stopped, and
 --report-only writes the tables from what is there. Writes quantization.json and
 quantization.md in --out (a cell measured on fewer seeds than asked says how many).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -41,7 +42,8 @@ EVAL_BATCH = 250  # 500 images' attention maps (34 MB) pass glibc's 32 MB mmap c
 
 def main() -> dict:
     parser = base_parser(__doc__)
-    parser.add_argument("--schemes", nargs="+", default=["matmul", "seed", "repq"])
+    parser.add_argument("--schemes", nargs="+", default=["matmul", "seed", "repq"], type=_scheme_spec,
+                        help="NAME or NAME:KEY=VALUE,... (scheme options)")
     parser.add_argument("--bits", nargs="+", default=["4:4", "3:3", "4:3"], help="W:A pairs")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--modes", nargs="+", default=["none", "block"], choices=["none", "block"],
@@ -123,12 +125,21 @@ def _cell(loaded, val, folder: Path, data: str, device, setting: tuple, opts) ->
     pool, _, feed = source.partition("-")
     calib = {"noise": "noise", "real": f"real:{data}"}.get(pool) or str(folder / POOL_FOLDERS[pool])
     started = time.perf_counter()
-    job = QuantizeJob(loaded.spec, calib, data, QuantConfig(w, a, scheme=scheme), calib_size=BATCH, seed=seed,
+    name, _, options = scheme.partition(":")
+    quant = QuantConfig(w, a, scheme=name, scheme_options=dict(o.split("=", 1) for o in options.split(",") if o))
+    job = QuantizeJob(loaded.spec, calib, data, quant, calib_size=BATCH, seed=seed,
                       reconstruct=ReconstructConfig(mode, opts.recon_iters), sparse_calib=feed or "hybrid")
     qmodel, info = calibrate(loaded, job, device)
     seconds = time.perf_counter() - started
     return {"top1": evaluate(qmodel, val, device, opts.limit)["top1"], "seconds": seconds,
             "reconstruction_seconds": info.get("reconstruction", {}).get("seconds", 0.0)}
+
+
+def _scheme_spec(text: str) -> str:
+    _, _, options = text.partition(":")
+    if any("=" not in o for o in options.split(",") if o) or text.startswith(":"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME or NAME:KEY=VALUE,...: e.g. repq:softmax=adaptive-log")
+    return text
 
 
 def _table(cells: dict, opts) -> str:

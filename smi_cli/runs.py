@@ -127,7 +127,7 @@ def _schedule(state: RunState, summary: dict) -> str | None:
 
 
 def _quantization(summary: dict) -> str:
-    """e.g. ``repq(log_softmax=False) W3A3 +block hybrid``: the scheme with the options it was
+    """e.g. ``repq(softmax=adaptive-log) W3A3 +block hybrid``: the scheme with the options it was
     given, the bits, whether blocks were reconstructed, and how a sparse pool was fed."""
     options = summary.get("scheme_options") or {}
     if not isinstance(options, dict):

@@ -1,4 +1,4 @@
-"""Quantisation schemes: the seed's positions and sparse path, RepQ-ViT's fold and log2 softmax,
+"""Quantisation schemes: the seed's positions and sparse path, RepQ-ViT's fold and log softmax grids,
 saving and reloading, the plugin hook and the CLI."""
 
 import json
@@ -14,7 +14,7 @@ from smi_engine.plugins import get_registry
 from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
 from smi_engine.downstream.quantize import QuantizeJob, run_quantization
 from smi_engine.quantization.layers import QuantLinear
-from smi_engine.quantization.quantizers import LogQuantizer, qdrop, quantize_activation, quantize_log_sqrt2
+from smi_engine.quantization.quantizers import AdaptiveLogQuantizer, LogQuantizer, qdrop, quantize_activation, quantize_log
 from smi_engine.quantization.repq import post_norm_pairs, fold_channel_ranges
 from smi_engine.quantization.seed import SeedBlockQuantizers
 
@@ -76,7 +76,7 @@ def test_seed_scheme_equals_the_float_model_at_16_bits(variant):
 def test_log_sqrt2_levels():
     delta = torch.tensor(1.0)
     x = torch.tensor([1.0, 0.75, 2 ** -0.5, 0.5, 0.3, 1e-6, 0.0])
-    q = quantize_log_sqrt2(x, delta, 3)  # 8 levels: 2^0, 2^-0.5, ..., 2^-3.5
+    q = quantize_log(x, delta, 0.5, 3)  # 8 levels: 2^0, 2^-0.5, ..., 2^-3.5
     assert q[0] == 1.0 and q[3] == pytest.approx(0.5) and q[2] == pytest.approx(2 ** -0.5)
     assert q[1] == pytest.approx(2 ** -0.5)  # log2(0.75) * 2 = -0.83 -> level 1
     assert q[4] == pytest.approx(2 ** -1.5)  # -2 log2(0.3) = 3.47 -> level 3
@@ -88,6 +88,46 @@ def test_log_sqrt2_levels():
     observer.finish()
     assert 0 < float(observer.high) <= float(probs.max()) + 1e-6
     assert float((observer(probs) - probs).abs().max()) < float(probs.max()) / 2
+
+
+def test_log_grid_of_a_wider_base():
+    x = torch.tensor([1.0, 0.5, 0.3, 2 ** -7, 2 ** -8.6])
+    assert quantize_log(x, torch.tensor(1.0), 1.0, 3).tolist() == [1.0, 0.5, 0.25, 2 ** -7, 0.0]  # base 2: 1 .. 2^-7
+
+
+def _attention(rows: int, tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax rows of a peaked attention, and the values (mean 0.5) they multiply."""
+    probs = (torch.randn(rows, 4, tokens, tokens, generator=generator) * 2).softmax(dim=-1)
+    return probs, torch.randn(rows, 4, tokens, 16, generator=generator) + 0.5
+
+
+def _product_error(quantizer, probs, values) -> float:
+    if hasattr(quantizer, "observe_product"):
+        quantizer.observe_product(probs, values)
+    quantizer(probs)
+    quantizer.finish()
+    return float((quantizer(probs) @ values - probs @ values).pow(2).mean() / (probs @ values).pow(2).mean())
+
+
+def test_adaptive_log_base_widens_at_3_bits_where_sqrt2_loses_the_small_probabilities():
+    """Of a 65-token row, base sqrt(2)'s eight 3-bit levels zero most probabilities; AdaLog's
+    searched base spans them, and what they compute (probs @ v) keeps several times less error
+    (measured: 0.019 against 0.100). With more levels the search may narrow the base; it never
+    does worse than sqrt(2) here (4 bits: 0.0062 both; 8 bits: 0.0015 against 0.0050)."""
+    probs, values = _attention(16, 65, torch.Generator().manual_seed(0))
+    adaptive = AdaptiveLogQuantizer(3, "search")
+    assert _product_error(adaptive, probs, values) < _product_error(LogQuantizer(3, "search"), probs, values) / 3
+    assert float(adaptive.exponent) > 0.7  # a base of more than 2^0.7
+    for bits in (4, 8):
+        searched = _product_error(AdaptiveLogQuantizer(bits, "search"), probs, values)
+        assert searched < 1.05 * _product_error(LogQuantizer(bits, "search"), probs, values)
+
+
+def test_adaptive_log_quantiser_needs_the_values_its_attention_multiplies():
+    quantizer = AdaptiveLogQuantizer(3, "search")
+    quantizer(torch.rand(4, 8).softmax(dim=-1))
+    with pytest.raises(SmiError, match="saw no attention values: its attention must call observe_product"):
+        quantizer.finish()
 
 
 def test_qdrop_picks_each_value_exactly_from_one_side_and_passes_gradients_to_both():
@@ -146,9 +186,11 @@ def test_repq_options_ablate_its_ideas_one_by_one(tiny_loaded):
     plain = built(reparameterize=False)
     assert sum(q.per_channel for q in quantizers(plain)) == 0  # no per-channel ranges to fold
     assert sum(isinstance(q, LogQuantizer) for q in quantizers(plain)) == 2
-    uniform = built(log_softmax="false")  # text, as from the command line
+    uniform = built(softmax="uniform")
     assert sum(isinstance(q, LogQuantizer) for q in quantizers(uniform)) == 0
     assert sum(q.per_channel for q in quantizers(uniform)) == 2 * 2
+    adaptive = built(softmax="adaptive-log")
+    assert sum(isinstance(q, AdaptiveLogQuantizer) for q in quantizers(adaptive)) == 2
     assert built(image_bits="6").patch_embed.proj.input_quantizer.bits == 6
     images = torch.randn(8, 1, 32, 32)
     norms = [block.norm1.weight.clone() for block in plain.blocks]
@@ -156,17 +198,19 @@ def test_repq_options_ablate_its_ideas_one_by_one(tiny_loaded):
     assert all(torch.equal(block.norm1.weight, w) for block, w in zip(plain.blocks, norms))  # nothing folded
     with pytest.raises(SmiError, match="scheme 'repq' option reparameterize=maybe is not true or false"):
         built(reparameterize="maybe")
+    with pytest.raises(SmiError, match="repq.softmax=log2 is not a softmax grid: pass repq.softmax=log-sqrt2 or "):
+        built(softmax="log2")
 
 
 def test_scheme_options_are_recorded_and_a_saved_model_rebuilds_with_them(tmp_path, digits_teacher):
     out = tmp_path / "q"
     proc = smi("quantize", "--teacher", digits_teacher, "--calib", "real:digits", "--data", "digits", "--scheme", "repq",
-               "--scheme-option", "repq.reparameterize=false", "--scheme-option", "repq.log_softmax=false", "--w-bit", "4",
-               "--a-bit", "4", "--limit", "128", "--json", "--device", "cpu", "--out", out, check=True)
+               "--scheme-option", "repq.reparameterize=false", "--scheme-option", "repq.softmax=adaptive-log",
+               "--w-bit", "4", "--a-bit", "3", "--limit", "128", "--json", "--device", "cpu", "--out", out, check=True)
     result = json.loads(proc.stdout)
-    assert result["scheme_options"] == {"reparameterize": False, "log_softmax": False}
+    assert result["scheme_options"] == {"reparameterize": False, "softmax": "adaptive-log"}
     card = json.loads((out / "smi-model.json").read_text())
-    assert card["quantization"]["scheme_options"] == {"reparameterize": False, "log_softmax": False}
+    assert card["quantization"]["scheme_options"] == {"reparameterize": False, "softmax": "adaptive-log"}
     shown = json.loads(smi("eval", "--teacher", out, "--data", "digits", "--limit", "128", "--json", "--device", "cpu",
                            check=True).stdout)
     assert shown["top1"] == result["top1"]  # the reloaded model is the ablated one, not repq's default
@@ -174,7 +218,8 @@ def test_scheme_options_are_recorded_and_a_saved_model_rebuilds_with_them(tmp_pa
                 check=True)
     assert json.loads(again.stdout)["top1"] == result["top1"]
     reloaded = load_model(ModelSpec.from_dir(out)).model
-    assert not any(isinstance(q, LogQuantizer) for q in quantizers(reloaded))  # rebuilt as saved: uniform softmax
+    softmax = [q for q in quantizers(reloaded) if isinstance(q, AdaptiveLogQuantizer)]  # rebuilt as saved
+    assert len(softmax) == 2 and all(float(q.exponent) != AdaptiveLogQuantizer.EXPONENT for q in softmax)  # its searched base
 
 
 @pytest.mark.parametrize("scheme", ["seed", "repq", "matmul"])

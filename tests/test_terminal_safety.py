@@ -56,10 +56,10 @@ def test_hostile_text_in_a_runs_files_never_reaches_the_terminal(tmp_path):
 def test_a_quantize_run_lists_its_scheme_options_and_hostile_ones_only_as_escapes(tmp_path):
     out = tmp_path / "w4a4"
     proc = smi("quantize", *INVERT[1:9], "--calib", "noise", "--calib-size", "8", "--data", "digits", "--limit", "8",
-               "--scheme", "repq", "--scheme-option", "repq.log_softmax=false", "--device", "cpu", "--out", out)
+               "--scheme", "repq", "--scheme-option", "repq.softmax=uniform", "--device", "cpu", "--out", out)
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(smi("runs", out, "--json", check=True).stdout)
-    assert row["schedule"] == "repq(log_softmax=False) W8A8"  # noise is whole images: no sparse feed to name
+    assert row["schedule"] == "repq(softmax=uniform) W8A8"  # noise is whole images: no sparse feed to name
     summary = json.loads((out / "summary.json").read_text())
     summary["scheme_options"] = {HOSTILE: HOSTILE}
     (out / "summary.json").write_text(json.dumps(summary))

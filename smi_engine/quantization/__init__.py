@@ -10,7 +10,8 @@ from smi_engine.quantization.names import CALIBRATORS, DEFAULT_SCHEME
 
 _QUANTIZERS, _SCHEME = "smi_engine.quantization.quantizers", "smi_engine.quantization.scheme"
 _EXPORTS = {
-    "ActivationQuantizer": _QUANTIZERS, "LogQuantizer": _QUANTIZERS, "QuantConfig": _SCHEME,
+    "ActivationQuantizer": _QUANTIZERS, "AdaptiveLogQuantizer": _QUANTIZERS, "LogQuantizer": _QUANTIZERS,
+    "QuantConfig": _SCHEME,
     "finish_calibration": _SCHEME, "freeze_quantizers": _SCHEME,
     "quantize_model": _SCHEME,
 }

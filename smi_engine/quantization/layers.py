@@ -73,6 +73,8 @@ class QuantAttention(nn.Module):
         q, k, v = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = a.q_norm(q), a.k_norm(k)
         probs = (self.q(q * a.scale) @ self.k(k).transpose(-2, -1)).softmax(dim=-1)
+        if hasattr(self.probs, "observe_product"):  # a softmax quantiser calibrated on what the probabilities compute
+            self.probs.observe_product(probs, v)
         out = (self.probs(probs) @ self.v(v)).transpose(1, 2).reshape(b, n, -1)
         out = a.norm(out)
         if gate is not None:

@@ -3,11 +3,11 @@
 Weights are quantised per output channel: symmetric (``scale = max|w| / ((2^b - 1) / 2)``,
 levels ``[-2^(b-1), 2^(b-1) - 1]``, as PSAQ-ViT and the seed) or asymmetric with a searched
 clipping (RepQ-ViT). Activations are quantised per tensor, uniformly and asymmetrically
-(``scale = (high - low) / (2^b - 1)`` with a rounded zero point), or in the log-sqrt(2) domain
-for softmax probabilities (RepQ-ViT). Observers see float activations while calibrating and
-fix their range when calibration finishes; from then on they quantise. Block reconstruction
-(``smi_engine.downstream.reconstruct``) then learns an observer's step size (LSQ) and a
-layer's weight rounding (AdaRound) on the same grids.
+(``scale = (high - low) / (2^b - 1)`` with a rounded zero point), or on a logarithmic grid
+for softmax probabilities: base sqrt(2) (RepQ-ViT) or a searched base (AdaLog). Observers see
+float activations while calibrating and fix their range when calibration finishes; from then on
+they quantise. Block reconstruction (``smi_engine.downstream.reconstruct``) then learns an
+observer's step size (LSQ) and a layer's weight rounding (AdaRound) on the same grids.
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ def quantize_learned_step(x: torch.Tensor, step: torch.Tensor, zero: torch.Tenso
 
 
 @torch.no_grad()  # rounding passes no gradient to x: computed in place, two tensors instead of eleven
-def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """Log-sqrt(2) fake quantisation of non-negative values (softmax probabilities, RepQ-ViT):
-    level ``q = round(-2 log2(x / delta))`` in ``0 .. 2^b - 1`` stands for ``delta * 2^(-q/2)``;
-    values below the smallest level become 0."""
+def quantize_log(x: torch.Tensor, delta: torch.Tensor, exponent: float | torch.Tensor, bits: int) -> torch.Tensor:
+    """Logarithmic fake quantisation of non-negative values (softmax probabilities): level
+    ``q = round(-log2(x / delta) / exponent)`` in ``0 .. 2^b - 1`` stands for
+    ``delta * 2^(-q * exponent)``, a base of ``2^exponent``; values below the smallest level become 0."""
     levels = 2**bits
-    q = (x / delta).clamp_min_(torch.finfo(x.dtype).tiny).log2_().mul_(-2).round_()
+    q = (x / delta).clamp_min_(torch.finfo(x.dtype).tiny).log2_().div_(-exponent).round_()
     below = q >= levels
-    return q.clamp_(0, levels - 1).mul_(-0.5).exp2_().mul_(delta).masked_fill_(below, 0.0)
+    return q.clamp_(0, levels - 1).mul_(-exponent).exp2_().mul_(delta).masked_fill_(below, 0.0)
 
 
 def qdrop(quantized: torch.Tensor, float_values: torch.Tensor, drop: float) -> torch.Tensor:
@@ -223,14 +223,71 @@ class LogQuantizer(ActivationQuantizer):
 
     fits_range = True
     learns_step = False  # its delta stays as searched
+    EXPONENT = 0.5  # base 2^0.5
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_log_sqrt2(x, self.high, self.bits)
+        return quantize_log(x, self.high, self.EXPONENT, self.bits)
 
     def _fit(self, values: torch.Tensor) -> tuple[float, float]:
-        candidates = [float(torch.quantile(values, p)) for p in SEARCH_PERCENTILES] + [float(values.max())]
-        error = lambda d: float((quantize_log_sqrt2(values, torch.tensor(d), self.bits) - values).pow(2).mean())
-        return 0.0, min((d for d in candidates if d > 0), key=error, default=1.0)
+        error = lambda d: float((quantize_log(values, torch.tensor(d), self.EXPONENT, self.bits) - values).pow(2).mean())
+        return 0.0, min(_delta_candidates(values), key=error, default=1.0)
+
+
+class AdaptiveLogQuantizer(LogQuantizer):
+    """Softmax probabilities on a logarithmic grid whose base is searched too (AdaLog, Wu et al.,
+    ECCV 2024). At 3 bits the eight levels of base sqrt(2) span only delta .. delta/11, and most
+    probabilities of a 65-token row (mean 1/65) fall below them to 0; a wider base keeps them.
+    The base ``2^exponent`` (exponent k/37, k in 10..110: AdaLog's grid) and delta are searched,
+    two rounds of coordinate descent, for the least squared error of what the probabilities
+    compute, ``probs @ v`` (seen through ``observe_product``), rather than of the probabilities
+    themselves: there, the many small ones count by their sum. Departures: AdaLog holds delta
+    at 1 and rounds its levels to a lookup table for integer hardware; here delta is searched as
+    ``LogQuantizer``'s is, and the levels are exact powers of the base."""
+
+    EXPONENTS = tuple(k / 37 for k in range(10, 111))
+
+    def __init__(self, bits: int, calibrator: str = "minmax", percentile: float = 99.99):
+        super().__init__(bits, calibrator, percentile)
+        self.register_buffer("exponent", torch.tensor(self.EXPONENT))
+        self._products: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_log(x, self.high, self.exponent, self.bits)
+
+    def observe_product(self, probs: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep some (batch, head) slices of ``probs`` (..., n, n) and the ``values`` (..., n, d)
+        they multiply, about ``SAMPLES_PER_OBSERVER`` probabilities a call."""
+        if self.bypass or not self.calibrating:
+            return
+        probs, values = probs.detach().flatten(0, -3), values.detach().flatten(0, -3)
+        budget = max(1, SAMPLES_PER_OBSERVER // probs[0].numel())
+        picked = torch.randperm(len(probs), generator=self._generator)[:budget].to(probs.device)
+        self._products.append((probs[picked].float().cpu(), values[picked].float().cpu()))
+
+    def _fit(self, values: torch.Tensor) -> tuple[float, float]:
+        """Fixes the base as it fits delta."""
+        if not self._products:
+            raise SmiError("the adaptive softmax quantiser saw no attention values: its attention must call observe_product")
+        products = [(probs, v, probs @ v) for probs, v in self._products]
+        self._products = []
+
+        def error(delta: float, exponent: float) -> float:
+            return sum(float((quantize_log(probs, torch.tensor(delta), exponent, self.bits) @ v - out).pow(2).sum())
+                       for probs, v, out in products)
+
+        deltas = _delta_candidates(values) or [1.0]
+        delta, exponent = max(deltas), self.EXPONENT
+        for _ in range(2):
+            exponent = min(self.EXPONENTS, key=lambda e: error(delta, e))
+            delta = min(deltas, key=lambda d: error(d, exponent))
+        self.exponent.fill_(exponent)
+        return 0.0, delta
+
+
+def _delta_candidates(values: torch.Tensor) -> list[float]:
+    """The positive ones of the 99.9/99.99/99.999th percentiles and the maximum."""
+    candidates = [float(torch.quantile(values, p)) for p in SEARCH_PERCENTILES] + [float(values.max())]
+    return [d for d in candidates if d > 0]
 
 
 def validate_bits(w_bit: int, a_bit: int) -> None:

@@ -7,7 +7,8 @@
   columns are multiplied by r_c and its bias absorbs W' b. Because z and z_c are integers, the
   per-tensor quantiser then gives exactly the per-channel quantisation; only the weights
   (quantised after the fold) see the change;
-- the softmax probabilities quantised in the log-sqrt(2) domain;
+- the softmax probabilities quantised in the log-sqrt(2) domain (``softmax=adaptive-log``: on
+  AdaLog's searched base, which holds at 3 bits);
 - the other activations clipped by RepQ-ViT's percentile search, the image kept at 8 bits;
 - weights per output channel, asymmetric, with the same search.
 
@@ -24,10 +25,11 @@ from smi_engine.errors import SmiError
 from smi_engine.quantization.layers import (
     QuantAttention, QuantLinear, finish_quantizers, swap_attention, swap_linear_layers,
 )
-from smi_engine.quantization.quantizers import ActivationQuantizer, LogQuantizer, zero_point_levels
+from smi_engine.quantization.quantizers import ActivationQuantizer, AdaptiveLogQuantizer, LogQuantizer, zero_point_levels
 from smi_engine.quantization.scheme import QuantConfig
 
 IMAGE_BITS = 8
+SOFTMAX_QUANTIZERS = {"log-sqrt2": LogQuantizer, "adaptive-log": AdaptiveLogQuantizer, "uniform": None}
 
 
 def post_norm_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, QuantLinear]]:
@@ -63,23 +65,27 @@ def fold_channel_ranges(norm: nn.LayerNorm, linear: QuantLinear) -> None:
 class RepQScheme:
     """Options (``--scheme-option repq.KEY=VALUE``), each an ablation of one of RepQ-ViT's ideas:
     ``reparameterize=false`` quantises the post-LayerNorm activations per tensor with no fold,
-    ``log_softmax=false`` quantises the softmax uniformly, ``image_bits`` sets the bits of the
-    patch embedding's input (at least the activations' own)."""
+    ``softmax`` picks the probabilities' grid (``log-sqrt2``, RepQ-ViT's; ``adaptive-log``,
+    AdaLog's searched base; ``uniform``), ``image_bits`` sets the bits of the patch embedding's
+    input (at least the activations' own)."""
 
     description = ("RepQ-ViT: matmul positions, post-LayerNorm activations per channel folded into LayerNorm, "
                    "log-sqrt(2) softmax, searched clipping")
     default_calibrator = "search"
 
-    def __init__(self, reparameterize: bool = True, log_softmax: bool = True, image_bits: int = IMAGE_BITS):
+    def __init__(self, reparameterize: bool = True, softmax: str = "log-sqrt2", image_bits: int = IMAGE_BITS):
         if not 2 <= image_bits <= 16:
             raise SmiError(f"--scheme-option repq.image_bits={image_bits} is outside 2..16: pass e.g. repq.image_bits=8")
-        self.reparameterize, self.log_softmax, self.image_bits = reparameterize, log_softmax, image_bits
+        if softmax not in SOFTMAX_QUANTIZERS:
+            raise SmiError(f"--scheme-option repq.softmax={softmax} is not a softmax grid: "
+                           f"pass repq.softmax={' or '.join(SOFTMAX_QUANTIZERS)}")
+        self.reparameterize, self.softmax, self.image_bits = reparameterize, softmax, image_bits
 
     def build(self, model: nn.Module, config: QuantConfig) -> nn.Module:
         def softmax_quantizer() -> ActivationQuantizer:
-            if self.log_softmax:
-                return LogQuantizer(config.a_bit, config.calibrator, config.percentile)
-            return config.activation()
+            if self.softmax == "uniform":
+                return config.activation()
+            return SOFTMAX_QUANTIZERS[self.softmax](config.a_bit, config.calibrator, config.percentile)
 
         swap_attention(model, lambda attention: QuantAttention(
             attention, config.activation(), config.activation(), softmax_quantizer(), config.activation()))
