@@ -65,7 +65,7 @@ class EventBus:
 class JsonlSink:
     """Appends one JSON object per line; each line is one ``write`` on an O_APPEND file, so
     lines from several processes never interleave and a reader sees each line as soon as it
-    is written."""
+    is written (though it may catch one half-written: readers keep an unterminated tail)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
