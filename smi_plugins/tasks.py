@@ -54,6 +54,10 @@ class QuantizeTask:
     seed: int = 0
     reconstruct: str = "none"
     recon_iters: int = ReconstructConfig.iterations
+    recon_lr: float = ReconstructConfig.rounding_lr
+    recon_step_lr: float = ReconstructConfig.step_lr
+    recon_drop: float = ReconstructConfig.drop
+    recon_p: float = ReconstructConfig.p
     sparse_calib: str = QuantizeJob.sparse_calib
     out: str | None = None
 
@@ -66,7 +70,9 @@ class QuantizeTask:
             quant=QuantConfig(self.w_bit, self.a_bit, self.calibrator, self.percentile, self.scheme,
                               dict(self.scheme_options or {})),
             calib_size=self.calib_size, batch_size=self.batch_size, limit=self.limit or None, seed=self.seed,
-            reconstruct=ReconstructConfig(self.reconstruct, self.recon_iters), sparse_calib=self.sparse_calib,
+            reconstruct=ReconstructConfig(self.reconstruct, self.recon_iters, self.recon_lr, self.recon_step_lr,
+                                          self.recon_drop, self.recon_p),
+            sparse_calib=self.sparse_calib,
         )
         return run_quantization(job, context.device, context.bus(), _out(context, self.out))
 

@@ -152,3 +152,19 @@ def test_quantize_cli_prints_json_and_keeps_a_run_directory(tmp_path, digits_tea
     generic = smi("task", "quantize", "-o", f"teacher_dir={digits_teacher}", "-o", "calib=real:digits", "-o", "data=digits",
                   "-o", "limit=64", "--device", "cpu", check=True)
     assert json.loads(generic.stdout)["eval_images"] == 64
+
+
+def test_the_quantize_task_takes_every_reconstruction_flag(tmp_path, digits_teacher):
+    """`smi task quantize -o recon_X=V` is `smi quantize --recon-X V`: the same recorded
+    reconstruction settings and, deterministic on CPU, the same top-1."""
+    flags = {"recon_iters": "3", "recon_lr": "0.02", "recon_step_lr": "0", "recon_drop": "0.25", "recon_p": "2.5"}
+    job = {"calib": "real:digits", "calib_size": "8", "data": "digits", "limit": "64", "scheme": "repq",
+           "w_bit": "4", "a_bit": "4", "reconstruct": "block", **flags}
+    cli = smi("quantize", "--teacher", digits_teacher, *[a for k, v in job.items() for a in (f"--{k.replace('_', '-')}", v)],
+              "--json", "--device", "cpu", "--out", tmp_path / "cli", check=True)
+    task = smi("task", "quantize", "-o", f"teacher_dir={digits_teacher}", *[a for k, v in job.items() for a in ("-o", f"{k}={v}")],
+               "--device", "cpu", "--out", tmp_path / "task", check=True)
+    recorded = [json.loads((tmp_path / run / "config.json").read_text())["config"]["reconstruct"] for run in ("cli", "task")]
+    assert recorded[0] == recorded[1] == {"mode": "block", "iterations": 3, "rounding_lr": 0.02, "step_lr": 0.0,
+                                          "drop": 0.25, "p": 2.5}
+    assert json.loads(task.stdout)["top1"] == json.loads(cli.stdout)["top1"]
