@@ -11,9 +11,9 @@ from smi_engine.calibration import Batch, ModelFeeder
 from smi_engine.errors import SmiError
 from smi_engine.models import ModelSpec, load_model
 from smi_engine.plugins import get_registry
-from smi_engine.quantization.scheme import QuantConfig, finish_calibration, quantize_model, quantizers
+from smi_engine.quantization.scheme import QuantConfig, finish_calibration, prepare_calibration, quantize_model, quantizers
 from smi_engine.downstream.quantize import QuantizeJob, run_quantization
-from smi_engine.quantization.layers import QuantLinear
+from smi_engine.quantization.layers import QuantAttention, QuantLinear
 from smi_engine.quantization.quantizers import AdaptiveLogQuantizer, LogQuantizer, qdrop, quantize_activation, quantize_log
 from smi_engine.quantization.repq import post_norm_pairs, fold_channel_ranges
 from smi_engine.quantization.seed import SeedBlockQuantizers
@@ -202,15 +202,56 @@ def test_repq_options_ablate_its_ideas_one_by_one(tiny_loaded):
         built(softmax="log2")
 
 
+def _qkv_reach(qmodel, images) -> list[torch.Tensor]:
+    """Each attention's largest |q|, |k|, |v| per channel on ``images``, as (3, C)."""
+    reach = []
+    hooks = [m.inner.qkv.register_forward_hook(lambda _m, _i, out: reach.append(out.abs().flatten(0, 1).amax(0).view(3, -1)))
+             for m in qmodel.modules() if isinstance(m, QuantAttention)]
+    qmodel(images)
+    for hook in hooks:
+        hook.remove()
+    return reach
+
+
+@pytest.mark.parametrize("balance", ["qk", "qkv"])
+def test_repq_balance_equalises_channels_and_the_float_model_computes_the_same(tiny_loaded, balance):
+    """repq.balance rescales the float weights before calibration: on the images it watched, q
+    and k reach the same value in every channel (and v one value in all, with qkv), while the
+    model's output does not change."""
+    config = QuantConfig(4, 4, scheme="repq", scheme_options={"balance": balance})
+    qmodel = quantize_model(tiny_loaded.model, config)
+    images = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        before, unbalanced = qmodel(images), _qkv_reach(qmodel, images)  # still calibrating: float
+        prepare_calibration(qmodel, config, lambda: qmodel(images))
+        torch.testing.assert_close(qmodel(images), before, atol=1e-5, rtol=1e-5)
+        for (q, k, v), (q0, k0, v0) in zip(_qkv_reach(qmodel, images), unbalanced):
+            torch.testing.assert_close(q, k)
+            torch.testing.assert_close(q * k, q0 * k0)
+            assert float(q.max() / q.min()) < float((q0.max() / q0.min()).maximum(k0.max() / k0.min()))
+            if balance == "qkv":
+                torch.testing.assert_close(v, torch.full_like(v, float(v[0])))
+            else:
+                torch.testing.assert_close(v, v0)
+
+
+def test_repq_balance_is_refused_where_it_would_change_the_model():
+    model = tiny_model(qk_norm=True)
+    with pytest.raises(SmiError, match=r"repq.balance=qk needs attention without q/k normalisation .* pass repq.balance=none"):
+        quantize_model(model, QuantConfig(4, 4, scheme="repq", scheme_options={"balance": "qk"}))
+    with pytest.raises(SmiError, match="repq.balance=kv is not a balancing: pass repq.balance=none or qk or qkv"):
+        quantize_model(model, QuantConfig(4, 4, scheme="repq", scheme_options={"balance": "kv"}))
+
+
 def test_scheme_options_are_recorded_and_a_saved_model_rebuilds_with_them(tmp_path, digits_teacher):
     out = tmp_path / "q"
     proc = smi("quantize", "--teacher", digits_teacher, "--calib", "real:digits", "--data", "digits", "--scheme", "repq",
                "--scheme-option", "repq.reparameterize=false", "--scheme-option", "repq.softmax=adaptive-log",
-               "--w-bit", "4", "--a-bit", "3", "--limit", "128", "--json", "--device", "cpu", "--out", out, check=True)
+               "--scheme-option", "repq.balance=qkv", "--w-bit", "4", "--a-bit", "3", "--limit", "128", "--json", "--device", "cpu", "--out", out, check=True)
     result = json.loads(proc.stdout)
-    assert result["scheme_options"] == {"reparameterize": False, "softmax": "adaptive-log"}
-    card = json.loads((out / "smi-model.json").read_text())
-    assert card["quantization"]["scheme_options"] == {"reparameterize": False, "softmax": "adaptive-log"}
+    options = {"reparameterize": False, "softmax": "adaptive-log", "balance": "qkv"}
+    assert result["scheme_options"] == options
+    assert json.loads((out / "smi-model.json").read_text())["quantization"]["scheme_options"] == options
     shown = json.loads(smi("eval", "--teacher", out, "--data", "digits", "--limit", "128", "--json", "--device", "cpu",
                            check=True).stdout)
     assert shown["top1"] == result["top1"]  # the reloaded model is the ablated one, not repq's default

@@ -31,7 +31,9 @@ from smi_engine.quantization.layers import round_weights, softmax_quantizers
 from smi_engine.quantization.quantizers import ActivationQuantizer
 from smi_engine.quantization.names import DEFAULT_SPARSE_CALIB, ReconstructConfig, check_sparse_calib
 from smi_engine.downstream.reconstruct import reconstruct
-from smi_engine.quantization.scheme import QuantConfig, QuantScheme, fix_ranges, quantize_model, quantizers
+from smi_engine.quantization.scheme import (
+    QuantConfig, QuantScheme, fix_ranges, prepare_calibration, quantize_model, quantizers,
+)
 from smi_engine.runs.session import RunSession
 
 RUN_KIND = "quantize"
@@ -82,6 +84,8 @@ def calibrate(loaded: LoadedModel, job: QuantizeJob, device: torch.device, bus: 
         batch.images = batch.images.to(device)
     kept = [batch.keep.float().mean().item() for batch in batches if batch.keep is not None]
     images = sum(len(batch.images) for batch in batches)
+    prepare_calibration(qmodel, job.quant, lambda: _observe(feeder, batches, source, quantizers(qmodel),
+                                                            lambda done: report("prepare", done, images)))
     whole = softmax_quantizers(qmodel) if job.sparse_calib == "hybrid" and kept else []
     _observe(feeder, batches, source, whole, lambda done: report("calibrate", done, images))
     if whole:  # hybrid: the softmax ranges from the whole images, the other quantisers watching none of it

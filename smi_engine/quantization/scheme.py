@@ -2,8 +2,10 @@
 
 A scheme is registered through the ``register_quant_schemes`` hook (the built-ins ``matmul``,
 ``seed`` and ``repq`` too) as an object with ``description``, ``default_calibrator``,
-``build(model, config)`` returning a fake-quantised copy ready to calibrate, and
-``finish(qmodel, config)`` fixing its activation ranges (and whatever else it does, such as
+``build(model, config)`` returning a fake-quantised copy ready to calibrate, optionally
+``prepare(qmodel, config, feed)``, which may watch one float pass of the calibration images
+(``feed()``) and change the float weights before the quantisers observe (an equivalent
+transformation, such as ``repq``'s channel balancing), and ``finish(qmodel, config)`` fixing its activation ranges (and whatever else it does, such as
 RepQ-ViT's fold) once the calibration images have been fed. Weights are not rounded by the
 scheme: the built model's ``QuantLinear`` layers hold float weights until the job rounds them,
 to nearest or as block reconstruction learns. A built model answers ``forward(images)``; one
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -96,6 +98,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, scheme: "QuantScheme |
     qmodel = scheme.build(copy.deepcopy(model), config.resolved(scheme)).eval()
     setattr(qmodel, SCHEME_ATTRIBUTE, scheme)
     return qmodel
+
+
+def prepare_calibration(qmodel: nn.Module, config: QuantConfig, feed: Callable[[], None]) -> None:
+    """The scheme's ``prepare``, where it has one; ``feed()`` runs the calibration images
+    through ``qmodel`` with every quantiser passing values through."""
+    scheme = getattr(qmodel, SCHEME_ATTRIBUTE, None) or config.build_scheme()
+    prepare = getattr(scheme, "prepare", None)
+    if prepare is not None:
+        prepare(qmodel, config.resolved(scheme), feed)
 
 
 @torch.no_grad()
