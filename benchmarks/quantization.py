@@ -21,6 +21,7 @@ quantization.md in --out (a cell measured on fewer seeds than asked says how man
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
@@ -88,7 +89,7 @@ def _cells(folder: Path, teacher: Path, data: str, seed: int, opts) -> dict:
     from smi_engine.models import ModelSpec, load_model
     from smi_engine.runtime.device import resolve_device
 
-    cache, cells = folder / "quantization-cells.json", _cached(folder)
+    cells = _cached(folder)
     device = resolve_device(opts.device)
     loaded = load_model(ModelSpec.from_dir(teacher), device)
     val = list(loader(load_data(data).val, ModelInput.for_model(loaded.model, loaded.normalizer), EVAL_BATCH))
@@ -102,10 +103,23 @@ def _cells(folder: Path, teacher: Path, data: str, seed: int, opts) -> dict:
                 for source in opts.sources:
                     key = f"{seed}/{scheme}/W{w}A{a}/{source}/{mode}"
                     if key not in cells:
-                        cells[key] = _cell(loaded, val, folder, data, device, (seed, scheme, w, a, source, mode), opts)
-                        print(f"{key}: {cells[key]['top1']:.2f}% (calibration {cells[key]['seconds']:.1f} s, of which "
-                              f"reconstruction {cells[key]['reconstruction_seconds']:.1f} s)", flush=True)
-                        cache.write_text(json.dumps(cells, indent=2))
+                        cell = _cell(loaded, val, folder, data, device, (seed, scheme, w, a, source, mode), opts)
+                        print(f"{key}: {cell['top1']:.2f}% (calibration {cell['seconds']:.1f} s, of which "
+                              f"reconstruction {cell['reconstruction_seconds']:.1f} s)", flush=True)
+                        cells.update(_record(folder, {f"{seed}/fp32": cells[f"{seed}/fp32"], key: cell}))
+    return cells
+
+
+def _record(folder: Path, new: dict) -> dict:
+    """Add ``new`` cells to the seed's cache and return all of it: under a lock, merged with what
+    is on disk (another process may be measuring other schemes of the seed), replaced atomically
+    (an interrupted write leaves the old cache)."""
+    from smi_engine.files import write_json
+
+    with open(folder / ".quantization-cells.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cells = {**_cached(folder), **new}
+        write_json(folder / "quantization-cells.json", cells)
     return cells
 
 

@@ -205,8 +205,10 @@ def test_repq_options_ablate_its_ideas_one_by_one(tiny_loaded):
 def _qkv_reach(qmodel, images) -> list[torch.Tensor]:
     """Each attention's largest |q|, |k|, |v| per channel on ``images``, as (3, C)."""
     reach = []
-    hooks = [m.inner.qkv.register_forward_hook(lambda _m, _i, out: reach.append(out.abs().flatten(0, 1).amax(0).view(3, -1)))
-             for m in qmodel.modules() if isinstance(m, QuantAttention)]
+    def seen(_module, _inputs, out):
+        reach.append(out.abs().flatten(0, 1).amax(0).view(3, -1))
+
+    hooks = [m.inner.qkv.register_forward_hook(seen) for m in qmodel.modules() if isinstance(m, QuantAttention)]
     qmodel(images)
     for hook in hooks:
         hook.remove()
@@ -237,7 +239,8 @@ def test_repq_balance_equalises_channels_and_the_float_model_computes_the_same(t
 
 def test_repq_balance_is_refused_where_it_would_change_the_model():
     model = tiny_model(qk_norm=True)
-    with pytest.raises(SmiError, match=r"repq.balance=qk needs attention without q/k normalisation .* pass repq.balance=none"):
+    refused = r"repq.balance=qk needs attention without q/k normalisation .* pass repq.balance=none"
+    with pytest.raises(SmiError, match=refused):
         quantize_model(model, QuantConfig(4, 4, scheme="repq", scheme_options={"balance": "qk"}))
     with pytest.raises(SmiError, match="repq.balance=kv is not a balancing: pass repq.balance=none or qk or qkv"):
         quantize_model(model, QuantConfig(4, 4, scheme="repq", scheme_options={"balance": "kv"}))
@@ -247,7 +250,8 @@ def test_scheme_options_are_recorded_and_a_saved_model_rebuilds_with_them(tmp_pa
     out = tmp_path / "q"
     proc = smi("quantize", "--teacher", digits_teacher, "--calib", "real:digits", "--data", "digits", "--scheme", "repq",
                "--scheme-option", "repq.reparameterize=false", "--scheme-option", "repq.softmax=adaptive-log",
-               "--scheme-option", "repq.balance=qkv", "--w-bit", "4", "--a-bit", "3", "--limit", "128", "--json", "--device", "cpu", "--out", out, check=True)
+               "--scheme-option", "repq.balance=qkv", "--w-bit", "4", "--a-bit", "3", "--limit", "128", "--json",
+               "--device", "cpu", "--out", out, check=True)
     result = json.loads(proc.stdout)
     options = {"reparameterize": False, "softmax": "adaptive-log", "balance": "qkv"}
     assert result["scheme_options"] == options

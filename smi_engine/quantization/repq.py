@@ -122,7 +122,8 @@ class RepQScheme:
             raise SmiError(f"--scheme-option repq.softmax={softmax} is not a softmax grid: "
                            f"pass repq.softmax={' or '.join(SOFTMAX_QUANTIZERS)}")
         if balance not in BALANCES:
-            raise SmiError(f"--scheme-option repq.balance={balance} is not a balancing: pass repq.balance={' or '.join(BALANCES)}")
+            raise SmiError(f"--scheme-option repq.balance={balance} is not a balancing: "
+                           f"pass repq.balance={' or '.join(BALANCES)}")
         self.reparameterize, self.softmax, self.image_bits, self.balance = reparameterize, softmax, image_bits, balance
 
     def build(self, model: nn.Module, config: QuantConfig) -> nn.Module:

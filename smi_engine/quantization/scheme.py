@@ -5,8 +5,9 @@ A scheme is registered through the ``register_quant_schemes`` hook (the built-in
 ``build(model, config)`` returning a fake-quantised copy ready to calibrate, optionally
 ``prepare(qmodel, config, feed)``, which may watch one float pass of the calibration images
 (``feed()``) and change the float weights before the quantisers observe (an equivalent
-transformation, such as ``repq``'s channel balancing), and ``finish(qmodel, config)`` fixing its activation ranges (and whatever else it does, such as
-RepQ-ViT's fold) once the calibration images have been fed. Weights are not rounded by the
+transformation, such as ``repq``'s channel balancing), and ``finish(qmodel, config)`` fixing
+its activation ranges (and whatever else it does, such as RepQ-ViT's fold) once the
+calibration images have been fed. Weights are not rounded by the
 scheme: the built model's ``QuantLinear`` layers hold float weights until the job rounds them,
 to nearest or as block reconstruction learns. A built model answers ``forward(images)``; one
 that handles sparse images itself also has ``forward_masked(images, keep)``; one that is not
