@@ -230,11 +230,28 @@ def create_model(spec: ModelSpec) -> nn.Module:
         raise SmiError(f"{spec.name} has no classes (num_classes={model.num_classes}): inversion needs a classifier; "
                        "pass --model-args num_classes=N")
     if spec.quantization is not None:  # rebuild the quantised structure its weights belong to
-        model = quantize_model(model, QuantConfig(**spec.quantization))
+        model = quantize_model(model, _saved_quantization(spec))
         freeze_quantizers(model)
     if spec.checkpoint:
         _fit_state_dict(model, read_state_dict(spec.checkpoint), spec.checkpoint, spec)
     return model.eval()
+
+
+def _saved_quantization(spec: ModelSpec) -> QuantConfig:
+    """The quantisation a saved model's card records, its scheme installed here."""
+    from smi_engine.plugins import get_registry
+
+    try:
+        config = QuantConfig(**spec.quantization)
+    except TypeError as exc:
+        raise SmiError(f"the model card's quantization record is malformed ({exc}): save the model again with "
+                       "`smi quantize --out`") from None
+    installed = get_registry().entries["schemes"]
+    if not isinstance(config.scheme, str) or config.scheme not in installed:
+        raise SmiError(f"this model was quantised by scheme {str(config.scheme)[:64]!r}, which no installed plugin "
+                       f"registers (installed: {', '.join(sorted(installed))}): install the plugin that provides it "
+                       "(`smi plugins` lists them)")
+    return config
 
 
 def check_weights_reachable(name: str, timeout: float = 3.0) -> None:

@@ -43,10 +43,10 @@ def test_smi_plugins_lists_built_ins_and_third_parties(plugin_env):
     assert plugins["psaq"]["losses"] == ["psaq"] and plugins["cmi"]["losses"] == ["cmi"]
     assert plugins["tasks"]["tasks"] == ["quantize", "kt"]
     example = plugins["example"]
-    assert (example["distribution"], example["version"]) == ("smi-example-plugin", "0.3.0")
+    assert (example["distribution"], example["version"]) == ("smi-example-plugin", "0.4.0")
     assert example["losses"] == ["brightness"] and example["sinks"] == ["iteration-counter"] and not example["builtin"]
     assert example["selections"] == ["centre"] and plugins["selections"]["selections"] == ["smi", "pri", "random"]
-    assert example["tasks"] == ["pool-size"]
+    assert example["tasks"] == ["pool-size"] and example["schemes"] == ["linear-only"]
     assert "needs a package that is not installed" in plugins["broken"]["error"]
     assert "'broken'" in proc.stderr and "continuing without it" in proc.stderr  # named, not a traceback
     table = smi("plugins", env=plugin_env, check=True).stdout
@@ -93,6 +93,28 @@ def test_a_third_party_selection_decides_which_patches_stay(plugin_env, tmp_path
     assert torch.equal(keep[:2], (~centre).expand(2, -1, -1))  # what left at the stop: an image of its own
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["selection"] == {"name": "centre", "options": {}}
+
+
+def test_a_third_party_quantisation_scheme_reconstructs_and_its_saved_model_reloads(plugin_env, tmp_path, digits_teacher):
+    """The scheme contract end to end: the example's linear-only scheme calibrates, reconstructs
+    the units it quantised (the patch embedding stays float, so it is none of them; with
+    head=false the classifier neither), and its saved model rebuilds to the same top-1, but only
+    where the plugin is installed."""
+    common = ("--teacher", digits_teacher, "--calib", "real:digits", "--calib-size", "16", "--data", "digits",
+              "--scheme", "linear-only", "--w-bit", "4", "--a-bit", "4", "--reconstruct", "block",
+              "--recon-iters", "8", "--json", "--device", "cpu")
+    out = tmp_path / "w4a4"
+    result = json.loads(smi("quantize", *common, "--out", out, env=plugin_env, check=True).stdout)
+    assert [u["name"] for u in result["reconstruction"]["units"]] == ["blocks.0", "blocks.1", "head"]
+    assert result["scheme"] == "linear-only" and result["calibrator"] == "minmax"  # the scheme's default
+    reloaded = json.loads(smi("eval", "--teacher", out, "--data", "digits", "--json", "--device", "cpu",
+                              env=plugin_env, check=True).stdout)
+    assert reloaded["top1"] == result["top1"]
+    headless = json.loads(smi("quantize", *common, "--scheme-option", "linear-only.head=false",
+                              env=plugin_env, check=True).stdout)
+    assert [u["name"] for u in headless["reconstruction"]["units"]] == ["blocks.0", "blocks.1"]
+    assert_one_line_error(smi("eval", "--teacher", out, "--data", "digits", "--device", "cpu"),
+                          "quantised by scheme 'linear-only', which no installed plugin registers", "install the plugin")
 
 
 def test_readme_documents_the_example_plugin_exactly():

@@ -2,6 +2,7 @@
 saving and reloading, the plugin hook and the CLI."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -282,6 +283,22 @@ def test_a_saved_model_of_every_scheme_reloads_to_the_same_outputs(tmp_path, dig
         assert not torch.allclose(reloaded.model(images), original.model(images), atol=1e-3)  # it is quantised
         requantised = run_quantization(job, torch.device("cpu"))
     assert requantised["top1"] == result["top1"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"w_bit": 4, "a_bit": 4, "colour": "red"}, "quantization record is malformed"),
+    ({"w_bit": 4, "a_bit": 4, "scheme": "gone"}, "quantised by scheme 'gone', which no installed plugin registers"),
+    ({"w_bit": 4, "a_bit": 4, "scheme": ["matmul"]}, "quantised by scheme \"['matmul']\""),
+])
+def test_a_saved_model_whose_quantisation_cannot_be_rebuilt_is_named(tmp_path, digits_teacher, record, message):
+    folder = tmp_path / "q"
+    folder.mkdir()
+    for name in ("smi-model.json", "model.safetensors"):
+        (folder / name).write_bytes((digits_teacher / name).read_bytes())
+    card = json.loads((folder / "smi-model.json").read_text())
+    (folder / "smi-model.json").write_text(json.dumps({**card, "quantization": record}))
+    with pytest.raises(SmiError, match=re.escape(message)):
+        load_model(ModelSpec.from_dir(folder))
 
 
 def test_schemes_are_plugins_and_unknown_ones_are_named(tiny_loaded):

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import typer
 
-from smi_engine import hookimpl, load_pool
+from smi_engine import ActivationQuantizer, QuantLinear, hookimpl, load_pool
 
 
 class Brightness:
@@ -63,6 +63,30 @@ class PoolSize:
         return {"pool": self.pool, "images": len(load_pool(self.pool))}
 
 
+class LinearOnly:
+    """A quantisation scheme: the weights and inputs of the linear layers; the patch embedding,
+    attention's matmuls, LayerNorm, softmax and GELU stay in float."""
+
+    description = "weights and inputs of the linear layers only; attention's matmuls in float"
+    default_calibrator = "minmax"                       # or --calibrator percentile|mse|search
+
+    def __init__(self, head: bool = True):              # --scheme-option linear-only.head=false
+        self.head = head
+
+    def build(self, model, config):                     # config: smi_engine.QuantConfig
+        classifier = model.get_classifier()
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear and (self.head or child is not classifier):
+                    setattr(parent, name, QuantLinear(child, config.w_bit, config.activation()))
+        return model                                    # weights stay float: smi rounds them, or learns how
+
+    def finish(self, qmodel, config):                   # after the calibration images went through
+        for module in qmodel.modules():
+            if isinstance(module, ActivationQuantizer):
+                module.finish()                         # fix its range from what it saw
+
+
 @hookimpl
 def register_losses(register):
     register("brightness", Brightness)
@@ -81,6 +105,11 @@ def register_event_sinks(register):
 @hookimpl
 def register_tasks(register):
     register("pool-size", PoolSize)
+
+
+@hookimpl
+def register_quant_schemes(register):
+    register("linear-only", LinearOnly)
 
 
 @hookimpl
