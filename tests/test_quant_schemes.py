@@ -1,6 +1,7 @@
 """Quantisation schemes: the seed's positions and sparse path, RepQ-ViT's fold and log softmax grids,
 saving and reloading, the plugin hook and the CLI."""
 
+import copy
 import json
 import re
 from dataclasses import replace
@@ -236,6 +237,18 @@ def test_repq_balance_equalises_channels_and_the_float_model_computes_the_same(t
                 torch.testing.assert_close(v, torch.full_like(v, float(v[0])))
             else:
                 torch.testing.assert_close(v, v0)
+
+
+def test_repq_balance_leaves_an_attention_the_forward_never_calls_as_it_was(tiny_loaded):
+    model = copy.deepcopy(tiny_loaded.model)
+    model.spare = copy.deepcopy(model.blocks[0].attn)  # quantised like the others, never run
+    config = QuantConfig(4, 4, scheme="repq", scheme_options={"balance": "qkv"})
+    qmodel = quantize_model(model, config)
+    spare, used = qmodel.spare.inner.qkv.layer.weight.clone(), qmodel.blocks[0].attn.inner.qkv.layer.weight.clone()
+    with torch.no_grad():
+        prepare_calibration(qmodel, config, lambda: qmodel(torch.randn(4, 1, 32, 32)))
+    assert torch.equal(qmodel.spare.inner.qkv.layer.weight, spare)
+    assert not torch.equal(qmodel.blocks[0].attn.inner.qkv.layer.weight, used)
 
 
 def test_repq_balance_is_refused_where_it_would_change_the_model():

@@ -174,8 +174,8 @@ class RepQScheme:
         finally:
             for hook in hooks:
                 hook.remove()
-        for attention in attentions:
-            balance_attention(attention, reach[attention], values=self.balance == "qkv")
+        for attention, largest in reach.items():  # one the forward never calls has nothing to balance
+            balance_attention(attention, largest, values=self.balance == "qkv")
 
     def finish(self, qmodel: nn.Module, config: QuantConfig) -> None:
         finish_quantizers(qmodel)
